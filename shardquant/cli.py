@@ -1,0 +1,180 @@
+"""`shardquant` command line: a thin mirror of `convert()`; only here do errors become messages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__, formats
+from .errors import ShardquantError
+from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan
+from .rules import EXPERT_POLICIES
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _size(_ctx, _param, value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    s = value.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        n = int(float(num) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{value!r} is not a size like 5GB or 512MiB") from None
+    if n <= 0:
+        raise click.BadParameter("must be positive")
+    return n
+
+
+def _common(f):
+    opts = [
+        click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS)), required=True,
+                     help="Output number format."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
+        click.option("--expert-policy", type=click.Choice(EXPERT_POLICIES), default="shared", show_default=True,
+                     help="shared: all experts of a layer share one scale per projection set; "
+                          "per-expert: each expert's gate+up share one, its down another."),
+        click.option("--rules", "rules_file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML or JSON file of rule rows, tried before the built-in table."),
+        click.option("--include", multiple=True, metavar="REGEX",
+                     help="Quantize 2-D weights no rule claims that match, each as its own quantizer."),
+        click.option("--exclude", multiple=True, metavar="REGEX",
+                     help="Keep matching tensors (or modules) in high precision."),
+        click.option("--strict", is_flag=True, help="A 2-D weight no rule claims is an error."),
+        click.option("--max-shard-size", callback=_size, default=str(DEFAULT_SHARD_SIZE), show_default=True,
+                     help="Largest output shard, e.g. 5GB."),
+        click.option("--memory-budget", callback=_size, default=str(DEFAULT_MEMORY_BUDGET),
+                     show_default=True, help="Groups larger than this are read twice instead of held."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shardquant")
+def main() -> None:
+    """Stream a Hugging Face safetensors checkpoint to NVFP4 or FP8, without building the model."""
+
+
+@main.command()
+@click.argument("src")
+@_common
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
+@click.option("--dry-run", is_flag=True, help="Plan and print, read no weights, write nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def convert(src, output, device, force, dry_run, quiet, **kw) -> None:
+    """Convert checkpoint SRC (a directory or an org/name hub repo)."""
+    from .convert import convert as run
+
+    res = _guard(lambda: run(src, output, device=device, force=force, dry_run=dry_run,
+                             progress=not quiet and not dry_run, **kw))
+    _warn(res.plan, quiet)
+    if dry_run:
+        _print_plan(res.plan)
+        return
+    if not quiet:
+        mbs = res.bytes_read / max(res.seconds, 1e-9) / 1e6
+        click.echo(
+            f"wrote {output}: {len(res.plan.groups)} quantizers, {len(res.plan.shards)} shards, "
+            f"{res.plan.output_bytes / 1e9:.3f} GB in {res.seconds:.1f} s ({mbs:.0f} MB/s of input)",
+            err=True,
+        )
+
+
+@main.command()
+@click.argument("src")
+@_common
+@click.option("--verbose", "-v", is_flag=True, help="One row per quantizer (default: the largest 40).")
+def plan(src, verbose, **kw) -> None:
+    """Print the quantizer table, totals and estimated peak memory for SRC; read no weights."""
+    from .convert import prepare
+
+    p = _guard(lambda: prepare(src, **kw))
+    _warn(p, False)
+    _print_plan(p, limit=None if verbose else 40)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def inspect(directory) -> None:
+    """Summarise the scale manifest of a converted checkpoint."""
+    from . import manifest
+
+    path = Path(directory) / manifest.MANIFEST_NAME
+    if not path.exists():
+        _fail(f"{path}: no scale manifest here (not a shardquant output?)")
+    m = _guard(lambda: manifest.load(path))
+    try:
+        qs = m["quantizers"]
+        src = m["source"]
+        click.echo(f"format {m['format']} ({m['flavor']} flavor), expert policy {m['expert_policy']}, "
+                   f"shardquant {m['tool']['version']}")
+        click.echo(f"source {src.get('repo') or src.get('path')}"
+                   + (f" @ {src['revision']}" if src.get("revision") else ""))
+        click.echo(f"{len(qs)} quantizers over {len(m['tensors'])} tensors; {len(m['excluded'])} tensors kept")
+        rows = sorted(qs.items(), key=lambda kv: -len(kv[1]["members"]))
+        click.echo(f"{'quantizer':60s} {'members':>7s} {'amax':>12s} {'global scale':>14s}")
+        for k, q in rows[:40]:
+            click.echo(f"{k[:60]:60s} {len(q['members']):7d} {q['amax']:12.6g} {q['global_scale']:14.6g}")
+        reasons: dict[str, int] = {}
+        for e in m["excluded"]:
+            reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
+        for r, n in sorted(reasons.items()):
+            click.echo(f"kept: {n:6d}  {r}")
+    except (KeyError, TypeError, AttributeError):
+        _fail(f"{path}: malformed scale manifest")
+
+
+def _print_plan(p: Plan, limit: int | None = None) -> None:
+    click.echo(f"{'quantizer':64s} {'members':>7s} {'shape':>14s} {'source MB':>10s} {'output MB':>10s}")
+    rows = sorted(p.groups, key=lambda g: -g.source_bytes)
+    for g in rows[:limit]:
+        out = sum(p.member_out_bytes(m) for m in g.members)
+        shapes = {m.shape for m in g.members}
+        shape = "x".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else "mixed"
+        flag = " (2 passes)" if g.two_pass else ""
+        click.echo(f"{g.key[:64]:64s} {len(g.members):7d} {shape:>14s} {g.source_bytes / 1e6:10.2f} {out / 1e6:10.2f}{flag}")
+    if limit is not None and len(rows) > limit:
+        click.echo(f"... {len(rows) - limit} more (use --verbose)")
+    kept = sum(u.source_bytes for u in p.units if u.kept is not None)
+    click.echo(
+        f"total: {len(p.groups)} quantizers, {sum(len(g.members) for g in p.groups)} tensors quantized, "
+        f"{len(p.excluded)} kept ({kept / 1e6:.2f} MB); source {p.source_bytes / 1e6:.2f} MB -> "
+        f"output {p.output_bytes / 1e6:.2f} MB in {len(p.shards)} shards"
+    )
+    click.echo(f"estimated peak memory: {p.peak_bytes / 2**20:.0f} MiB")
+
+
+def _warn(p: Plan, quiet: bool) -> None:
+    if quiet:
+        return
+    for w in p.warnings[:20]:
+        click.echo(f"warning: {w}", err=True)
+    if len(p.warnings) > 20:
+        click.echo(f"warning: ... and {len(p.warnings) - 20} more", err=True)
+
+
+def _guard(fn):
+    try:
+        return fn()
+    except ShardquantError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; the output has no index and is not a finished checkpoint", code=130)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""What every format shares: its layout record, raw-storage decoding and the row-parallel helper."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import NumericError
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+E2M1_MAX = 6.0  # largest FP4 (E2M1) magnitude
+E4M3_MIN_SCALE = 2.0**-9  # smallest E4M3 subnormal: block scales are clamped to [2^-9, 448]
+
+# Magnitude bit patterns at or above which a value is Inf or NaN, per raw storage width.
+_NONFINITE = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000}
+_MAG_MASK = {"BF16": np.uint16(0x7FFF), "F16": np.uint16(0x7FFF), "F32": np.uint32(0x7FFFFFFF)}
+_UINT = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The on-disk shape of a quantized weight: enough to plan output tensors without data."""
+
+    name: str
+    quant_algo: str  # ModelOpt's name for weight-only use of this format
+    weight_dtype: str  # safetensors dtype of the stored weight
+    elems_per_byte: int  # 2 for packed FP4
+    block_size: int | None  # elements per block scale along the input dim; None: per-tensor
+    scale_dtype: str  # safetensors dtype of the (block or tensor) scale
+    global_scale: bool  # a second, per-quantizer fp32 scale exists (NVFP4's weight_scale_2)
+    num_bits: int
+
+    def weight_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return (shape[0], shape[1] // self.elems_per_byte)
+
+    def scale_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
+        return (shape[0], shape[1] // self.block_size) if self.block_size else ()
+
+    def divides(self, in_features: int) -> bool:
+        step = self.block_size or self.elems_per_byte
+        return in_features % step == 0
+
+
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact float32 values of raw storage (bf16 held as uint16: `u16 << 16` is exact)."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return raw.astype(np.float32)
+    return raw
+
+
+def magnitude_bits(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """|x| as unsigned integers: for finite values their order is the order of |x|."""
+    return raw.view(_UINT[dtype]) & _MAG_MASK[dtype]
+
+
+def mag_to_f32(mag: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (mag.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return mag.view(np.float16).astype(np.float32)
+    return mag.view(np.float32)
+
+
+def check_finite(max_mag: np.ndarray | np.integer, dtype: str, name: str) -> None:
+    """Given the largest magnitude bit pattern of a tensor, refuse NaN and Inf."""
+    if int(np.max(max_mag)) >= _NONFINITE[dtype]:
+        raise NumericError(f"tensor {name!r} holds NaN or Inf; cannot quantize it")
+
+
+def tensor_amax(raw: np.ndarray, dtype: str, name: str) -> np.float32:
+    """max |W| of one tensor, exact, refusing NaN/Inf."""
+    if raw.size == 0:
+        return np.float32(0)
+    m = magnitude_bits(raw, dtype).max()
+    check_finite(m, dtype, name)
+    return np.float32(mag_to_f32(np.array([m], dtype=_UINT[dtype]), dtype)[0])
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def threads() -> int:
+    return max(1, int(os.environ.get("SHARDQUANT_THREADS", os.cpu_count() or 1)))
+
+
+def map_rows(fn: Callable[[int, int], None], rows: int, row_bytes: int, chunk_bytes: int = 1 << 20) -> None:
+    """Run fn(start, stop) over row ranges on a thread pool. NumPy releases the GIL inside its
+    loops, so chunks of ~1 MiB (cache-sized) run in parallel on all cores."""
+    global _POOL
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    spans = [(i, min(rows, i + step)) for i in range(0, rows, step)]
+    n = threads()
+    if n == 1 or len(spans) == 1:
+        for a, b in spans:
+            fn(a, b)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardquant")
+    for f in [_POOL.submit(fn, a, b) for a, b in spans]:
+        f.result()

@@ -1,0 +1,72 @@
+"""FP8 (E4M3) weights with one fp32 scale per logical quantizer: q = e4m3_rne(W / (amax / 448)).
+
+Rounds once, correctly (FORMATS.md section 3); ModelOpt rounds through bf16 and is one code off on
+~3% of bytes, so this is never worse than it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ml_dtypes
+
+from .base import E4M3_MAX, Layout, magnitude_bits, check_finite, map_rows, to_f32
+
+LAYOUT = Layout(
+    name="fp8", quant_algo="FP8", weight_dtype="F8_E4M3", elems_per_byte=1, block_size=None,
+    scale_dtype="F32", global_scale=False, num_bits=8,
+)
+_E4M3 = ml_dtypes.float8_e4m3fn
+
+
+def global_scale(amax: np.float32) -> np.float32:
+    """scale = amax / 448 (correctly rounded fp32). amax == 0 gives 1.0 (all codes 0)."""
+    if amax == 0:
+        return np.float32(1.0)
+    return np.float32(amax) / np.float32(E4M3_MAX)
+
+
+def e4m3(x: np.ndarray) -> np.ndarray:
+    """Round fp32 to E4M3 codes, nearest-even, clamped to +-448 first (a plain cast makes NaN)."""
+    return np.clip(x, -E4M3_MAX, E4M3_MAX).astype(_E4M3).view(np.uint8)
+
+
+class Quantizer:
+    """FP8 state of one logical quantizer. 16-bit inputs go through a 65536-entry table of the
+    correctly rounded code of every possible input value: one gather per element."""
+
+    def __init__(self, scale: np.float32):
+        self.scale = np.float32(scale)
+        self._lut: dict[str, np.ndarray] = {}
+
+    def _table(self, dtype: str) -> np.ndarray:
+        if dtype not in self._lut:
+            allv = np.arange(1 << 16, dtype=np.uint16)
+            f = to_f32(allv if dtype == "BF16" else allv.view(np.float16), dtype)
+            with np.errstate(all="ignore"):  # NaN/Inf inputs are refused before lookup
+                self._lut[dtype] = e4m3(f / self.scale)
+        return self._lut[dtype]
+
+    def quantize(self, raw: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, None]:
+        if raw.size:
+            check_finite(magnitude_bits(raw, dtype).max(), dtype, name)
+        out = np.empty(raw.shape, np.uint8)
+        rows = raw.shape[0]
+        if dtype in ("BF16", "F16"):
+            lut, u16 = self._table(dtype), raw.view(np.uint16)
+
+            def rows_fn(a: int, b: int) -> None:
+                lut.take(u16[a:b], out=out[a:b])
+        else:
+            def rows_fn(a: int, b: int) -> None:
+                out[a:b] = e4m3(raw[a:b] / self.scale)
+
+        map_rows(rows_fn, rows, raw.strides[0] if rows else 0)
+        return out, None
+
+
+def quantize(raw: np.ndarray, dtype: str, scale: np.float32, name: str = "weight") -> np.ndarray:
+    return Quantizer(scale).quantize(raw, dtype, name)[0]
+
+
+def dequantize(q: np.ndarray, scale: np.float32) -> np.ndarray:
+    return q.view(_E4M3).astype(np.float32) * np.float32(scale)

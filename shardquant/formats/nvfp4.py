@@ -1,0 +1,160 @@
+"""NVFP4 weights: E2M1 elements in 16-element blocks along the input dim, an E4M3 scale per block
+and one fp32 global scale (`weight_scale_2`) per logical quantizer.
+
+Matches ModelOpt 0.47 `NVFP4QTensor.quantize` run on the CPU, bit for bit: every fp32 operation is a
+correctly rounded NumPy operation in ModelOpt's order (FORMATS.md section 2).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import ml_dtypes
+
+from .base import (
+    E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Layout, check_finite, magnitude_bits, map_rows, mag_to_f32,
+    to_f32,
+)
+
+LAYOUT = Layout(
+    name="nvfp4", quant_algo="W4A16_NVFP4", weight_dtype="U8", elems_per_byte=2, block_size=16,
+    scale_dtype="F8_E4M3", global_scale=True, num_bits=4,
+)
+BLOCK = 16
+# E2M1 magnitudes by code 0..7; code | 8 is the negative.
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
+# Rounding bounds between neighbouring magnitudes. A value equal to a bound in _TIE_UP rounds up
+# (to the even code), equal to any other bound rounds down: ModelOpt's searchsorted + odd-bound rule.
+_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_TIE_UP = (0.75, 1.75, 3.5)
+_E4M3 = ml_dtypes.float8_e4m3fn
+
+
+def _magnitude_code(v: float) -> int:
+    return sum(v > b or (v == b and b in _TIE_UP) for b in _BOUNDS)
+
+
+def _key_table() -> np.ndarray:
+    """FP4 magnitude code for every 12-bit key = (fp32 exponent, top 3 mantissa bits, sticky bit).
+    Every bound has at most 2 mantissa bits, so the key alone decides each comparison exactly."""
+    keys = np.arange(1 << 12, dtype=np.uint32)
+    rep = ((keys >> 1) << 20) | (keys & 1)  # a representative fp32 bit pattern of each class
+    vals = rep.view(np.float32)
+    return np.array([7 if not np.isfinite(v) else _magnitude_code(float(v)) for v in vals], np.uint8)
+
+
+_KEY_CODE = _key_table()
+
+
+def fp4_codes(x: np.ndarray) -> np.ndarray:
+    """E2M1 codes of fp32 values (sign bit 8 set for x < 0, so -0.0 gives 0 and a negative value
+    that rounds to zero gives 8, as ModelOpt's `_cast_fp4`); magnitudes above 5 saturate to 6."""
+    mag = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    key = ((mag >> 20) << 1) | ((mag & np.uint32(0xFFFFF)) != 0)
+    codes = _KEY_CODE[key]
+    codes |= (x < 0).view(np.uint8) << 3
+    return codes
+
+
+def global_scale(amax: np.float32) -> np.float32:
+    """s2 = amax / (6 * 448), one correctly rounded fp32 division (ModelOpt on CPU).
+    ModelOpt writes NaN for amax == 0; we write 1.0 (all codes 0, block scales 1.0)."""
+    if amax == 0:
+        return np.float32(1.0)
+    return np.float32(amax) / np.float32(E2M1_MAX * E4M3_MAX)
+
+
+def block_scales(bamax: np.ndarray, s2: np.float32) -> np.ndarray:
+    """E4M3 block scales (as uint8 codes): bamax / (6 * s2), zero -> 1.0, clamped to [2^-9, 448]."""
+    t = np.float32(E2M1_MAX) * np.float32(s2)
+    s = bamax / t
+    s[s == 0] = 1.0
+    np.clip(s, E4M3_MIN_SCALE, E4M3_MAX, out=s)
+    return s.astype(_E4M3).view(np.uint8)
+
+
+class Quantizer:
+    """NVFP4 state of one logical quantizer: its s2, and for 16-bit inputs a lookup table
+    code = LUT[block scale code][raw 16-bit value], filled lazily. Every LUT entry is computed by
+    the same fp32 division as the direct path, so both give identical codes; a table pays off once a
+    quantizer holds more elements than 65536 per distinct block scale."""
+
+    def __init__(self, s2: np.float32):
+        self.s2 = np.float32(s2)
+        self._lut: dict[str, np.ndarray] = {}
+        self._built: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _lut_rows(self, dtype: str, needed: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if dtype not in self._lut:
+                self._lut[dtype] = np.zeros((256, 1 << 16), np.uint8)
+                self._built[dtype] = np.zeros(256, bool)
+            lut, built = self._lut[dtype], self._built[dtype]
+            todo = np.flatnonzero(needed & ~built)
+            if todo.size:
+                allv = np.arange(1 << 16, dtype=np.uint16)
+                f = to_f32(allv if dtype == "BF16" else allv.view(np.float16), dtype)
+                d = scale_values(todo.astype(np.uint8)) * self.s2
+                for code, dv in zip(todo, d):
+                    with np.errstate(all="ignore"):  # NaN/Inf inputs are refused before lookup
+                        lut[code] = fp4_codes(f / dv)
+                built[todo] = True
+            return lut
+
+    def quantize(self, raw: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(packed uint8 [out, in/2], E4M3 block-scale codes uint8 [out, in/16])."""
+        rows, cols = raw.shape
+        nb = cols // BLOCK
+        mags = magnitude_bits(raw, dtype).reshape(rows, nb, BLOCK)
+        scales = np.empty((rows, nb), np.uint8)
+        worst = np.zeros(1, np.uint64)
+
+        def scale_rows(a: int, b: int) -> None:
+            bm = mags[a:b].max(axis=2)
+            if bm.size:
+                worst[0] = max(int(worst[0]), int(bm.max()))
+            scales[a:b] = block_scales(mag_to_f32(bm, dtype), self.s2)
+
+        map_rows(scale_rows, rows, raw.strides[0] if rows else 0)
+        check_finite(worst, dtype, name)
+        packed = np.empty((rows, cols // 2), np.uint8)
+        needed = np.bincount(scales.reshape(-1), minlength=256) > 0
+        lut = None
+        if dtype in ("BF16", "F16") and raw.size >= (1 << 16) * int(needed.sum()) // 4:
+            lut = self._lut_rows(dtype, needed).reshape(-1)
+        u16 = raw.view(np.uint16) if lut is not None else None
+
+        def code_rows(a: int, b: int) -> None:
+            if lut is not None:
+                idx = (scales[a:b].astype(np.uint32) << 16)[:, :, None] | u16[a:b].reshape(b - a, nb, BLOCK)
+                codes = lut.take(idx).reshape(b - a, cols)
+            else:
+                d = scale_values(scales[a:b]) * self.s2
+                x = to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK) / d[:, :, None]
+                codes = fp4_codes(x).reshape(b - a, cols)
+            packed[a:b] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+        map_rows(code_rows, rows, raw.strides[0] if rows else 0)
+        return packed, scales
+
+
+def scale_values(codes: np.ndarray) -> np.ndarray:
+    """fp32 values of E4M3 codes."""
+    return codes.view(_E4M3).astype(np.float32)
+
+
+def quantize(raw: np.ndarray, dtype: str, s2: np.float32, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """One tensor against a given s2 (the quantizer's): (packed uint8, E4M3 scale codes)."""
+    return Quantizer(s2).quantize(raw, dtype, name)
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, s2: np.float32) -> np.ndarray:
+    """fp32 weights back: E2M1 value * (E4M3 scale * s2), ModelOpt's dequantize order."""
+    codes = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
+    codes[:, 0::2] = packed & 0x0F
+    codes[:, 1::2] = packed >> 4
+    vals = E2M1_VALUES[codes & 7] * np.where(codes & 8, np.float32(-1), np.float32(1))
+    per_block = scale_values(scales) * np.float32(s2)
+    return (vals.reshape(*scales.shape, BLOCK) * per_block[..., None]).reshape(codes.shape)

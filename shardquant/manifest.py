@@ -1,0 +1,66 @@
+"""scale_manifest.json: what was grouped, why, and the scales each quantizer got.
+
+Sorted keys, no timestamps, floats written as the shortest repr of their exact fp32 value: the same
+command gives the same bytes every time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import __version__
+from .plan import Plan
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "scale_manifest.json"
+
+
+def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str) -> dict:
+    """scales: quantizer key -> (amax, global scale)."""
+    ck = plan.checkpoint
+    quantizers = {}
+    tensors = {}
+    for g in plan.groups:
+        amax, gs = scales[g.key]
+        quantizers[g.key] = {
+            "amax": float(amax),
+            "global_scale": float(gs),
+            "members": [m.name for m in g.members],
+            "rule": g.rule,
+            "two_pass": g.two_pass,
+        }
+        for m in g.members:
+            names = plan.outputs[m.name]
+            tensors[m.name] = {
+                "global_scale": names.get("global_scale", names["scale"]),
+                "quantizer": g.key,
+                "scale": names["scale"],
+                "weight": names["weight"],
+            }
+    return {
+        "backend": backend,
+        "excluded": plan.excluded,
+        "expert_policy": plan.expert_policy,
+        "flavor": "modelopt",
+        "format": plan.format,
+        "quantizers": quantizers,
+        "schema_version": SCHEMA_VERSION,
+        "source": {
+            "path": None if ck.repo else str(ck.root),
+            "repo": ck.repo,
+            "revision": ck.revision,
+        },
+        "tensors": tensors,
+        "tool": {"name": "shardquant", "version": __version__},
+    }
+
+
+def dumps(obj: dict) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def load(path: Path) -> dict:
+    from .source import _read_json
+
+    return _read_json(path)

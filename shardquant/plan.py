@@ -1,0 +1,219 @@
+"""Plan, validate, then run: everything knowable from the index and shard headers is decided here,
+before any weight is read: quantizer groups, output names, shapes and shards, byte totals, the
+memory bound."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from . import formats
+from .errors import PlanError, RuleError
+from .rules import FLOAT_DTYPES, KEEP, Decision, RuleSet
+from .source import Checkpoint
+from .st import OutTensor, TensorInfo
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+DEFAULT_MEMORY_BUDGET = 8 * 2**30
+PREFETCH_BYTES = 256 * 2**20  # read-ahead allowed beyond the group being quantized
+FIXED_OVERHEAD = 160 * 2**20  # interpreter, libraries, lookup tables, per-chunk temporaries
+_TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight(?P<idx>\d+)")
+
+
+@dataclass
+class Group:
+    """One logical quantizer: its members share one amax and one global scale."""
+
+    key: str
+    rule: str
+    members: list[TensorInfo]
+    two_pass: bool = False
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(m.nbytes for m in self.members)
+
+
+@dataclass
+class Unit:
+    """One step of the pipeline, in read order: a quantizer group, or one tensor copied as is."""
+
+    group: Group | None = None
+    kept: TensorInfo | None = None
+
+    @property
+    def source_bytes(self) -> int:
+        return self.group.source_bytes if self.group else self.kept.nbytes
+
+
+@dataclass
+class Plan:
+    checkpoint: Checkpoint
+    format: str
+    expert_policy: str
+    groups: list[Group]
+    units: list[Unit]
+    outputs: dict[str, dict[str, str]]  # source tensor -> {"weight", "scale", "global_scale"} names
+    out_tensors: dict[str, OutTensor]  # output name -> tensor
+    shards: list[tuple[str, list[OutTensor]]]
+    excluded: list[dict[str, str]]  # [{name, reason}], sorted
+    exclude_modules: list[str]
+    warnings: list[str] = field(default_factory=list)
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(u.source_bytes for u in self.units)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.out_tensors.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bound on resident memory: the largest group held at once (or, for a two-pass group, its
+        largest member), the read-ahead, one member's outputs and a fixed overhead."""
+        held = max((_held(u) for u in self.units), default=0)
+        out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
+        return held + PREFETCH_BYTES + 2 * out + FIXED_OVERHEAD
+
+    def member_out_bytes(self, m: TensorInfo) -> int:
+        return sum(self.out_tensors[n].nbytes for n in self.outputs[m.name].values())
+
+
+def _held(u: Unit) -> int:
+    if u.group is not None and u.group.two_pass:
+        return max(m.nbytes for m in u.group.members)
+    return u.source_bytes
+
+
+def output_names(name: str, global_scale: bool) -> dict[str, str]:
+    """ModelOpt naming: `m.weight` -> `m.weight_scale`, `m.weight_scale_2`. TransformerEngine's
+    grouped `m.weight{E}` keeps its index last: `m.weight_scale{E}`, `m.weight_scale_2{E}`."""
+    te = _TE_WEIGHT.fullmatch(name)
+    base, idx = (te["base"], te["idx"]) if te else (name.removesuffix(".weight"), "")
+    names = {"weight": name, "scale": f"{base}.weight_scale{idx}"}
+    if global_scale:
+        names["global_scale"] = f"{base}.weight_scale_2{idx}"
+    return names
+
+
+def module_name(name: str) -> str:
+    te = _TE_WEIGHT.fullmatch(name)
+    return te["base"] if te else name.removesuffix(".weight")
+
+
+def make_plan(
+    ck: Checkpoint,
+    fmt: str,
+    rules: RuleSet,
+    *,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    strict: bool = False,
+) -> Plan:
+    layout = formats.get(fmt).LAYOUT
+    warnings: list[str] = []
+    decisions = {n: rules.classify(n, t.dtype, t.shape) for n, t in ck.tensors.items()}
+
+    unclaimed = [n for n, d in decisions.items() if d.rule == "unclaimed"]
+    if unclaimed and strict:
+        raise PlanError(f"--strict: {len(unclaimed)} 2-D weights no rule claims: {', '.join(unclaimed[:8])}")
+
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for n, d in decisions.items():
+        if d.action != KEEP:
+            by_key[d.key].append(n)
+    kept: dict[str, Decision] = {n: d for n, d in decisions.items() if d.action == KEEP}
+
+    groups: list[Group] = []
+    for key, names in by_key.items():
+        _check_complete(key, [decisions[n] for n in names], names)
+        members = [ck.tensors[n] for n in names]
+        for m in members:
+            if m.dtype not in FLOAT_DTYPES:
+                raise PlanError(
+                    f"tensor {m.name!r} ({m.file.name}): unsupported dtype {m.dtype} for quantization "
+                    f"(inputs must be one of {', '.join(FLOAT_DTYPES)})"
+                )
+        bad = [m for m in members if not layout.divides(m.shape[1])]
+        if bad:
+            why = f"input dim {bad[0].shape[1]} of {bad[0].name} is not a multiple of {layout.block_size or layout.elems_per_byte}"
+            warnings.append(f"quantizer {key} kept in high precision as a whole: {why}")
+            for n in names:
+                kept[n] = Decision(KEEP, decisions[n].rule, reason=f"fused set not quantizable: {why}", warn=True)
+            continue
+        g = Group(key, decisions[names[0]].rule, members)
+        g.two_pass = g.source_bytes > memory_budget
+        if g.two_pass:
+            warnings.append(f"quantizer {key} ({g.source_bytes / 2**30:.1f} GiB) exceeds the memory budget: read twice")
+        groups.append(g)
+
+    for n, d in kept.items():
+        if d.warn:
+            warnings.append(f"{n}: kept in high precision ({d.reason})")
+
+    # Read order: each unit at the position of its first member in the source.
+    pos = {n: i for i, n in enumerate(ck.tensors)}
+    units = [Unit(group=g) for g in groups] + [Unit(kept=ck.tensors[n]) for n in kept]
+    units.sort(key=lambda u: pos[u.group.members[0].name] if u.group else pos[u.kept.name])
+
+    outputs: dict[str, dict[str, str]] = {}
+    out_tensors: dict[str, OutTensor] = {}
+    order: list[OutTensor] = []
+    for u in units:
+        if u.kept is not None:
+            t = OutTensor(u.kept.name, u.kept.dtype, u.kept.shape)
+            order.append(t)
+            continue
+        for m in u.group.members:
+            names = output_names(m.name, layout.global_scale)
+            outputs[m.name] = names
+            order.append(OutTensor(names["weight"], layout.weight_dtype, layout.weight_shape(m.shape)))
+            order.append(OutTensor(names["scale"], layout.scale_dtype, layout.scale_shape(m.shape)))
+            if layout.global_scale:
+                order.append(OutTensor(names["global_scale"], "F32", ()))
+    for t in order:
+        if t.name in out_tensors:
+            raise PlanError(f"output tensor {t.name!r} would be written twice (a source tensor already has that name)")
+        out_tensors[t.name] = t
+
+    excluded = sorted(({"name": n, "reason": d.reason} for n, d in kept.items()), key=lambda e: e["name"])
+    exclude_modules = sorted({
+        module_name(n) for n in kept
+        if len(ck.tensors[n].shape) >= 2 and ck.tensors[n].dtype in FLOAT_DTYPES
+        and (n.endswith(".weight") or _TE_WEIGHT.fullmatch(n))
+    })
+    return Plan(
+        ck, fmt, rules.expert_policy, groups, units, outputs, out_tensors,
+        _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget,
+    )
+
+
+def _check_complete(key: str, ds: list[Decision], names: list[str]) -> None:
+    """Every fused quantizer must hold all of its projections, for every expert it covers."""
+    fuse = ds[0].fuse
+    if not fuse:
+        return
+    have: dict[str | None, set[str]] = defaultdict(set)
+    for d in ds:
+        have[d.expert].add(d.proj)
+    for expert, projs in sorted(have.items(), key=lambda kv: int(kv[0]) if kv[0] else -1):
+        missing = [p for p in fuse if p not in projs]
+        if missing:
+            who = f" expert {expert}" if expert is not None else ""
+            raise RuleError(f"quantizer {key}{who}: missing {', '.join(missing)} (has {', '.join(sorted(projs))})")
+
+
+def _shard(order: list[OutTensor], max_size: int) -> list[tuple[str, list[OutTensor]]]:
+    chunks: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in order:
+        if chunks[-1] and size + t.nbytes > max_size:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(t)
+        size += t.nbytes
+    n = len(chunks)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", c) for i, c in enumerate(chunks)]

@@ -1,0 +1,205 @@
+"""Tensor-name rules: one ordered table of full-match regexes that decides, for every tensor,
+whether it is quantized and under which logical quantizer (the tensors that share one scale).
+
+A rule's `key` is a template over the regex's named groups. `{expert}` stands for the expert index:
+under the `shared` expert policy it becomes `*`, so all experts of a layer share one quantizer;
+under `per-expert` it keeps the index. `fuse` lists the values the `proj` group must take for a
+quantizer to be complete (q/k/v, gate/up, w1/w3, ...): a quantizer missing one is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RuleError
+
+QUANTIZE, KEEP = "quantize", "keep"
+EXPERT_POLICIES = ("shared", "per-expert")
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pattern: str
+    action: str
+    key: str = ""
+    fuse: tuple[str, ...] = ()
+    reason: str = ""
+    regex: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            rx = re.compile(self.pattern)
+        except re.error as e:
+            raise RuleError(f"rule {self.name!r}: bad regex {self.pattern!r} ({e})") from None
+        object.__setattr__(self, "regex", rx)
+        if self.action not in (QUANTIZE, KEEP):
+            raise RuleError(f"rule {self.name!r}: action must be 'quantize' or 'keep', not {self.action!r}")
+        if self.action == QUANTIZE:
+            if not self.key:
+                raise RuleError(f"rule {self.name!r}: a quantize rule needs a key template")
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.key) if f is not None}
+            unknown = fields - set(rx.groupindex)
+            if unknown:
+                raise RuleError(f"rule {self.name!r}: key uses {sorted(unknown)} not named in the pattern")
+            if self.fuse and "proj" not in rx.groupindex:
+                raise RuleError(f"rule {self.name!r}: fuse needs a named group 'proj' in the pattern")
+
+
+_L = r"(?P<prefix>.*\.(?:self_attn|attn|attention))"
+_MLP = r"(?P<prefix>.*\.(?:mlp|feed_forward))"
+
+# Order matters: the first full match wins. Keep rows come first, so that e.g. a router named
+# `mlp.gate` is never mistaken for a projection.
+BUILTIN_RULES: tuple[Rule, ...] = (
+    Rule("vision", r"(?:.*\.)?(?:vision_tower|vision_model|visual|vision_encoder|multi_modal_projector|audio_tower)\..*", KEEP, reason="vision tower"),
+    Rule("mtp", r"(?:.*\.)?mtp\..*", KEEP, reason="MTP layer"),
+    Rule("bias", r".*\.bias", KEEP, reason="bias"),
+    Rule("embedding", r"(?:.*\.)?(?:embed_tokens|word_embeddings|wte|tok_embeddings)\.weight", KEEP, reason="embedding"),
+    Rule("head", r"(?:.*\.)?(?:lm_head|output_layer|shared_head\.head)\.weight", KEEP, reason="output head"),
+    Rule("norm", r".*(?:norm|ln_[a-z0-9]+)[a-z0-9_]*\.weight", KEEP, reason="norm"),
+    Rule("router", r".*\.(?:mlp\.gate|block_sparse_moe\.gate|router|mlp\.router|feed_forward\.router)\.weight", KEEP, reason="router"),
+    Rule("shared_expert_gate", r".*\.shared_expert_gate\.weight", KEEP, reason="shared expert gate"),
+    # attention
+    Rule("attn_qkv", _L + r"\.(?P<proj>q_proj|k_proj|v_proj)\.weight", QUANTIZE, "{prefix}.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    Rule("mla_a", _L + r"\.(?P<proj>q_a_proj|kv_a_proj_with_mqa)\.weight", QUANTIZE, "{prefix}.q_a_kv_a_proj", ("q_a_proj", "kv_a_proj_with_mqa")),
+    Rule("attn_other", _L + r"\.(?P<proj>o_proj|q_b_proj|kv_b_proj|q_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
+    Rule("te_attn", r"(?P<prefix>.*\.self_attention)\.(?P<proj>linear_qkv|linear_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
+    # routed experts
+    Rule("experts_gate_up", _MLP + r"\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.experts.{expert}.gate_up_proj", ("gate_proj", "up_proj")),
+    Rule("experts_down", _MLP + r"\.experts\.(?P<expert>\d+)\.(?P<proj>down_proj)\.weight", QUANTIZE, "{prefix}.experts.{expert}.down_proj"),
+    Rule("mixtral_w13", r"(?P<prefix>.*\.block_sparse_moe)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w3)\.weight", QUANTIZE, "{prefix}.experts.{expert}.w13", ("w1", "w3")),
+    Rule("mixtral_w2", r"(?P<prefix>.*\.block_sparse_moe)\.experts\.(?P<expert>\d+)\.(?P<proj>w2)\.weight", QUANTIZE, "{prefix}.experts.{expert}.w2"),
+    Rule("te_experts", r"(?P<prefix>.*\.experts\.(?P<proj>linear_fc1|linear_fc2))\.weight(?P<expert>\d+)", QUANTIZE, "{prefix}.weight{expert}"),
+    # shared experts and dense MLPs
+    Rule("shared_expert_gate_up", _MLP + r"\.(?P<sub>shared_experts?)\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.{sub}.gate_up_proj", ("gate_proj", "up_proj")),
+    Rule("shared_expert_down", _MLP + r"\.(?P<sub>shared_experts?)\.down_proj\.weight", QUANTIZE, "{prefix}.{sub}.down_proj"),
+    Rule("mlp_gate_up", _MLP + r"\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.gate_up_proj", ("gate_proj", "up_proj")),
+    Rule("mlp_down", _MLP + r"\.down_proj\.weight", QUANTIZE, "{prefix}.down_proj"),
+    Rule("te_mlp", r"(?P<prefix>.*\.mlp\.(?P<proj>linear_fc1|linear_fc2))\.weight", QUANTIZE, "{prefix}"),
+)
+
+_LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\..*")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the rules say about one tensor."""
+
+    action: str
+    rule: str  # rule name, or a marker such as "--exclude" / "unclaimed"
+    key: str | None = None
+    reason: str = ""
+    proj: str | None = None
+    expert: str | None = None
+    fuse: tuple[str, ...] = ()
+    warn: bool = False  # kept for a reason the user should hear about
+
+
+class RuleSet:
+    """The built-in table, user rows in front of it, and the --include / --exclude patterns."""
+
+    def __init__(
+        self,
+        user_rules: tuple[Rule, ...] = (),
+        include: tuple[str, ...] = (),
+        exclude: tuple[str, ...] = (),
+        expert_policy: str = "shared",
+        num_layers: int | None = None,
+    ):
+        if expert_policy not in EXPERT_POLICIES:
+            raise RuleError(f"expert policy must be one of {EXPERT_POLICIES}, not {expert_policy!r}")
+        self.rules = tuple(user_rules) + BUILTIN_RULES
+        self.include = tuple(_compile(p, "--include") for p in include)
+        self.exclude = tuple(_compile(p, "--exclude") for p in exclude)
+        self.expert_policy = expert_policy
+        self.num_layers = num_layers
+
+    def classify(self, name: str, dtype: str, shape: tuple[int, ...]) -> Decision:
+        module = name[: -len(".weight")] if name.endswith(".weight") else name
+        for rx in self.exclude:
+            if rx.fullmatch(name) or rx.fullmatch(module):
+                return Decision(KEEP, "--exclude", reason=f"--exclude {rx.pattern}")
+        is_weight = len(shape) == 2 and dtype in FLOAT_DTYPES
+        for rule in self.rules:
+            m = rule.regex.fullmatch(name)
+            if m is None:
+                continue
+            if rule.action == KEEP:
+                return Decision(KEEP, rule.name, reason=rule.reason)
+            if self._beyond_last_layer(name):
+                return Decision(KEEP, "mtp", reason="MTP layer (index >= num_hidden_layers)")
+            if len(shape) != 2:
+                return Decision(KEEP, rule.name, reason=f"{len(shape)}-D tensor, not a 2-D weight", warn=len(shape) > 2)
+            groups = m.groupdict()
+            expert = groups.get("expert")
+            fill = dict(groups)
+            if expert is not None:
+                fill["expert"] = "*" if self.expert_policy == "shared" else expert
+            return Decision(
+                QUANTIZE, rule.name, rule.key.format(**fill),
+                proj=groups.get("proj"), expert=expert, fuse=rule.fuse,
+            )
+        if is_weight and any(rx.fullmatch(name) or rx.fullmatch(module) for rx in self.include):
+            return Decision(QUANTIZE, "--include", module)
+        if is_weight:
+            return Decision(KEEP, "unclaimed", reason="no rule claims this 2-D weight", warn=True)
+        return Decision(KEEP, "not-a-weight", reason=f"{len(shape)}-D {dtype} tensor")
+
+    def _beyond_last_layer(self, name: str) -> bool:
+        if self.num_layers is None:
+            return False
+        m = _LAYER.fullmatch(name)
+        return m is not None and int(m.group(1)) >= self.num_layers
+
+
+def _compile(pattern: str, flag: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise RuleError(f"{flag} {pattern!r}: bad regex ({e})") from None
+
+
+def load_rules(path: Path) -> tuple[Rule, ...]:
+    """User rows from a TOML or JSON file: `[[rule]]` tables (or a "rules" list) with
+    pattern, action, key, fuse, reason, name. They go in front of the built-in table."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuleError(f"{path}: cannot read rules file ({e})") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+    except ValueError as e:
+        raise RuleError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from None
+    rows = data.get("rule", data.get("rules")) if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise RuleError(f"{path}: expected a list of rules ([[rule]] tables or a \"rules\" array)")
+    out = []
+    allowed = {"name", "pattern", "action", "key", "fuse", "reason"}
+    for i, r in enumerate(rows):
+        extra = set(r) - allowed
+        if extra or "pattern" not in r or "action" not in r:
+            raise RuleError(f"{path}: rule {i}: needs pattern and action; unknown fields {sorted(extra)}")
+        fuse = r.get("fuse", [])
+        if not isinstance(fuse, list) or not all(isinstance(x, str) for x in fuse):
+            raise RuleError(f"{path}: rule {i}: fuse must be a list of strings")
+        try:
+            out.append(Rule(
+                str(r.get("name", f"{path.name}:{i}")), str(r["pattern"]), str(r["action"]),
+                str(r.get("key", "")), tuple(fuse), str(r.get("reason", "user rule")),
+            ))
+        except RuleError as e:
+            raise RuleError(f"{path}: {e}") from None
+    return tuple(out)

@@ -1,0 +1,177 @@
+"""Find a checkpoint (local directory or hub repo) and map every tensor to its bytes, headers only."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import HeaderError, SourceError
+from .st import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weight files in formats that can only be read by unpickling: refused, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a hub download fetches: shards, index, json configs, tokenizer and template files, docs.
+HUB_PATTERNS = [
+    "*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md",
+    "LICENSE*", "tokenizer*", "merges.txt", "vocab.*",
+]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass
+class Checkpoint:
+    """A source checkpoint planned from its index and shard headers alone."""
+
+    root: Path
+    tensors: dict[str, TensorInfo]  # in (file, offset) order
+    shards: list[Path]
+    config: dict | None
+    repo: str | None = None
+    revision: str | None = None
+    extra_files: list[Path] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def resolve(src: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
+    """Local directory, or a hub repo id fetched with snapshot_download. Returns (dir, repo, revision)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{src}: not a directory (give the checkpoint's directory)")
+        if revision:
+            raise SourceError(f"{src}: --revision applies to hub repos, not a local directory")
+        return path.resolve(), None, None
+    if not _REPO_ID.fullmatch(src):
+        raise SourceError(f"{src}: no such directory, and not a hub repo id (org/name)")
+    return _download(src, revision)
+
+
+def _download(repo: str, revision: str | None) -> tuple[Path, str, str | None]:
+    from huggingface_hub import snapshot_download  # lazy: slow import, only for hub sources
+    from huggingface_hub.errors import (
+        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    try:
+        local = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
+    except RevisionNotFoundError:
+        raise SourceError(f"{repo}: revision {revision!r} does not exist on the hub") from None
+    except GatedRepoError:
+        raise SourceError(f"{repo}: gated repo; accept its terms on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise SourceError(
+            f"{repo}: repo not found or not accessible (check the name; private repos need HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise SourceError(
+            f"{repo}: not in the local cache and the hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or the network is down); download it first or unset HF_HUB_OFFLINE"
+        ) from None
+    except OSError as e:
+        raise SourceError(f"{repo}: download failed ({e})") from None
+    p = Path(local)
+    return p, repo, p.name  # snapshot folders are named after the resolved commit
+
+
+def open_checkpoint(src: str, revision: str | None = None) -> Checkpoint:
+    root, repo, rev = resolve(src, revision)
+    ck = scan(root)
+    ck.repo, ck.revision = repo, rev
+    return ck
+
+
+def scan(root: Path) -> Checkpoint:
+    """Read the index (or the single file) and every shard header; check that they agree."""
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        weight_map = _read_index(index_path)
+        names = sorted(set(weight_map.values()))
+        shards = [_inside(root, n, index_path) for n in names]
+    elif (root / SINGLE_NAME).exists():
+        weight_map, shards = None, [root / SINGLE_NAME]
+    else:
+        found = sorted(root.glob("*.safetensors"))
+        if len(found) == 1:
+            weight_map, shards = None, found
+        elif found:
+            raise SourceError(f"{root}: {len(found)} .safetensors files but no {INDEX_NAME}")
+        elif any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
+            raise SourceError(
+                f"{root}: only pickle checkpoints (.bin/.pt) here; shardquant never unpickles. "
+                "Convert to safetensors first, or use a repo that ships .safetensors"
+            )
+        else:
+            raise SourceError(f"{root}: no safetensors checkpoint here")
+    headers = {}
+    for s in shards:
+        if not s.exists():
+            raise HeaderError(f"{index_path}: names shard {s.name!r}, which does not exist")
+        headers[s] = read_header(s)
+    tensors: dict[str, TensorInfo] = {}
+    if weight_map is None:
+        for s in shards:
+            tensors.update(headers[s])
+    else:
+        for name, fname in weight_map.items():
+            shard = _inside(root, fname, index_path)
+            info = headers[shard].get(name)
+            if info is None:
+                raise HeaderError(f"{shard}: tensor {name!r} named by the index is missing from this shard")
+            tensors[name] = info
+    order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
+    config = _read_json(root / "config.json") if (root / "config.json").exists() else None
+    weights = set(shards) | {index_path}
+    extra = sorted(
+        p for p in root.iterdir()
+        if p.is_file() and p not in weights and not p.name.startswith(".")
+        and p.suffix not in PICKLE_SUFFIXES and p.suffix != ".safetensors"
+    )
+    return Checkpoint(root, {t.name: t for t in order}, shards, config, extra_files=extra)
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    data = _read_json(path)
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise HeaderError(f"{path}: no valid weight_map (name -> file)")
+    return wm
+
+
+def _inside(root: Path, name: str, index_path: Path) -> Path:
+    """A shard path named by the index, confined to the source directory (symlinks included)."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
+        raise HeaderError(f"{index_path}: shard path {name!r} leaves the source directory")
+    full = root / p
+    if full.is_symlink():
+        target = full.resolve()
+        if not _hub_blob(root, target) and root.resolve() not in target.parents:
+            raise HeaderError(f"{index_path}: shard {name!r} is a symlink leaving the source directory")
+    return full
+
+
+def _hub_blob(root: Path, target: Path) -> bool:
+    """Hub caches keep snapshot files as symlinks into the repo's own blobs/ folder."""
+    parts = root.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots":
+        return Path(*parts[:-2], "blobs") in target.parents
+    return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HeaderError(f"{path}: unreadable JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise HeaderError(f"{path}: expected a JSON object")
+    return data
+

@@ -1,0 +1,201 @@
+"""The safetensors container: strict header parsing, raw reads and a streaming writer.
+
+Written by hand (not through the safetensors package) for two reasons: the planner needs the byte
+offsets of every tensor before anything is read, with each check failing as a clean error naming the
+file; and the writer must stream a shard tensor by tensor, which `safetensors.save_file` cannot (it
+needs the whole shard in memory). Tests read our files back with the safetensors package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HeaderError
+
+# dtype string -> bytes per element (safetensors spec names).
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+# Raw storage used to hold each dtype in NumPy (bf16 and fp8 as unsigned integers of the same size).
+STORAGE: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.uint8), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
+    "F8_E4M3": np.dtype(np.uint8), "F8_E5M2": np.dtype(np.uint8), "F8_E8M0": np.dtype(np.uint8),
+    "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"), "U32": np.dtype("<u4"), "F32": np.dtype("<f4"),
+    "I64": np.dtype("<i8"), "U64": np.dtype("<u8"), "F64": np.dtype("<f8"),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound the safetensors package applies
+MAX_DIMS = 8
+_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: everything the planner needs without reading its data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; return {name: TensorInfo}. Reads the header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise HeaderError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
+                raise HeaderError(f"{path}: absurd header length {n} for a file of {size} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise HeaderError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) != n:
+        raise HeaderError(f"{path}: truncated header")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HeaderError(f"{path}: header is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"{path}: header is not a JSON object")
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
+            ):
+                raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+            continue
+        infos[name] = _entry(path, name, entry, base, size)
+        spans.append((infos[name].offset, infos[name].offset + infos[name].nbytes, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise HeaderError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    return infos
+
+
+def _entry(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise HeaderError(f"{where}: header entry is not an object")
+    dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise HeaderError(f"{where}: unsupported dtype {dtype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and 0 <= d < 2**48 for d in shape)
+    ):
+        raise HeaderError(f"{where}: malformed shape {shape!r}")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(type(o) is int for o in offs)
+        or not 0 <= offs[0] <= offs[1]
+    ):
+        raise HeaderError(f"{where}: malformed data_offsets {offs!r}")
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if offs[1] - offs[0] != nbytes:
+        raise HeaderError(
+            f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs {nbytes}"
+        )
+    if base + offs[1] > size:
+        raise HeaderError(f"{path}: truncated: tensor {name!r} ends past the end of the file")
+    return TensorInfo(name, dtype, tuple(shape), path, base + offs[0], nbytes)
+
+
+def read_raw(info: TensorInfo) -> np.ndarray:
+    """Read one tensor's bytes into a fresh array of its raw storage dtype, shaped."""
+    out = np.empty(info.shape, dtype=STORAGE[info.dtype])
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    try:
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            got = 0
+            while got < info.nbytes:
+                k = f.readinto(buf[got:])
+                if not k:
+                    break
+                got += k
+    except OSError as e:
+        raise HeaderError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+    if got != info.nbytes:
+        raise HeaderError(f"{info.file}: truncated while reading tensor {info.name!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of an output shard, known before any data exists."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+def encode_header(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Header bytes (length prefix included) for tensors laid out in the given order."""
+    entries: dict[str, object] = {}
+    if metadata:
+        entries["__metadata__"] = dict(sorted(metadata.items()))
+    off = 0
+    for t in tensors:
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    body = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % _ALIGN)
+    return struct.pack("<Q", len(body)) + body
+
+
+class ShardWriter:
+    """Writes one shard header-first, then each tensor's bytes in plan order, checking each."""
+
+    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
+        self.path = path
+        self._expect = list(tensors)
+        self._i = 0
+        self._f = open(path, "wb")
+        self._f.write(encode_header(tensors, metadata))
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        t = self._expect[self._i]
+        if t.name != name or data.nbytes != t.nbytes:
+            raise AssertionError(f"writer out of plan order: got {name!r}, expected {t.name!r}")
+        self._f.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+        self._i += 1
+
+    @property
+    def done(self) -> bool:
+        return self._i == len(self._expect)
+
+    def close(self, sync: bool = True) -> None:
+        if sync:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        self._f.close()
