@@ -17,7 +17,7 @@ import numpy as np
 
 from . import flavors, formats, manifest
 from .errors import OutputError, ShardquantError, SourceError
-from .formats.base import tensor_amax
+from .backend import get_backend
 from .plan import (
     DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, PREFETCH_BYTES, Plan, Unit, make_plan,
 )
@@ -25,7 +25,7 @@ from .rules import RuleSet, load_rules
 from .source import INDEX_NAME, Checkpoint, open_checkpoint
 from .st import ShardWriter, read_raw
 
-DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_GPU_MEMORY = 16 * 2**30  # device bytes a group may keep resident between amax and quantize
 
 
 @dataclass
@@ -80,33 +80,26 @@ def convert(
     dry_run: bool = False,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    gpu_memory: int = DEFAULT_GPU_MEMORY,
     progress: bool = False,
 ) -> Result:
     """Convert checkpoint `src` (directory or hub repo id) into `output`.
 
     >>> convert("examples/tiny-moe", "out/tiny-nvfp4", "nvfp4")  # doctest: +SKIP
     """
-    backend = _backend(device)
     plan = prepare(
         src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
         include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
         memory_budget=memory_budget,
     )
     out = Path(output).expanduser()
+    backend = get_backend(device, gpu_memory)
     if dry_run:
-        return Result(plan, None, 0.0, 0, backend)
+        return Result(plan, None, 0.0, 0, backend.name)
     _prepare_output(out, plan, force)
     t0 = time.perf_counter()
     read = _run(plan, out, backend, progress)
-    return Result(plan, out, time.perf_counter() - t0, read, backend)
-
-
-def _backend(device: str) -> str:
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    if device.startswith("cuda"):
-        raise ShardquantError("the GPU backend is not available in this build; use --device cpu")
-    return "numpy"
+    return Result(plan, out, time.perf_counter() - t0, read, backend.name)
 
 
 def _prepare_output(out: Path, plan: Plan, force: bool) -> None:
@@ -126,41 +119,64 @@ def _prepare_output(out: Path, plan: Plan, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _reader(plan: Plan) -> Iterator[tuple[Unit, list[np.ndarray] | None]]:
-    """Read units ahead on a thread (the disk works while NumPy computes), holding at most the
+class _Counter:
+    """Bytes read from the source, across threads (the benchmark checks it equals the source size)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def read(self, info) -> np.ndarray:
+        raw = read_raw(info)
+        with self._lock:
+            self.n += info.nbytes
+        return raw
+
+
+def _reader(plan: Plan, counter: _Counter) -> Iterator[tuple[Unit, list[np.ndarray] | None]]:
+    """Read units ahead on a thread (the disk works while the arithmetic runs), holding at most the
     unit being processed plus PREFETCH_BYTES. Two-pass groups are yielded without data."""
     budget = max(PREFETCH_BYTES, max((u.source_bytes for u in plan.units if not _two(u)), default=0))
     cv = threading.Condition()
-    state = {"held": 0, "error": None}
+    state = {"held": 0}
     q: queue.Queue = queue.Queue()
+    stop = threading.Event()
 
     def work() -> None:
         try:
             for u in plan.units:
                 need = 0 if _two(u) else u.source_bytes
                 with cv:
-                    cv.wait_for(lambda: state["held"] + need <= budget or state["held"] == 0)
+                    cv.wait_for(lambda: stop.is_set() or state["held"] + need <= budget or state["held"] == 0)
                     state["held"] += need
+                if stop.is_set():
+                    return
                 if _two(u):
                     q.put((u, None, need))
                     continue
                 members = u.group.members if u.group else [u.kept]
-                q.put((u, [read_raw(m) for m in members], need))
+                q.put((u, [counter.read(m) for m in members], need))
         except BaseException as e:  # handed to the consumer, which raises it
             q.put((None, e, 0))
         q.put((None, None, 0))
 
     t = threading.Thread(target=work, name="shardquant-reader", daemon=True)
     t.start()
-    while True:
-        u, data, need = q.get()
-        if u is None:
-            if isinstance(data, BaseException):
-                raise data
-            return
-        yield u, data
+    try:
+        while True:
+            u, data, need = q.get()
+            if u is None:
+                if isinstance(data, BaseException):
+                    raise data
+                return
+            yield u, data
+            data = None  # drop this unit's arrays before the reader may fetch more
+            with cv:
+                state["held"] -= need
+                cv.notify_all()
+    finally:
+        stop.set()
         with cv:
-            state["held"] -= need
             cv.notify_all()
 
 
@@ -179,6 +195,13 @@ class _Shards:
         self.idx = -1
 
     def write(self, name: str, data: np.ndarray) -> None:
+        try:
+            self._write(name, data)
+        except OSError as e:
+            where = self.cur.path if self.cur is not None else self.out
+            raise OutputError(f"{where}: write failed ({e.strerror or e})") from None
+
+    def _write(self, name: str, data: np.ndarray) -> None:
         i = self.where[name]
         if i != self.idx:
             self._finish()
@@ -201,50 +224,116 @@ class _Shards:
             self.cur = None
 
 
-def _run(plan: Plan, out: Path, backend: str, progress: bool) -> int:
+class _Writer:
+    """Writes (and fsyncs) on its own thread so the disk writes while the next group is read and
+    quantized; holds at most WRITE_AHEAD bytes of finished outputs."""
+
+    WRITE_AHEAD = 256 * 2**20
+
+    def __init__(self, shards: _Shards):
+        self.shards = shards
+        self.q: queue.Queue = queue.Queue()
+        self.cv = threading.Condition()
+        self.pending = 0
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._work, name="shardquant-writer", daemon=True)
+        self.t.start()
+
+    def put(self, name: str, data: np.ndarray) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.error is not None or self.pending < self.WRITE_AHEAD)
+            if self.error is not None:
+                raise self.error
+            self.pending += data.nbytes
+        self.q.put((name, data))
+
+    def _work(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            name, data = item
+            try:
+                if self.error is None:
+                    self.shards.write(name, data)
+            except BaseException as e:
+                self.error = e
+            with self.cv:
+                self.pending -= data.nbytes
+                self.cv.notify_all()
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop after what is queued is dropped; the caller is already raising."""
+        self.error = self.error or _Aborted()
+        self.q.put(None)
+        self.t.join()
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _run(plan: Plan, out: Path, backend, progress: bool) -> int:
     fmt = formats.get(plan.format)
     shards = _Shards(plan, out)
+    writer = _Writer(shards)
+    counter = _Counter()
     scales: dict[str, tuple[float, float]] = {}
-    bytes_read = 0
     bar = _bar(plan.source_bytes, progress)
     try:
-        for u, data in _reader(plan):
+        for u, data in _reader(plan, counter):
             if u.kept is not None:
-                shards.write(u.kept.name, data[0])
-                bytes_read += u.kept.nbytes
+                writer.put(u.kept.name, data[0])
                 bar.update(u.kept.nbytes)
                 continue
             g = u.group
-            if data is None:  # two-pass: amax first, then read each member again
-                amax = max(tensor_amax(read_raw(m), m.dtype, m.name) for m in g.members)
-                bytes_read += g.source_bytes
-                data_iter = (read_raw(m) for m in g.members)
+            if data is None:  # two-pass: read each member for the amax, then again to quantize
+                amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
+                data = [None] * len(g.members)
+                handles = [None] * len(g.members)
             else:
-                amax = max(tensor_amax(raw, m.dtype, m.name) for m, raw in zip(g.members, data))
-                data_iter = iter(data)
+                # Keep members on the device between amax and quantize while they fit its budget.
+                handles, amax, kept_bytes = [], np.float32(0), 0
+                for m, raw in zip(g.members, data):
+                    h = backend.load(raw)
+                    amax = max(amax, backend.amax(h, m.dtype, m.name))
+                    fits = backend.device_budget is None or kept_bytes + m.nbytes <= backend.device_budget
+                    kept_bytes += m.nbytes if fits else 0
+                    handles.append(h if fits else None)
+                    del h
             gs = fmt.global_scale(np.float32(amax))
             scales[g.key] = (float(amax), float(gs))
-            q = fmt.Quantizer(gs)
-            for m in g.members:
-                raw = next(data_iter)
-                weight, scale = q.quantize(raw, m.dtype, m.name)
+            q = backend.quantizer(plan.format, gs)
+            gs_arr = np.array(gs, dtype=np.float32)
+            for i, m in enumerate(g.members):
+                h = handles[i]
+                if h is None:
+                    h = backend.load(data[i] if data[i] is not None else counter.read(m))
+                handles[i] = data[i] = None  # release each member once quantized
+                weight, scale = q.quantize(h, m.dtype, m.name)
+                del h
                 names = plan.outputs[m.name]
-                shards.write(names["weight"], weight)
+                writer.put(names["weight"], weight)
                 if scale is not None:
-                    shards.write(names["scale"], scale)
-                gs_arr = np.array(gs, dtype=np.float32)
-                shards.write(names.get("global_scale", names["scale"]), gs_arr)
-                bytes_read += m.nbytes
+                    writer.put(names["scale"], scale)
+                writer.put(names.get("global_scale", names["scale"]), gs_arr)
                 bar.update(m.nbytes)
-                del raw
-            data = None
+            data = handles = None
+        writer.close()
     except BaseException:
+        writer.abort()
         shards.abort()
         raise
     finally:
         bar.close()
-    _finish(plan, out, scales, backend)
-    return bytes_read
+    _finish(plan, out, scales, backend.name)
+    return counter.n
 
 
 def _finish(plan: Plan, out: Path, scales: dict, backend: str) -> None:

@@ -43,10 +43,17 @@ class Rule:
         if self.action == QUANTIZE:
             if not self.key:
                 raise RuleError(f"rule {self.name!r}: a quantize rule needs a key template")
-            fields = {f for _, f, _, _ in string.Formatter().parse(self.key) if f is not None}
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.key) if f is not None}
+            except ValueError as e:  # e.g. an unclosed "{prefix"
+                raise RuleError(f"rule {self.name!r}: bad key template {self.key!r} ({e})") from None
             unknown = fields - set(rx.groupindex)
             if unknown:
                 raise RuleError(f"rule {self.name!r}: key uses {sorted(unknown)} not named in the pattern")
+            try:  # conversions and format specs ("{proj!x}", "{proj:d}") fail only when formatting
+                self.key.format(**{g: "0" for g in rx.groupindex})
+            except ValueError as e:
+                raise RuleError(f"rule {self.name!r}: bad key template {self.key!r} ({e})") from None
             if self.fuse and "proj" not in rx.groupindex:
                 raise RuleError(f"rule {self.name!r}: fuse needs a named group 'proj' in the pattern")
 
@@ -85,6 +92,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
 )
 
 _LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\..*")
+_TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight\d+")  # TransformerEngine grouped `m.weight{E}`: module m
 
 
 @dataclass(frozen=True)
@@ -122,8 +130,10 @@ class RuleSet:
 
     def classify(self, name: str, dtype: str, shape: tuple[int, ...]) -> Decision:
         module = name[: -len(".weight")] if name.endswith(".weight") else name
+        te = _TE_WEIGHT.fullmatch(name)
+        names = (name, module, te["base"]) if te else (name, module)  # the module plan.module_name gives
         for rx in self.exclude:
-            if rx.fullmatch(name) or rx.fullmatch(module):
+            if any(rx.fullmatch(n) for n in names):
                 return Decision(KEEP, "--exclude", reason=f"--exclude {rx.pattern}")
         is_weight = len(shape) == 2 and dtype in FLOAT_DTYPES
         for rule in self.rules:
@@ -145,7 +155,9 @@ class RuleSet:
                 QUANTIZE, rule.name, rule.key.format(**fill),
                 proj=groups.get("proj"), expert=expert, fuse=rule.fuse,
             )
-        if is_weight and any(rx.fullmatch(name) or rx.fullmatch(module) for rx in self.include):
+        if self._beyond_last_layer(name):  # e.g. DeepSeek's MTP eh_proj, which no row claims
+            return Decision(KEEP, "mtp", reason="MTP layer (index >= num_hidden_layers)")
+        if is_weight and any(rx.fullmatch(n) for rx in self.include for n in names):
             return Decision(QUANTIZE, "--include", module)
         if is_weight:
             return Decision(KEEP, "unclaimed", reason="no rule claims this 2-D weight", warn=True)

@@ -109,12 +109,14 @@ class Quantizer:
         nb = cols // BLOCK
         mags = magnitude_bits(raw, dtype).reshape(rows, nb, BLOCK)
         scales = np.empty((rows, nb), np.uint8)
-        worst = np.zeros(1, np.uint64)
+        # Largest magnitude bits per row: each chunk writes only its own rows (a shared running max
+        # updated read-modify-write from the pool's threads lost a NaN/Inf now and then).
+        worst = np.zeros(rows + 1, np.uint64)
 
         def scale_rows(a: int, b: int) -> None:
             bm = mags[a:b].max(axis=2)
             if bm.size:
-                worst[0] = max(int(worst[0]), int(bm.max()))
+                worst[a:b] = bm.max(axis=1)
             scales[a:b] = block_scales(mag_to_f32(bm, dtype), self.s2)
 
         map_rows(scale_rows, rows, raw.strides[0] if rows else 0)

@@ -1,0 +1,72 @@
+"""Where the arithmetic runs: NumPy on the CPU (the reference) or CuPy on a GPU, one interface.
+
+`load` moves a member's raw storage to where the arithmetic happens (identity on the CPU),
+`amax` reduces it, `quantizer(fmt, global_scale).quantize` returns NumPy outputs ready to write.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import formats
+from .errors import ShardquantError
+from .formats.base import tensor_amax
+
+
+class NumpyBackend:
+    name = "numpy"
+    device_budget = None  # the host copy is the working copy
+
+    def load(self, raw: np.ndarray) -> np.ndarray:
+        return raw
+
+    def amax(self, x: np.ndarray, dtype: str, name: str) -> np.float32:
+        return tensor_amax(x, dtype, name)
+
+    def quantizer(self, fmt: str, gs: np.float32):
+        return formats.get(fmt).Quantizer(gs)
+
+
+class CupyBackend:
+    name = "cupy"
+
+    def __init__(self, device: str, device_budget: int):
+        from .cuda import get_device
+
+        self.dev = get_device(device)
+        self.device_budget = device_budget
+
+    def load(self, raw: np.ndarray):
+        return self.dev.to_device(raw)
+
+    def amax(self, x, dtype: str, name: str) -> np.float32:
+        return self.dev.amax(x, dtype, name)
+
+    def quantizer(self, fmt: str, gs: np.float32):
+        return _CupyQuantizer(self.dev, fmt, gs)
+
+
+class _CupyQuantizer:
+    def __init__(self, dev, fmt: str, gs: np.float32):
+        self.dev, self.fmt, self.gs = dev, fmt, np.float32(gs)
+
+    def quantize(self, x, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.fmt == "nvfp4":
+            packed, scales = self.dev.nvfp4(x, dtype, self.gs)
+            return packed.get(), scales.get()
+        if self.fmt == "fp8":
+            return self.dev.fp8(x, dtype, self.gs).get(), None
+        raise ShardquantError(f"format {self.fmt!r} has no GPU kernel")
+
+
+def get_backend(device: str, device_budget: int):
+    """--device auto|cpu|cuda|cuda:N -> a backend. auto takes the GPU when cupy sees one."""
+    if device == "cpu":
+        return NumpyBackend()
+    if device == "auto":
+        from .cuda import available
+
+        return CupyBackend("cuda", device_budget) if available() else NumpyBackend()
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        return CupyBackend(device, device_budget)
+    raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")

@@ -1,0 +1,118 @@
+"""CuPy kernels: the GPU twin of the NumPy path, same signatures, same bits. Only this package
+imports cupy; everything else asks `available()` first."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ShardquantError
+
+_SRC = Path(__file__).with_name("kernels.cu")
+_TYPES = {"BF16": "unsigned short", "F16": "Half", "F32": "float"}
+_NONFINITE = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000}
+_THREADS = 256
+
+
+def available() -> bool:
+    """True when cupy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device: the CPU path is used
+        return False
+
+
+def device_count() -> int:
+    import cupy
+    return cupy.cuda.runtime.getDeviceCount()
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device: int):
+    import cupy
+
+    names = []
+    for t in _TYPES.values():
+        names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>"]
+    with cupy.cuda.Device(device):
+        # No --use_fast_math: the _rn intrinsics and IEEE division must stay exact.
+        mod = cupy.RawModule(code=_SRC.read_text(), options=("--std=c++14",), name_expressions=names)
+        mod.compile()
+    return mod
+
+
+def _kernel(device: int, name: str, dtype: str):
+    return _module(device).get_function(f"{name}<{_TYPES[dtype]}>")
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, (n + _THREADS - 1) // _THREADS),)
+
+
+class Device:
+    """One GPU's kernels and stream. Arrays passed in are NumPy raw storage or CuPy arrays."""
+
+    def __init__(self, index: int = 0):
+        import cupy
+
+        self.cp = cupy
+        self.index = index
+        self.device = cupy.cuda.Device(index)
+        with self.device:
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            self._amax = cupy.zeros(1, dtype=cupy.uint32)
+        _module(index)
+
+    def to_device(self, raw: np.ndarray):
+        with self.device:
+            return self.cp.asarray(raw.view(np.uint16) if raw.dtype == np.float16 else raw)
+
+    def amax(self, x, dtype: str, name: str) -> np.float32:
+        """max |x| of one tensor (device array), exact; NaN/Inf raise NumericError naming it."""
+        from ..formats.base import check_finite, mag_to_f32
+
+        if x.size == 0:
+            return np.float32(0)
+        with self.device:
+            self._amax.fill(0)
+            blocks = min(4 * 132 * 8, _grid(x.size)[0])
+            _kernel(self.index, "amax_bits", dtype)((blocks,), (_THREADS,), (x, np.int64(x.size), self._amax))
+            m = int(self._amax.get()[0])
+        check_finite(np.uint32(m), dtype, name)
+        width = np.uint32 if dtype == "F32" else np.uint16
+        return np.float32(mag_to_f32(np.array([m], dtype=width), dtype)[0])
+
+    def nvfp4(self, x, dtype: str, s2: np.float32):
+        """Device arrays (packed uint8 [rows, cols/2], E4M3 codes uint8 [rows, cols/16])."""
+        rows, cols = x.shape
+        nb = x.size // 16
+        with self.device:
+            packed = self.cp.empty((rows, cols // 2), dtype=self.cp.uint8)
+            scales = self.cp.empty((rows, cols // 16), dtype=self.cp.uint8)
+            if nb:
+                _kernel(self.index, "nvfp4_quant", dtype)(
+                    _grid(nb), (_THREADS,), (x, np.int64(nb), np.float32(s2), packed, scales))
+        return packed, scales
+
+    def fp8(self, x, dtype: str, scale: np.float32):
+        with self.device:
+            out = self.cp.empty(x.shape, dtype=self.cp.uint8)
+            n = x.size
+            if n and n % 8 == 0:
+                _kernel(self.index, "fp8_quant", dtype)(_grid(n // 8), (_THREADS,), (x, np.int64(n // 8), np.float32(scale), out))
+            elif n:
+                _kernel(self.index, "fp8_quant_scalar", dtype)(_grid(n), (_THREADS,), (x, np.int64(n), np.float32(scale), out))
+        return out
+
+
+def get_device(spec: str) -> Device:
+    """'cuda' / 'cuda:N' / 'auto' -> a Device, or a clean error."""
+    if not available():
+        raise ShardquantError("no CUDA device visible to cupy (install shardquant[gpu] on a GPU machine, or use --device cpu)")
+    index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+    if not 0 <= index < device_count():
+        raise ShardquantError(f"--device {spec}: only {device_count()} CUDA device(s) visible")
+    return Device(index)
