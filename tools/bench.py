@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -74,40 +73,72 @@ def build(workdir: Path, size_gb: float) -> Path:
     return src
 
 
-def read_all(src: Path) -> tuple[float, int]:
+def drop_cache(paths: list[Path]) -> None:
+    """Evict these files from the page cache (POSIX_FADV_DONTNEED on clean pages; no root needed)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_all(src: Path, cold: bool) -> tuple[float, int]:
     """Seconds to read every shard once, 16 MiB at a time, and the bytes read."""
+    files = sorted(src.glob("*.safetensors"))
+    if cold:
+        drop_cache(files)
     buf = bytearray(16 << 20)
     mv = memoryview(buf)
     n = 0
     t0 = time.perf_counter()
-    for p in sorted(src.glob("*.safetensors")):
+    for p in files:
         with open(p, "rb", buffering=0) as f:
             while k := f.readinto(mv):
                 n += k
     return time.perf_counter() - t0, n
 
 
-def convert_once(src: Path, out: Path, fmt: str, device: str, extra: list[str]) -> tuple[float, int, dict]:
-    """Run one conversion in a child process: (seconds, peak RSS bytes, its result line)."""
-    shutil.rmtree(out, ignore_errors=True)
-    code = (
-        "import json,sys,time;from shardquant.convert import convert;"
-        "r=convert(sys.argv[1],sys.argv[2],sys.argv[3],device=sys.argv[4]);"
-        "print(json.dumps({'seconds':r.seconds,'bytes_read':r.bytes_read,'source_bytes':r.plan.source_bytes,"
-        "'output_bytes':r.plan.output_bytes,'peak_estimate':r.plan.peak_bytes,'backend':r.backend}))"
-    )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def write_baseline(where: Path, nbytes: int) -> float:
+    """Seconds to write nbytes (16 MiB writes) and fsync: the output side of the disk limit."""
+    path = where / "write-baseline.bin"
+    buf = os.urandom(16 << 20)
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code, str(src), str(out), fmt, device, *extra],
-                       capture_output=True, text=True)
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(buf[: min(left, len(buf))])
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    drop_cache([path])
+    path.unlink()
+    return dt
+
+
+CHILD = """
+import json, resource, sys
+from shardquant.convert import convert
+r = convert(sys.argv[1], sys.argv[2], sys.argv[3], device=sys.argv[4])
+print(json.dumps({"seconds": r.seconds, "bytes_read": r.bytes_read, "source_bytes": r.plan.source_bytes,
+                  "output_bytes": r.plan.output_bytes, "peak_estimate": r.plan.peak_bytes,
+                  "backend": r.backend, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool) -> dict:
+    """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
+    if cold:
+        drop_cache(sorted(src.glob("*.safetensors")))
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"conversion failed:\n{p.stderr}")
-    # ru_maxrss of children is the max over all waited-for children: run one per measurement.
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     info = json.loads(p.stdout.strip().splitlines()[-1])
     info["wall"] = wall
-    return wall, rss if rss > before * 1024 else rss, info
+    return info
 
 
 def main() -> None:
@@ -116,6 +147,7 @@ def main() -> None:
     ap.add_argument("--formats", default="nvfp4,fp8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="evict the source from the page cache before each read")
     ap.add_argument("--workdir", default=os.environ.get("SHARDQUANT_BENCH_DIR", "/tmp/shardquant-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the built checkpoints for the next run")
     args = ap.parse_args()
@@ -126,54 +158,43 @@ def main() -> None:
         src = build(work, size)
         for fmt in args.formats.split(","):
             rows = []
-            for _ in range(args.runs):
-                rt, nread = read_all(src)
-                # each child is measured alone: a fresh interpreter for the RSS figure
-                wall, _, info = convert_once(src, work / "out", fmt, args.device, [])
-                rss = _child_rss(src, work / "out", fmt, args.device) if not rows else rows[0]["rss"]
-                rows.append({"read_s": rt, "read_bytes": nread, "conv_s": info["seconds"], "wall_s": wall,
-                             "rss": rss, **info})
-            src_b = rows[0]["source_bytes"]
-            med_conv = statistics.median(r["conv_s"] for r in rows)
-            med_wall = statistics.median(r["wall_s"] for r in rows)
-            med_read = statistics.median(r["read_s"] for r in rows)
+            for _ in range(args.runs):  # read baseline and conversion alternate, same files
+                rt, nread = read_all(src, args.cold)
+                info = convert_once(src, work / "out", fmt, args.device, args.cold)
+                wt = write_baseline(work, info["output_bytes"])
+                rows.append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
+            med = {k: statistics.median(r[k] for r in rows) for k in ("read_s", "write_s", "seconds", "wall", "rss")}
+            src_b, out_b = rows[0]["source_bytes"], rows[0]["output_bytes"]
+            disk_s = med["read_s"] + med["write_s"]
             res = {
-                "size_gb": size, "format": fmt, "device": args.device, "runs": args.runs,
-                "source_mb": src_b / 1e6,
-                "convert_mb_s": src_b / med_conv / 1e6,
-                "wall_mb_s": src_b / med_wall / 1e6,
-                "read_mb_s": rows[0]["read_bytes"] / med_read / 1e6,
-                "convert_over_read": (src_b / med_conv) / (rows[0]["read_bytes"] / med_read),
-                "peak_rss_mib": rows[0]["rss"] / 2**20,
-                "peak_estimate_mib": rows[0]["peak_estimate"] / 2**20,
-                "bytes_read_over_source": rows[0]["bytes_read"] / src_b,
-                "backend": rows[0]["backend"],
+                "size_gb": size, "format": fmt, "device": args.device, "backend": rows[0]["backend"],
+                "runs": args.runs, "cold": args.cold, "source_gb": src_b / 1e9, "output_gb": out_b / 1e9,
+                "convert_gb_s": src_b / med["seconds"] / 1e9,
+                "wall_gb_s": src_b / med["wall"] / 1e9,
+                "read_gb_s": rows[0]["read_bytes"] / med["read_s"] / 1e9,
+                "write_gb_s": out_b / med["write_s"] / 1e9,
+                "disk_limit_gb_s": src_b / disk_s / 1e9,
+                "convert_over_disk_limit": disk_s / med["seconds"],
+                "convert_over_read": med["read_s"] / med["seconds"],
+                "bytes_read_over_source": max(r["bytes_read"] for r in rows) / src_b,
+                "peak_rss_mib": med["rss"] / 2**20,
+                "peak_bound_mib": rows[0]["peak_estimate"] / 2**20,
             }
             results.append(res)
             print(json.dumps(res), flush=True)
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(work / "out", ignore_errors=True)
-    print(f"# {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}", file=sys.stderr)
-    print("| size GB | format | device | input MB/s (median) | wall MB/s | read MB/s | ratio | peak RSS MiB | plan bound MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"# {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}, "
+          f"{'cold' if args.cold else 'warm'} page cache, medians of {args.runs}")
+    print("| size GB | format | backend | convert MB/s | read MB/s | write MB/s | disk limit MB/s | "
+          "convert/disk limit | convert/read | bytes read/source | peak RSS MiB | bound MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['size_gb']:g} | {r['format']} | {r['device']} | {r['convert_mb_s']:.0f} | {r['wall_mb_s']:.0f} | "
-              f"{r['read_mb_s']:.0f} | {r['convert_over_read']:.2f} | {r['peak_rss_mib']:.0f} | {r['peak_estimate_mib']:.0f} |")
-
-
-def _child_rss(src: Path, out: Path, fmt: str, device: str) -> int:
-    """Peak RSS of one conversion, measured in a grandchild so that no earlier child counts."""
-    code = (
-        "import resource,subprocess,sys;"
-        "subprocess.run([sys.executable,'-c','from shardquant.convert import convert;import sys;"
-        "convert(sys.argv[1],sys.argv[2],sys.argv[3],device=sys.argv[4],force=True)',*sys.argv[1:]],check=True);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024)"
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    p = subprocess.run([sys.executable, "-c", code, str(src), str(out), fmt, device],
-                       capture_output=True, text=True, check=True)
-    return int(p.stdout.strip().splitlines()[-1])
+        print(f"| {r['size_gb']:g} | {r['format']} | {r['backend']} | {r['convert_gb_s'] * 1e3:.0f} | "
+              f"{r['read_gb_s'] * 1e3:.0f} | {r['write_gb_s'] * 1e3:.0f} | {r['disk_limit_gb_s'] * 1e3:.0f} | "
+              f"{r['convert_over_disk_limit']:.2f} | {r['convert_over_read']:.2f} | {r['bytes_read_over_source']:.3f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['peak_bound_mib']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,399 @@
+"""The name-rule table, tested as a table: one case (or more) per row of BUILTIN_RULES, with real
+tensor names from shared/LAYOUTS.md, under both expert policies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from shardquant.errors import RuleError
+from shardquant.rules import BUILTIN_RULES, KEEP, QUANTIZE, Rule, RuleSet, load_rules
+
+DEEPSEEK_LAYERS = 61  # DeepSeek-V3 config num_hidden_layers: layer 61 is the MTP layer
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]
+    rule: str
+    action: str
+    shared: str | None = None  # quantizer key under --expert-policy shared
+    per_expert: str | None = None  # ... under per-expert
+    reason: str = ""
+    dtype: str = "BF16"
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+
+def q(name: str, rule: str, shared: str, per_expert: str | None = None, shape=(64, 64)) -> Case:
+    return Case(name, shape, rule, QUANTIZE, shared, per_expert or shared)
+
+
+def k(name: str, rule: str, reason: str, shape=(64, 64), dtype="BF16") -> Case:
+    return Case(name, shape, rule, KEEP, reason=reason, dtype=dtype)
+
+
+QW = "model.layers.0"  # Qwen3-MoE
+DS = "model.layers.3"  # DeepSeek-V3 MoE layer
+L4 = "language_model.model.layers.0"  # Llama 4
+TE = "decoder.layers.0"  # Megatron / TransformerEngine
+
+CASES: list[Case] = [
+    # Qwen3-MoE
+    k("model.embed_tokens.weight", "embedding", "embedding", (256, 64)),
+    k("lm_head.weight", "head", "output head", (256, 64)),
+    k("model.norm.weight", "norm", "norm", (64,)),
+    k(f"{QW}.input_layernorm.weight", "norm", "norm", (64,)),
+    k(f"{QW}.post_attention_layernorm.weight", "norm", "norm", (64,)),
+    k(f"{QW}.self_attn.q_norm.weight", "norm", "norm", (16,)),
+    k(f"{QW}.self_attn.k_norm.weight", "norm", "norm", (16,)),
+    q(f"{QW}.self_attn.q_proj.weight", "attn_qkv", f"{QW}.self_attn.qkv_proj"),
+    q(f"{QW}.self_attn.k_proj.weight", "attn_qkv", f"{QW}.self_attn.qkv_proj", shape=(32, 64)),
+    q(f"{QW}.self_attn.v_proj.weight", "attn_qkv", f"{QW}.self_attn.qkv_proj", shape=(32, 64)),
+    q(f"{QW}.self_attn.o_proj.weight", "attn_other", f"{QW}.self_attn.o_proj"),
+    k(f"{QW}.mlp.gate.weight", "router", "router", (128, 64)),
+    q(f"{QW}.mlp.experts.5.gate_proj.weight", "experts_gate_up",
+      f"{QW}.mlp.experts.*.gate_up_proj", f"{QW}.mlp.experts.5.gate_up_proj", (32, 64)),
+    q(f"{QW}.mlp.experts.127.up_proj.weight", "experts_gate_up",
+      f"{QW}.mlp.experts.*.gate_up_proj", f"{QW}.mlp.experts.127.gate_up_proj", (32, 64)),
+    q(f"{QW}.mlp.experts.5.down_proj.weight", "experts_down",
+      f"{QW}.mlp.experts.*.down_proj", f"{QW}.mlp.experts.5.down_proj", (64, 32)),
+    # Mixtral
+    k("model.layers.1.block_sparse_moe.gate.weight", "router", "router", (8, 64)),
+    q("model.layers.1.block_sparse_moe.experts.3.w1.weight", "mixtral_w13",
+      "model.layers.1.block_sparse_moe.experts.*.w13", "model.layers.1.block_sparse_moe.experts.3.w13"),
+    q("model.layers.1.block_sparse_moe.experts.3.w3.weight", "mixtral_w13",
+      "model.layers.1.block_sparse_moe.experts.*.w13", "model.layers.1.block_sparse_moe.experts.3.w13"),
+    q("model.layers.1.block_sparse_moe.experts.3.w2.weight", "mixtral_w2",
+      "model.layers.1.block_sparse_moe.experts.*.w2", "model.layers.1.block_sparse_moe.experts.3.w2"),
+    # DeepSeek-V3: MLA, dense layers 0-2, MoE layers 3-60
+    q(f"{DS}.self_attn.q_a_proj.weight", "mla_a", f"{DS}.self_attn.q_a_kv_a_proj", shape=(48, 64)),
+    q(f"{DS}.self_attn.kv_a_proj_with_mqa.weight", "mla_a", f"{DS}.self_attn.q_a_kv_a_proj", shape=(48, 64)),
+    k(f"{DS}.self_attn.q_a_layernorm.weight", "norm", "norm", (48,)),
+    k(f"{DS}.self_attn.kv_a_layernorm.weight", "norm", "norm", (32,)),
+    q(f"{DS}.self_attn.q_b_proj.weight", "attn_other", f"{DS}.self_attn.q_b_proj", shape=(64, 48)),
+    q(f"{DS}.self_attn.kv_b_proj.weight", "attn_other", f"{DS}.self_attn.kv_b_proj", shape=(64, 32)),
+    q(f"{DS}.self_attn.o_proj.weight", "attn_other", f"{DS}.self_attn.o_proj"),
+    q("model.layers.0.mlp.gate_proj.weight", "mlp_gate_up", "model.layers.0.mlp.gate_up_proj", shape=(96, 64)),
+    q("model.layers.0.mlp.up_proj.weight", "mlp_gate_up", "model.layers.0.mlp.gate_up_proj", shape=(96, 64)),
+    q("model.layers.0.mlp.down_proj.weight", "mlp_down", "model.layers.0.mlp.down_proj", shape=(64, 96)),
+    k(f"{DS}.mlp.gate.weight", "router", "router", (256, 64)),
+    k(f"{DS}.mlp.gate.e_score_correction_bias", "not-a-weight", "1-D F32 tensor", (256,), "F32"),
+    q(f"{DS}.mlp.experts.255.gate_proj.weight", "experts_gate_up",
+      f"{DS}.mlp.experts.*.gate_up_proj", f"{DS}.mlp.experts.255.gate_up_proj", (32, 64)),
+    q(f"{DS}.mlp.experts.255.down_proj.weight", "experts_down",
+      f"{DS}.mlp.experts.*.down_proj", f"{DS}.mlp.experts.255.down_proj", (64, 32)),
+    q(f"{DS}.mlp.shared_experts.gate_proj.weight", "shared_expert_gate_up",
+      f"{DS}.mlp.shared_experts.gate_up_proj", shape=(32, 64)),
+    q(f"{DS}.mlp.shared_experts.up_proj.weight", "shared_expert_gate_up",
+      f"{DS}.mlp.shared_experts.gate_up_proj", shape=(32, 64)),
+    q(f"{DS}.mlp.shared_experts.down_proj.weight", "shared_expert_down",
+      f"{DS}.mlp.shared_experts.down_proj", shape=(64, 32)),
+    q("model.layers.60.mlp.experts.0.up_proj.weight", "experts_gate_up",  # last real layer: quantized
+      "model.layers.60.mlp.experts.*.gate_up_proj", "model.layers.60.mlp.experts.0.gate_up_proj", (32, 64)),
+    # DeepSeek-V3 MTP layer (index 61 == num_hidden_layers): keep rows first, everything else "mtp"
+    k("model.layers.61.embed_tokens.weight", "embedding", "embedding", (256, 64)),
+    k("model.layers.61.enorm.weight", "norm", "norm", (64,)),
+    k("model.layers.61.hnorm.weight", "norm", "norm", (64,)),
+    k("model.layers.61.eh_proj.weight", "mtp", "MTP layer (index >= num_hidden_layers)", (64, 128)),
+    k("model.layers.61.shared_head.head.weight", "head", "output head", (256, 64)),
+    k("model.layers.61.shared_head.norm.weight", "norm", "norm", (64,)),
+    k("model.layers.61.self_attn.q_a_proj.weight", "mtp", "MTP layer (index >= num_hidden_layers)", (48, 64)),
+    k("model.layers.61.mlp.experts.7.gate_proj.weight", "mtp", "MTP layer (index >= num_hidden_layers)", (32, 64)),
+    k("model.layers.61.mlp.shared_experts.down_proj.weight", "mtp", "MTP layer (index >= num_hidden_layers)"),
+    k("model.layers.61.mlp.gate.weight", "router", "router", (256, 64)),
+    # MTP modules stored under their own prefix (Qwen3-Next, Megatron)
+    k("mtp.layers.0.mlp.experts.0.gate_proj.weight", "mtp", "MTP layer", (32, 64)),
+    k("mtp.fc.weight", "mtp", "MTP layer", (64, 128)),
+    # Llama 4
+    k("language_model.model.embed_tokens.weight", "embedding", "embedding", (256, 64)),
+    k("language_model.lm_head.weight", "head", "output head", (256, 64)),
+    q(f"{L4}.self_attn.q_proj.weight", "attn_qkv", f"{L4}.self_attn.qkv_proj"),
+    q(f"{L4}.self_attn.o_proj.weight", "attn_other", f"{L4}.self_attn.o_proj"),
+    k(f"{L4}.feed_forward.router.weight", "router", "router", (16, 64)),
+    q(f"{L4}.feed_forward.shared_expert.gate_proj.weight", "shared_expert_gate_up",
+      f"{L4}.feed_forward.shared_expert.gate_up_proj", shape=(128, 64)),
+    q(f"{L4}.feed_forward.shared_expert.up_proj.weight", "shared_expert_gate_up",
+      f"{L4}.feed_forward.shared_expert.gate_up_proj", shape=(128, 64)),
+    q(f"{L4}.feed_forward.shared_expert.down_proj.weight", "shared_expert_down",
+      f"{L4}.feed_forward.shared_expert.down_proj", shape=(64, 128)),
+    q("language_model.model.layers.1.feed_forward.gate_proj.weight", "mlp_gate_up",  # Maverick's dense layers
+      "language_model.model.layers.1.feed_forward.gate_up_proj", shape=(128, 64)),
+    k("vision_model.model.layers.0.self_attn.q_proj.weight", "vision", "vision tower"),
+    k("vision_model.patch_embedding.linear.weight", "vision", "vision tower", (64, 588)),
+    k("vision_model.model.layers.0.mlp.fc1.bias", "vision", "vision tower", (256,)),
+    k("multi_modal_projector.linear_1.weight", "vision", "vision tower", (64, 64)),
+    # Megatron / TransformerEngine grouped experts
+    k("embedding.word_embeddings.weight", "embedding", "embedding", (256, 64)),
+    k("output_layer.weight", "head", "output head", (256, 64)),
+    k("decoder.final_layernorm.weight", "norm", "norm", (64,)),
+    k(f"{TE}.pre_mlp_layernorm.weight", "norm", "norm", (64,)),
+    k(f"{TE}.self_attention.linear_qkv.layer_norm_weight", "not-a-weight", "1-D BF16 tensor", (64,)),
+    q(f"{TE}.self_attention.linear_qkv.weight", "te_attn", f"{TE}.self_attention.linear_qkv", shape=(192, 64)),
+    q(f"{TE}.self_attention.linear_proj.weight", "te_attn", f"{TE}.self_attention.linear_proj"),
+    k(f"{TE}.mlp.router.weight", "router", "router", (4, 64)),
+    q(f"{TE}.mlp.experts.linear_fc1.weight0", "te_experts",
+      f"{TE}.mlp.experts.linear_fc1.weight*", f"{TE}.mlp.experts.linear_fc1.weight0", (64, 64)),
+    q(f"{TE}.mlp.experts.linear_fc1.weight13", "te_experts",
+      f"{TE}.mlp.experts.linear_fc1.weight*", f"{TE}.mlp.experts.linear_fc1.weight13", (64, 64)),
+    q(f"{TE}.mlp.experts.linear_fc2.weight3", "te_experts",
+      f"{TE}.mlp.experts.linear_fc2.weight*", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32)),
+    q(f"{TE}.mlp.linear_fc1.weight", "te_mlp", f"{TE}.mlp.linear_fc1", shape=(128, 64)),  # dense layer
+    q(f"{TE}.mlp.linear_fc2.weight", "te_mlp", f"{TE}.mlp.linear_fc2", shape=(64, 64)),
+    # Qwen2-MoE / transformers-5 shared expert and its gate
+    q(f"{QW}.mlp.shared_expert.gate_proj.weight", "shared_expert_gate_up",
+      f"{QW}.mlp.shared_expert.gate_up_proj", shape=(128, 64)),
+    q(f"{QW}.mlp.shared_expert.up_proj.weight", "shared_expert_gate_up",
+      f"{QW}.mlp.shared_expert.gate_up_proj", shape=(128, 64)),
+    q(f"{QW}.mlp.shared_expert.down_proj.weight", "shared_expert_down",
+      f"{QW}.mlp.shared_expert.down_proj", shape=(64, 128)),
+    k(f"{QW}.mlp.shared_expert_gate.weight", "shared_expert_gate", "shared expert gate", (1, 64)),
+    # gpt-oss router (with bias) and attention sinks; Qwen2 attention biases
+    k(f"{QW}.mlp.router.weight", "router", "router", (32, 64)),
+    k(f"{QW}.mlp.router.bias", "bias", "bias", (32,)),
+    k(f"{QW}.self_attn.q_proj.bias", "bias", "bias", (64,)),
+    k(f"{QW}.self_attn.sinks", "not-a-weight", "1-D BF16 tensor", (64,)),
+]
+
+
+def _rules(policy: str, **kw) -> RuleSet:
+    return RuleSet(expert_policy=policy, num_layers=DEEPSEEK_LAYERS, **kw)
+
+
+@pytest.mark.parametrize("policy", ["shared", "per-expert"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_table(case: Case, policy: str):
+    d = _rules(policy).classify(case.name, case.dtype, case.shape)
+    assert (d.rule, d.action) == (case.rule, case.action)
+    assert d.key == (case.shared if policy == "shared" else case.per_expert)
+    assert d.reason == case.reason
+    assert d.warn is False
+
+
+def test_every_builtin_row_has_a_case():
+    covered = {c.rule for c in CASES}
+    missing = [r.name for r in BUILTIN_RULES if r.name not in covered]
+    assert missing == [], f"rows of BUILTIN_RULES without a test case: {missing}"
+
+
+def test_row_names_are_unique():
+    names = [r.name for r in BUILTIN_RULES]
+    assert len(names) == len(set(names))
+
+
+def test_fused_rows_report_projection_and_expert():
+    rs = _rules("shared")
+    d = rs.classify(f"{QW}.mlp.experts.5.up_proj.weight", "BF16", (32, 64))
+    assert (d.proj, d.expert, d.fuse) == ("up_proj", "5", ("gate_proj", "up_proj"))
+    d = rs.classify(f"{DS}.self_attn.kv_a_proj_with_mqa.weight", "BF16", (48, 64))
+    assert (d.proj, d.expert, d.fuse) == ("kv_a_proj_with_mqa", None, ("q_a_proj", "kv_a_proj_with_mqa"))
+    d = rs.classify(f"{TE}.mlp.experts.linear_fc1.weight13", "BF16", (64, 64))
+    assert (d.proj, d.expert, d.fuse) == ("linear_fc1", "13", ())
+
+
+def test_mtp_layer_needs_num_layers():
+    # Without num_hidden_layers, layer 61 is an ordinary layer: its experts are quantized.
+    d = RuleSet().classify("model.layers.61.mlp.experts.7.gate_proj.weight", "BF16", (32, 64))
+    assert (d.action, d.key) == (QUANTIZE, "model.layers.61.mlp.experts.*.gate_up_proj")
+    d = RuleSet().classify("model.layers.61.eh_proj.weight", "BF16", (64, 128))
+    assert (d.rule, d.warn) == ("unclaimed", True)
+
+
+# --exclude / --include
+
+
+@pytest.mark.parametrize("pattern, name, shape", [
+    (r"model\.layers\.0\.self_attn\.o_proj\.weight", f"{QW}.self_attn.o_proj.weight", (64, 64)),  # tensor name
+    (r"model\.layers\.0\.self_attn\.o_proj", f"{QW}.self_attn.o_proj.weight", (64, 64)),  # module name
+    (r".*\.mlp\.experts\.\d+\.down_proj", f"{QW}.mlp.experts.5.down_proj.weight", (64, 32)),
+    (r"lm_head", "lm_head.weight", (256, 64)),  # beats a keep row too
+    (r"decoder\.layers\.0\.mlp\.experts\.linear_fc2", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32)),  # TE module
+    (r".*linear_fc2\.weight3", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32)),  # TE tensor name
+])
+def test_exclude(pattern, name, shape):
+    d = RuleSet(exclude=(pattern,)).classify(name, "BF16", shape)
+    assert (d.action, d.rule, d.key) == (KEEP, "--exclude", None)
+    assert d.reason == f"--exclude {pattern}"
+
+
+@pytest.mark.parametrize("pattern", ["o_proj", r"self_attn\.o_proj", r"model\.layers\.1\.self_attn\.o_proj"])
+def test_exclude_is_a_full_match(pattern):
+    d = RuleSet(exclude=(pattern,)).classify(f"{QW}.self_attn.o_proj.weight", "BF16", (64, 64))
+    assert (d.action, d.rule) == (QUANTIZE, "attn_other")
+
+
+def test_include_unclaimed_weight_gets_its_own_quantizer():
+    # Phi-3 style pre-fused qkv_proj: no built-in row claims it.
+    name = f"{QW}.self_attn.qkv_proj.weight"
+    d = RuleSet().classify(name, "BF16", (128, 64))
+    assert (d.action, d.rule, d.warn) == (KEEP, "unclaimed", True)
+    assert d.reason == "no rule claims this 2-D weight"
+    for pattern in (r".*\.qkv_proj", r".*\.qkv_proj\.weight"):  # module name or tensor name
+        d = RuleSet(include=(pattern,)).classify(name, "BF16", (128, 64))
+        assert (d.action, d.rule, d.key, d.fuse, d.warn) == (QUANTIZE, "--include", f"{QW}.self_attn.qkv_proj", (), False)
+
+
+def test_include_does_not_touch_non_weights_or_claimed_tensors():
+    rs = RuleSet(include=(r".*",), num_layers=DEEPSEEK_LAYERS)
+    d = rs.classify(f"{QW}.self_attn.sinks", "BF16", (64,))  # 1-D: stays kept
+    assert (d.action, d.rule, d.warn) == (KEEP, "not-a-weight", False)
+    d = rs.classify(f"{QW}.mlp.gate.weight", "BF16", (8, 64))  # router row wins
+    assert (d.action, d.rule) == (KEEP, "router")
+    d = rs.classify("model.layers.61.eh_proj.weight", "BF16", (64, 128))  # MTP wins
+    assert (d.action, d.rule) == (KEEP, "mtp")
+    d = rs.classify(f"{QW}.extra_proj.weight", "I32", (64, 64))  # not a float weight
+    assert (d.action, d.rule) == (KEEP, "not-a-weight")
+    assert d.reason == "2-D I32 tensor"
+
+
+def test_unclaimed_2d_weight_warns():
+    d = RuleSet().classify("model.layers.0.mlp.gate_up_proj.weight", "BF16", (256, 64))  # Phi-3 fused MLP
+    assert (d.action, d.rule, d.key, d.warn) == (KEEP, "unclaimed", None, True)
+
+
+@pytest.mark.parametrize("name", [f"{QW}.mlp.experts.0.down_proj.weight", f"{QW}.self_attn.o_proj.weight"])
+def test_3d_tensor_claimed_by_quantize_rule_is_kept_with_warning(name):
+    d = RuleSet().classify(name, "BF16", (4, 64, 32))
+    assert (d.action, d.key, d.warn) == (KEEP, None, True)
+    assert d.reason == "3-D tensor, not a 2-D weight"
+
+
+def test_3d_tensor_claimed_by_user_rule_is_kept_with_warning():
+    # Llama 4's fused experts [E, in, 2*I], claimed by a user row
+    user = Rule("l4_experts", r"(?P<prefix>.*\.feed_forward\.experts)\.(?P<proj>gate_up_proj|down_proj)",
+                QUANTIZE, "{prefix}.{proj}")
+    d = RuleSet((user,)).classify(f"{L4}.feed_forward.experts.gate_up_proj", "BF16", (16, 64, 256))
+    assert (d.action, d.rule, d.warn) == (KEEP, "l4_experts", True)
+
+
+def test_1d_tensor_claimed_by_quantize_rule_is_kept_quietly():
+    d = RuleSet().classify(f"{QW}.self_attn.o_proj.weight", "BF16", (64,))
+    assert (d.action, d.rule, d.warn, d.reason) == (KEEP, "attn_other", False, "1-D tensor, not a 2-D weight")
+
+
+def test_llama4_fused_3d_experts_stay_in_high_precision():
+    rs = RuleSet()
+    for n, shape in [("gate_up_proj", (16, 64, 256)), ("down_proj", (16, 128, 64))]:
+        d = rs.classify(f"{L4}.feed_forward.experts.{n}", "BF16", shape)
+        assert d.action == KEEP
+
+
+def test_bad_policy_and_bad_patterns():
+    with pytest.raises(RuleError, match="expert policy"):
+        RuleSet(expert_policy="grouped")
+    with pytest.raises(RuleError, match=r"--include '\(\[bad'"):
+        RuleSet(include=("([bad",))
+    with pytest.raises(RuleError, match="--exclude"):
+        RuleSet(exclude=("*o_proj",))
+
+
+# user rules files
+
+TOML_RULES = r"""
+[[rule]]
+name = "keep-o"
+pattern = '.*\.o_proj\.weight'
+action = "keep"
+reason = "o_proj stays in bf16"
+
+[[rule]]
+name = "qkv-apart"
+pattern = '(?P<prefix>.*\.self_attn)\.(?P<proj>q_proj|k_proj|v_proj)\.weight'
+action = "quantize"
+key = "{prefix}.{proj}"
+
+[[rule]]
+pattern = '(?P<prefix>.*\.mlp\.experts\.(?P<expert>\d+))\.(?P<proj>gate_proj|up_proj)\.weight'
+action = "quantize"
+key = "{prefix}.w13"
+fuse = ["gate_proj", "up_proj"]
+"""
+
+
+def _check_user_rules(rules, fname: str):
+    assert [r.name for r in rules] == ["keep-o", "qkv-apart", f"{fname}:2"]
+    assert [r.reason for r in rules] == ["o_proj stays in bf16", "user rule", "user rule"]
+    assert rules[2].fuse == ("gate_proj", "up_proj")
+    rs = RuleSet(rules)
+    assert rs.rules[:3] == rules and rs.rules[3:] == BUILTIN_RULES
+    d = rs.classify(f"{QW}.self_attn.o_proj.weight", "BF16", (64, 64))
+    assert (d.action, d.rule, d.reason) == (KEEP, "keep-o", "o_proj stays in bf16")
+    d = rs.classify(f"{QW}.self_attn.k_proj.weight", "BF16", (32, 64))
+    assert (d.action, d.rule, d.key, d.fuse) == (QUANTIZE, "qkv-apart", f"{QW}.self_attn.k_proj", ())
+    # {expert} inside another group is not replaced: the user asked for per-expert keys
+    d = rs.classify(f"{QW}.mlp.experts.5.up_proj.weight", "BF16", (32, 64))
+    assert (d.rule, d.key, d.expert) == (f"{fname}:2", f"{QW}.mlp.experts.5.w13", "5")
+    # rows the user does not override still apply
+    d = rs.classify(f"{QW}.mlp.experts.5.down_proj.weight", "BF16", (64, 32))
+    assert (d.rule, d.key) == ("experts_down", f"{QW}.mlp.experts.*.down_proj")
+
+
+def test_load_rules_toml(tmp_path):
+    p = tmp_path / "rules.toml"
+    p.write_text(TOML_RULES)
+    _check_user_rules(load_rules(p), "rules.toml")
+
+
+def _json_rows() -> list[dict]:
+    return [
+        {"name": "keep-o", "pattern": r".*\.o_proj\.weight", "action": "keep", "reason": "o_proj stays in bf16"},
+        {"name": "qkv-apart", "pattern": r"(?P<prefix>.*\.self_attn)\.(?P<proj>q_proj|k_proj|v_proj)\.weight",
+         "action": "quantize", "key": "{prefix}.{proj}"},
+        {"pattern": r"(?P<prefix>.*\.mlp\.experts\.(?P<expert>\d+))\.(?P<proj>gate_proj|up_proj)\.weight",
+         "action": "quantize", "key": "{prefix}.w13", "fuse": ["gate_proj", "up_proj"]},
+    ]
+
+
+@pytest.mark.parametrize("wrap", [lambda rows: {"rules": rows}, lambda rows: rows], ids=["object", "list"])
+def test_load_rules_json(tmp_path, wrap):
+    p = tmp_path / "rules.json"
+    p.write_text(json.dumps(wrap(_json_rows())))
+    _check_user_rules(load_rules(p), "rules.json")
+
+
+def _toml_row(**fields) -> str:
+    body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in fields.items())
+    return f"[[rule]]\n{body}\n"
+
+
+_Q = r"(?P<prefix>.*\.self_attn)\.(?P<proj>q_proj|k_proj)\.weight"
+BAD_FILES = {
+    "bad-regex": ("toml", _toml_row(pattern="(?P<prefix>.*\\.self_attn", action="keep"), "bad regex"),
+    "quantize-without-key": ("toml", _toml_row(pattern=_Q, action="quantize"), "needs a key template"),
+    "key-field-not-in-pattern": ("toml", _toml_row(pattern=_Q, action="quantize", key="{prefix}.{expert}"),
+                                 r"key uses \['expert'\] not named in the pattern"),
+    "unclosed-key-template": ("toml", _toml_row(pattern=_Q, action="quantize", key="{prefix"), "bad key template"),
+    "bad-key-conversion": ("toml", _toml_row(pattern=_Q, action="quantize", key="{prefix!x}"), "bad key template"),
+    "fuse-without-proj": ("toml", _toml_row(pattern=r"(?P<prefix>.*)\.w[13]\.weight", action="quantize",
+                                            key="{prefix}.w13", fuse=["w1", "w3"]), "fuse needs a named group 'proj'"),
+    "unknown-field": ("toml", _toml_row(pattern=_Q, action="keep", regex=".*"), r"unknown fields \['regex'\]"),
+    "no-pattern": ("toml", _toml_row(action="keep"), "needs pattern and action"),
+    "bad-action": ("toml", _toml_row(pattern=_Q, action="skip"), "action must be 'quantize' or 'keep'"),
+    "fuse-not-a-list": ("toml", _toml_row(pattern=_Q, action="quantize", key="{prefix}", fuse="q_proj"),
+                        "fuse must be a list of strings"),
+    "invalid-toml": ("toml", "[[rule]\npattern = 'x'\n", "not valid TOML"),
+    "invalid-json": ("json", '{"rules": [', "not valid JSON"),
+    "no-rule-list": ("json", '{"rule": {"pattern": "x", "action": "keep"}}', "expected a list of rules"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_rules_file(tmp_path, case):
+    ext, text, message = BAD_FILES[case]
+    p = tmp_path / f"{case}.{ext}"
+    p.write_text(text)
+    with pytest.raises(RuleError, match=message) as e:
+        load_rules(p)
+    assert str(e.value).startswith(f"{p}: ")
+
+
+def test_missing_rules_file(tmp_path):
+    p = tmp_path / "nope.toml"
+    with pytest.raises(RuleError, match="cannot read rules file") as e:
+        load_rules(p)
+    assert str(p) in str(e.value)
