@@ -95,11 +95,11 @@ def scan(root: Path) -> Checkpoint:
         names = sorted(set(weight_map.values()))
         shards = [_inside(root, n, index_path) for n in names]
     elif (root / SINGLE_NAME).exists():
-        weight_map, shards = None, [root / SINGLE_NAME]
+        weight_map, shards = None, [_inside(root, SINGLE_NAME, root)]
     else:
         found = sorted(root.glob("*.safetensors"))
         if len(found) == 1:
-            weight_map, shards = None, found
+            weight_map, shards = None, [_inside(root, found[0].name, root)]
         elif found:
             raise SourceError(f"{root}: {len(found)} .safetensors files but no {INDEX_NAME}")
         elif any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
@@ -144,16 +144,17 @@ def _read_index(path: Path) -> dict[str, str]:
     return wm
 
 
-def _inside(root: Path, name: str, index_path: Path) -> Path:
-    """A shard path named by the index, confined to the source directory (symlinks included)."""
+def _inside(root: Path, name: str, named_by: Path) -> Path:
+    """A shard path named by the index (or found in `root`), confined to the source directory
+    (symlinks included)."""
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
-        raise HeaderError(f"{index_path}: shard path {name!r} leaves the source directory")
+        raise HeaderError(f"{named_by}: shard path {name!r} leaves the source directory")
     full = root / p
     if full.is_symlink():
         target = full.resolve()
         if not _hub_blob(root, target) and root.resolve() not in target.parents:
-            raise HeaderError(f"{index_path}: shard {name!r} is a symlink leaving the source directory")
+            raise HeaderError(f"{named_by}: shard {name!r} is a symlink leaving the source directory")
     return full
 
 
