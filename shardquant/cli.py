@@ -65,7 +65,7 @@ def main() -> None:
 @main.command()
 @click.argument("src")
 @_common
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output directory.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (the GPU when cupy sees one), cpu, cuda or cuda:N.")
 @click.option("--gpu-memory", callback=_size, default=str(16 * 2**30), show_default=True,

@@ -9,6 +9,7 @@ import queue
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,12 +20,13 @@ from . import flavors, formats, manifest
 from .errors import OutputError, ShardquantError, SourceError
 from .backend import get_backend
 from .plan import (
-    DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, PREFETCH_BYTES, Plan, Unit, make_plan,
+    DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, PREFETCH_BYTES, WRITE_AHEAD_BYTES, Plan, Unit, make_plan,
 )
 from .rules import RuleSet, load_rules
 from .source import INDEX_NAME, Checkpoint, open_checkpoint
 from .st import ShardWriter, read_raw
 
+READ_THREADS = 4
 DEFAULT_GPU_MEMORY = 16 * 2**30  # device bytes a group may keep resident between amax and quantize
 
 
@@ -116,7 +118,10 @@ def _prepare_output(out: Path, plan: Plan, force: bool) -> None:
             if p.is_file() and (p.name.startswith("model-") and p.name.endswith(".safetensors")
                                 or p.name.endswith(".partial") or p.name == INDEX_NAME):
                 p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
 
 
 class _Counter:
@@ -133,51 +138,68 @@ class _Counter:
         return raw
 
 
-def _reader(plan: Plan, counter: _Counter) -> Iterator[tuple[Unit, list[np.ndarray] | None]]:
-    """Read units ahead on a thread (the disk works while the arithmetic runs), holding at most the
-    unit being processed plus PREFETCH_BYTES. Two-pass groups are yielded without data."""
-    budget = max(PREFETCH_BYTES, max((u.source_bytes for u in plan.units if not _two(u)), default=0))
-    cv = threading.Condition()
-    state = {"held": 0}
-    q: queue.Queue = queue.Queue()
-    stop = threading.Event()
+class _Reader:
+    """Reads units ahead on a thread, member by member, so the disk keeps working while the
+    arithmetic runs. Bytes held (read and not yet released by the consumer) stay within the
+    largest unit plus PREFETCH_BYTES. Two-pass groups are handed over without data."""
 
-    def work() -> None:
+    def __init__(self, plan: Plan, counter: _Counter):
+        self.plan, self.counter = plan, counter
+        self.budget = max((u.source_bytes for u in plan.units if not _two(u)), default=0) + PREFETCH_BYTES
+        self.held = 0
+        self.cv = threading.Condition()
+        self.q: queue.Queue = queue.Queue()
+        self.stop = False
+        self.t = threading.Thread(target=self._work, name="shardquant-reader", daemon=True)
+        self.t.start()
+
+    def _acquire(self, n: int) -> bool:
+        with self.cv:
+            self.cv.wait_for(lambda: self.stop or self.held + n <= self.budget)
+            self.held += n
+            return not self.stop
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.held -= n
+            self.cv.notify_all()
+
+    def _work(self) -> None:
+        # READ_THREADS reads in flight: a disk serves several outstanding requests faster than one.
+        pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardquant-read")
         try:
-            for u in plan.units:
-                need = 0 if _two(u) else u.source_bytes
-                with cv:
-                    cv.wait_for(lambda: stop.is_set() or state["held"] + need <= budget or state["held"] == 0)
-                    state["held"] += need
-                if stop.is_set():
-                    return
+            for u in self.plan.units:
                 if _two(u):
-                    q.put((u, None, need))
+                    self.q.put((u, None))
                     continue
-                members = u.group.members if u.group else [u.kept]
-                q.put((u, [counter.read(m) for m in members], need))
+                futures = []
+                for m in (u.group.members if u.group else [u.kept]):
+                    if not self._acquire(m.nbytes):
+                        return
+                    futures.append(pool.submit(self.counter.read, m))
+                self.q.put((u, futures))
         except BaseException as e:  # handed to the consumer, which raises it
-            q.put((None, e, 0))
-        q.put((None, None, 0))
+            self.q.put((None, e))
+        finally:
+            pool.shutdown(wait=False)
+        self.q.put((None, None))
 
-    t = threading.Thread(target=work, name="shardquant-reader", daemon=True)
-    t.start()
-    try:
+    def __iter__(self) -> Iterator[tuple[Unit, list[np.ndarray] | None]]:
         while True:
-            u, data, need = q.get()
+            u, futures = self.q.get()
             if u is None:
-                if isinstance(data, BaseException):
-                    raise data
+                if isinstance(futures, BaseException):
+                    raise futures
                 return
+            data = None if futures is None else [f.result() for f in futures]
+            futures = None
             yield u, data
-            data = None  # drop this unit's arrays before the reader may fetch more
-            with cv:
-                state["held"] -= need
-                cv.notify_all()
-    finally:
-        stop.set()
-        with cv:
-            cv.notify_all()
+            data = None
+
+    def close(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
 
 
 def _two(u: Unit) -> bool:
@@ -228,7 +250,7 @@ class _Writer:
     """Writes (and fsyncs) on its own thread so the disk writes while the next group is read and
     quantized; holds at most WRITE_AHEAD bytes of finished outputs."""
 
-    WRITE_AHEAD = 256 * 2**20
+    WRITE_AHEAD = WRITE_AHEAD_BYTES
 
     def __init__(self, shards: _Shards):
         self.shards = shards
@@ -286,12 +308,15 @@ def _run(plan: Plan, out: Path, backend, progress: bool) -> int:
     counter = _Counter()
     scales: dict[str, tuple[float, float]] = {}
     bar = _bar(plan.source_bytes, progress)
+    reader = _Reader(plan, counter)
     try:
-        for u, data in _reader(plan, counter):
+        for u, data in reader:
             if u.kept is not None:
                 writer.put(u.kept.name, data[0])
+                reader.release(u.kept.nbytes)
                 bar.update(u.kept.nbytes)
                 continue
+            two_pass = data is None
             g = u.group
             if data is None:  # two-pass: read each member for the amax, then again to quantize
                 amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
@@ -318,6 +343,8 @@ def _run(plan: Plan, out: Path, backend, progress: bool) -> int:
                 handles[i] = data[i] = None  # release each member once quantized
                 weight, scale = q.quantize(h, m.dtype, m.name)
                 del h
+                if not two_pass:
+                    reader.release(m.nbytes)
                 names = plan.outputs[m.name]
                 writer.put(names["weight"], weight)
                 if scale is not None:
@@ -327,12 +354,16 @@ def _run(plan: Plan, out: Path, backend, progress: bool) -> int:
             data = handles = None
         writer.close()
     except BaseException:
+        reader.close()
         writer.abort()
         shards.abort()
         raise
     finally:
         bar.close()
-    _finish(plan, out, scales, backend.name)
+    try:
+        _finish(plan, out, scales, backend.name)
+    except OSError as e:
+        raise OutputError(f"{e.filename or out}: write failed ({e.strerror or e})") from None
     return counter.n
 
 

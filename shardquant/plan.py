@@ -16,8 +16,9 @@ from .st import OutTensor, TensorInfo
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
-PREFETCH_BYTES = 256 * 2**20  # read-ahead allowed beyond the group being quantized
-FIXED_OVERHEAD = 160 * 2**20  # interpreter, libraries, lookup tables, per-chunk temporaries
+PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
+WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
+FIXED_OVERHEAD = 384 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
 _TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight(?P<idx>\d+)")
 
 
@@ -73,10 +74,10 @@ class Plan:
     @property
     def peak_bytes(self) -> int:
         """Bound on resident memory: the largest group held at once (or, for a two-pass group, its
-        largest member), the read-ahead, one member's outputs and a fixed overhead."""
+        largest member), the read-ahead, the write queue, one member's outputs and a fixed overhead."""
         held = max((_held(u) for u in self.units), default=0)
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
-        return held + PREFETCH_BYTES + 2 * out + FIXED_OVERHEAD
+        return held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD
 
     def member_out_bytes(self, m: TensorInfo) -> int:
         return sum(self.out_tensors[n].nbytes for n in self.outputs[m.name].values())

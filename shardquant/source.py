@@ -56,11 +56,14 @@ def resolve(src: str, revision: str | None = None) -> tuple[Path, str | None, st
 def _download(repo: str, revision: str | None) -> tuple[Path, str, str | None]:
     from huggingface_hub import snapshot_download  # lazy: slow import, only for hub sources
     from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
         local = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
+    except HFValidationError as e:  # a ValueError: e.g. 'org/a..b', 'models/name-'
+        raise SourceError(f"{repo}: no such directory, and not a valid hub repo id ({e})") from None
     except RevisionNotFoundError:
         raise SourceError(f"{repo}: revision {revision!r} does not exist on the hub") from None
     except GatedRepoError:
@@ -75,7 +78,8 @@ def _download(repo: str, revision: str | None) -> tuple[Path, str, str | None]:
             "(HF_HUB_OFFLINE is set or the network is down); download it first or unset HF_HUB_OFFLINE"
         ) from None
     except OSError as e:
-        raise SourceError(f"{repo}: download failed ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{repo}: download failed ({first})") from None
     p = Path(local)
     return p, repo, p.name  # snapshot folders are named after the resolved commit
 
@@ -125,6 +129,11 @@ def scan(root: Path) -> Checkpoint:
             if info is None:
                 raise HeaderError(f"{shard}: tensor {name!r} named by the index is missing from this shard")
             tensors[name] = info
+        for s in shards:  # engines load every tensor of a listed shard: one the index omits is not droppable
+            stray = sorted(n for n in headers[s] if n not in tensors or tensors[n].file != s)
+            if stray:
+                more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+                raise HeaderError(f"{s}: tensor {stray[0]!r} is in this shard but the index does not map it here{more}")
     order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
     config = _read_json(root / "config.json") if (root / "config.json").exists() else None
     weights = set(shards) | {index_path}

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import warnings
@@ -80,7 +79,7 @@ def converted(sources, tmp_path_factory):
     return get
 
 
-def cli(*args) -> "click.testing.Result":  # noqa: F821
+def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 

@@ -47,6 +47,9 @@ def _cases(rng):
     y = rng.standard_normal((8, 32))
     y[:, ::2] = -1e-30
     yield "tiny-negatives", y
+    z = rng.standard_normal((8, 32)) * 1e-40  # subnormal in fp32 (zero in f16, tiny in bf16)
+    z[0, :16] = 1e-45
+    yield "subnormal", z
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,9 @@ def _module(device: int):
     for t in _TYPES.values():
         names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>"]
     with cupy.cuda.Device(device):
-        # No --use_fast_math: the _rn intrinsics and IEEE division must stay exact.
-        mod = cupy.RawModule(code=_SRC.read_text(), options=("--std=c++14",), name_expressions=names)
+        # IEEE fp32 throughout: no fast math, no flush of subnormals, no FMA contraction.
+        opts = ("--std=c++14", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=false")
+        mod = cupy.RawModule(code=_SRC.read_text(), options=opts, name_expressions=names)
         mod.compile()
     return mod
 
@@ -64,6 +65,7 @@ class Device:
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
             self._amax = cupy.zeros(1, dtype=cupy.uint32)
+        self._thr, self._thr_key = None, None
         _module(index)
 
     def to_device(self, raw: np.ndarray):
@@ -87,14 +89,20 @@ class Device:
 
     def nvfp4(self, x, dtype: str, s2: np.float32):
         """Device arrays (packed uint8 [rows, cols/2], E4M3 codes uint8 [rows, cols/16])."""
+        from ..formats.nvfp4 import code_thresholds
+
         rows, cols = x.shape
         nb = x.size // 16
         with self.device:
             packed = self.cp.empty((rows, cols // 2), dtype=self.cp.uint8)
             scales = self.cp.empty((rows, cols // 16), dtype=self.cp.uint8)
             if nb:
+                key = float(np.float32(s2))
+                if self._thr_key != key:  # one table per quantizer (per s2)
+                    self._thr = self.cp.asarray(code_thresholds(np.float32(s2)).view(np.uint32))
+                    self._thr_key = key
                 _kernel(self.index, "nvfp4_quant", dtype)(
-                    _grid(nb), (_THREADS,), (x, np.int64(nb), np.float32(s2), packed, scales))
+                    _grid(nb), (_THREADS,), (x, np.int64(nb), np.float32(s2), self._thr, packed, scales))
         return packed, scales
 
     def fp8(self, x, dtype: str, scale: np.float32):

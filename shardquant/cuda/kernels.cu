@@ -9,6 +9,8 @@ template <> struct Raw<unsigned short> {  // bf16
     static __device__ __forceinline__ unsigned int mag(unsigned short v) { return v & 0x7fffu; }
     static __device__ __forceinline__ float f32(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
     static __device__ __forceinline__ float mag_f32(unsigned int m) { return __uint_as_float(m << 16); }
+    static __device__ __forceinline__ unsigned int mag_f32_bits(unsigned int m) { return m << 16; }
+    static __device__ __forceinline__ bool negative(unsigned short v) { return v & 0x8000u; }
 };
 struct Half {};  // f16, stored as unsigned short
 __device__ __forceinline__ float f16_bits_to_f32(unsigned int h) {
@@ -23,11 +25,15 @@ template <> struct Raw<Half> {
     static __device__ __forceinline__ unsigned int mag(unsigned short v) { return v & 0x7fffu; }
     static __device__ __forceinline__ float f32(unsigned short v) { return f16_bits_to_f32(v); }
     static __device__ __forceinline__ float mag_f32(unsigned int m) { return f16_bits_to_f32(m); }
+    static __device__ __forceinline__ unsigned int mag_f32_bits(unsigned int m) { return __float_as_uint(f16_bits_to_f32(m)); }
+    static __device__ __forceinline__ bool negative(unsigned short v) { return v & 0x8000u; }
 };
 template <> struct Raw<float> {
     static __device__ __forceinline__ unsigned int mag(float v) { return __float_as_uint(v) & 0x7fffffffu; }
     static __device__ __forceinline__ float f32(float v) { return v; }
     static __device__ __forceinline__ float mag_f32(unsigned int m) { return __uint_as_float(m); }
+    static __device__ __forceinline__ unsigned int mag_f32_bits(unsigned int m) { return m; }
+    static __device__ __forceinline__ bool negative(float v) { return __float_as_uint(v) >> 31; }
 };
 template <typename T> struct Store { typedef T type; };
 template <> struct Store<Half> { typedef unsigned short type; };
@@ -80,9 +86,13 @@ __global__ void amax_bits(const typename Store<T>::type* __restrict__ x, long lo
 }
 
 // One thread per 16-element block: block amax, E4M3 block scale, 16 E2M1 codes packed in 8 bytes.
-// Matches FORMATS.md section 2 / ModelOpt 0.47 NVFP4QTensor.quantize on the CPU.
+// Matches FORMATS.md section 2 / ModelOpt 0.47 NVFP4QTensor.quantize on the CPU. The element codes
+// come from `thr` (nvfp4.code_thresholds: per scale code, the exact |w| at which the correctly
+// rounded quotient w / (scale * s2) passes each FP4 bound), so no element needs a division:
+// a 3-step search over the 7 thresholds, then the sign.
 template <typename T>
 __global__ void nvfp4_quant(const typename Store<T>::type* __restrict__ x, long long nblocks, float s2,
+                            const uint4* __restrict__ thr,
                             unsigned long long* __restrict__ packed, unsigned char* __restrict__ scales) {
     long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (b >= nblocks) return;
@@ -91,19 +101,31 @@ __global__ void nvfp4_quant(const typename Store<T>::type* __restrict__ x, long 
     const uint4* src = reinterpret_cast<const uint4*>(x + b * 16);
 #pragma unroll
     for (int k = 0; k < (int)(16 * sizeof(S) / 16); ++k) reinterpret_cast<uint4*>(v)[k] = src[k];
-    unsigned int m = 0;
+    unsigned int m[16];
+    unsigned int mx = 0;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) m = max(m, Raw<T>::mag(v[k]));
-    float bamax = Raw<T>::mag_f32(m);
+    for (int k = 0; k < 16; ++k) { m[k] = Raw<T>::mag(v[k]); mx = max(mx, m[k]); }
+    float bamax = Raw<T>::mag_f32(mx);
     float t = __fmul_rn(6.0f, s2);
     float s = __fdiv_rn(bamax, t);
     if (s == 0.0f) s = 1.0f;
     s = fminf(fmaxf(s, 0.001953125f), E4M3_MAX);
     unsigned int sc = e4m3_rne(s);
-    float d = __fmul_rn(e4m3_to_f32(sc), s2);
+    // Thresholds and magnitudes compared as fp32 bit patterns (integer order is the order of
+    // non-negative floats), so tiny and subnormal thresholds compare exactly, whatever the FTZ mode.
+    uint4 lo = __ldg(thr + 2 * sc), hi = __ldg(thr + 2 * sc + 1);  // t0..t3 | t4..t6, sign threshold
     unsigned long long p = 0;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) p |= (unsigned long long)e2m1(__fdiv_rn(Raw<T>::f32(v[k]), d)) << (4 * k);
+    for (int k = 0; k < 16; ++k) {
+        unsigned int a = Raw<T>::mag_f32_bits(m[k]);
+        bool b4 = a >= lo.w;                      // passes 1.75: code >= 4
+        bool b2 = a >= (b4 ? hi.y : lo.y);        // passes 3.5 / 0.75
+        unsigned int t1 = b4 ? (b2 ? hi.z : hi.x) : (b2 ? lo.z : lo.x);
+        bool b1 = a >= t1;                        // passes 5 / 2.5 / 1.25 / 0.25
+        unsigned int c = (b4 ? 4u : 0u) | (b2 ? 2u : 0u) | (b1 ? 1u : 0u);
+        if (Raw<T>::negative(v[k]) && a >= hi.w) c |= 8u;
+        p |= (unsigned long long)c << (4 * k);
+    }
     packed[b] = p;
     scales[b] = (unsigned char)sc;
 }

@@ -57,6 +57,31 @@ def fp4_codes(x: np.ndarray) -> np.ndarray:
     return codes
 
 
+def code_thresholds(s2: np.float32) -> np.ndarray:
+    """For each E4M3 block-scale code c (rows 0..127) and d = f32(scale_c) * s2: the smallest
+    non-negative fp32 magnitudes |w| at which fl(|w| / d) passes each FP4 bound (columns 0..6, in
+    _BOUNDS order, with _TIE_UP bounds passed at equality), and at which it is non-zero (column 7).
+    So code(w) = #{i < 7 : |w| >= t_i}, plus 8 when w < 0 and |w| >= t_7, exactly the code of the
+    correctly rounded quotient, with no division per element (the GPU kernel uses this table).
+    Found by bisection over fp32 bit patterns, each step one correctly rounded division."""
+    codes = np.arange(128, dtype=np.uint8)
+    d = scale_values(codes) * np.float32(s2)  # code 0 (scale 0) is never used: scales are >= 2^-9
+    bounds = np.array(list(_BOUNDS) + [0.0], np.float32)
+    strict = np.array([b not in _TIE_UP for b in _BOUNDS] + [True])
+    lo = np.zeros((128, 8), np.int64)  # invariant: pattern lo fails, hi passes (inf always passes)
+    hi = np.full((128, 8), 0x7F800000, np.int64)
+    dd = np.broadcast_to(d[:, None], (128, 8))
+    with np.errstate(all="ignore"):
+        while np.any(hi - lo > 1):
+            mid = (lo + hi) // 2
+            q = mid.astype(np.uint32).view(np.float32) / dd
+            ok = np.where(strict, q > bounds, q >= bounds)
+            hi = np.where(ok, mid, hi)
+            lo = np.where(ok, lo, mid)
+    # pattern 0 (w == 0) never passes: fl(0/d) == 0 is below every bound and not > 0
+    return hi.astype(np.uint32).view(np.float32)
+
+
 def global_scale(amax: np.float32) -> np.float32:
     """s2 = amax / (6 * 448), one correctly rounded fp32 division (ModelOpt on CPU).
     ModelOpt writes NaN for amax == 0; we write 1.0 (all codes 0, block scales 1.0)."""
