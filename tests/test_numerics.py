@@ -161,8 +161,10 @@ def describe_mismatch(raw, dtype, s2, ours, ref) -> str:
     diff = np.argwhere(oc != rc)
     if diff.size:
         i, j = diff[0]
+        d = np.float32(np.uint8(rs[i, j // 16]).view(ml_dtypes.float8_e4m3fn)) * np.float32(s2)
         lines.append(f"first differing element [{i},{j}]: input {f[i, j]!r} "
-                     f"(raw 0x{int(raw.view(base._UINT[dtype])[i, j]):x}) ours 0b{oc[i, j]:04b} modelopt 0b{rc[i, j]:04b}")
+                     f"(raw 0x{int(raw.view(base._UINT[dtype])[i, j]):x}), W / (modelopt scale * s2) = "
+                     f"{f[i, j] / d!r}: ours 0b{oc[i, j]:04b} modelopt 0b{rc[i, j]:04b}")
     sl = slice(16 * b, 16 * b + 16)
     sv = lambda c: float(np.uint8(c).view(ml_dtypes.float8_e4m3fn))  # noqa: E731
     lines += [f"worst block [{r},{b}]: scale ours 0x{os_[r, b]:02x} ({sv(os_[r, b])}) "
@@ -205,6 +207,10 @@ def our_s2(w: torch.Tensor) -> np.float32:
     return nvfp4.global_scale(base.tensor_amax(to_raw(w), dtype_name(w), NAME))
 
 
+def modelopt_s2(w: torch.Tensor) -> np.float32:
+    return np.float32(NVFP4QTensor.get_weights_scaling_factor_2(w).item())
+
+
 def randn(shape, scale, seed, dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(TORCH[dtype])
@@ -225,19 +231,31 @@ def test_global_scale_matches_modelopt(dtype):
 
 
 def test_global_scale_is_correctly_rounded_division():
+    """s2 = amax / 2688 and the FP8 scale amax / 448, one correctly rounded fp32 division each;
+    1.0 where that quotient would be subnormal (our documented rule: such weights are zero at
+    this precision; ModelOpt keeps the subnormal or, for amax == 0, writes 0 and NaN scales)."""
     # fp32 a/b through float64 then rounded is correctly rounded (53 >= 2*24 + 2): an independent ref.
+    def expect(a, div):
+        q = np.float32(np.float64(a) / div)
+        return np.float32(1.0) if q < np.float32(2.0**-126) else q
+
     rng = np.random.default_rng(1)
     bits = rng.integers(1, 0x7F800000, 4000, dtype=np.uint32)  # every positive finite fp32, subnormals too
-    bits = np.concatenate([bits, np.arange(1, 64, dtype=np.uint32),
+    bits = np.concatenate([bits, np.arange(0, 64, dtype=np.uint32),
                            np.array([0x7F7FFFFF, 0x00800000], np.uint32)])
+    normal = 0
     for a in bits.view(np.float32):
-        ref = np.float32(np.float64(a) / 2688.0)
-        assert nvfp4.global_scale(a).view(np.uint32) == ref.view(np.uint32), a
-        assert fp8.global_scale(a).view(np.uint32) == np.float32(np.float64(a) / 448.0).view(np.uint32), a
-    # and torch's CPU division, as ModelOpt runs it, on a 0-dim tensor
-    for a in bits[:300].view(np.float32):
-        t = NVFP4QTensor.get_weights_scaling_factor_2(torch.tensor([a]))
-        assert np.float32(t.item()).view(np.uint32) == nvfp4.global_scale(a).view(np.uint32), a
+        assert nvfp4.global_scale(a).view(np.uint32) == expect(a, 2688.0).view(np.uint32), a
+        assert fp8.global_scale(a).view(np.uint32) == expect(a, 448.0).view(np.uint32), a
+        normal += expect(a, 2688.0) != np.float32(np.float64(a) / 2688.0)
+    assert 50 < normal < 1000, "test construction: both regimes must be sampled"
+    # and torch's CPU division, as ModelOpt runs it, on a 0-dim tensor (where s2 is normal)
+    for a in bits[:400].view(np.float32):
+        t = np.float32(NVFP4QTensor.get_weights_scaling_factor_2(torch.tensor([a])).item())
+        if t >= np.float32(2.0**-126):
+            assert t.view(np.uint32) == nvfp4.global_scale(a).view(np.uint32), a
+        else:
+            assert nvfp4.global_scale(a) == np.float32(1.0), a
 
 
 SHAPES = [(1, 16), (3, 48), (17, 272), (33, 16), (33, 48), (2, 272)]
@@ -475,16 +493,24 @@ def test_nvfp4_subnormal_inputs(dtype):
         sub = rng.integers(1, 0x800000, 1020, dtype=np.uint32)
         sub = np.concatenate([sub, sub | 0x80000000, [0x800000, 0x80800000, 1, 0x80000001, 0x7FFFFF, 0x807FFFFF]])
     sub = sub[: len(sub) // 32 * 32]
-    # (a) subnormals only, s2 from their own (subnormal) amax
+    # (a) subnormals only. For BF16 / F32, amax / 2688 is subnormal too: we write s2 = 1.0
+    # (documented), ModelOpt's s2 is that subnormal quotient. Both must agree given either.
     w = from_bits(rng.permutation(sub), dtype).reshape(-1, 16)
-    check_nvfp4(w, our_s2(w))
-    # (b) sorted, so blocks hold neighbouring subnormals, again own amax; then against a normal s2
+    pk, _ = check_nvfp4(w, our_s2(w))
+    if dtype != "F16":
+        assert our_s2(w) == np.float32(1.0) and modelopt_s2(w) < np.float32(2.0**-126)
+        assert ((unpack(pk) & 7) == 0).all(), "subnormal weights against s2 = 1.0 are all (signed) zero"
+    else:
+        assert our_s2(w) == modelopt_s2(w)
+    check_nvfp4(w, modelopt_s2(w))
+    # (b) sorted, so blocks hold neighbouring subnormals; then against a small normal s2
     w = from_bits(np.sort(sub), dtype).reshape(-1, 32)
-    check_nvfp4(w, our_s2(w))
+    check_nvfp4(w, modelopt_s2(w))
     check_nvfp4(w, np.float32(2.0**-30))
     # (c) subnormal blocks beside normal ones
     normal = randn((w.shape[0], 32), 1.0, 2, dtype)
     mixed = torch.cat([w, normal], dim=1)
+    assert our_s2(mixed) == modelopt_s2(mixed)
     check_nvfp4(mixed, our_s2(mixed))
 
 
@@ -504,9 +530,12 @@ def test_nvfp4_every_finite_16bit_value(dtype):
 @pytest.mark.parametrize("dtype", ["F32"])
 def test_nvfp4_f32_extremes(dtype):
     """fp32-only ranges: magnitudes near the fp32 limits and amax in the subnormal range."""
-    for mag, seed in [(1e-30, 1), (1e-36, 2), (1e30, 3), (1e34, 4), (1e-41, 5)]:
+    for mag, seed in [(1e-30, 1), (1e-34, 2), (1e-36, 3), (1e30, 4), (1e34, 5), (1e-41, 6)]:
         w = randn((9, 48), mag, seed, dtype)
         check_nvfp4(w, our_s2(w))
+        if our_s2(w) != modelopt_s2(w):  # s2 subnormal: we write 1.0 (documented), ModelOpt keeps it
+            assert mag <= 1e-34 and our_s2(w) == np.float32(1.0) and modelopt_s2(w) < np.float32(2.0**-126)
+            check_nvfp4(w, modelopt_s2(w))
 
 
 # ================================================================ 2. fp4_codes against FORMATS.md
@@ -602,7 +631,7 @@ def test_fp8_every_finite_16bit_value(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scale", [1.0, 2.0**-7, 3.0 * 2**-5, 0.75])
+@pytest.mark.parametrize("scale", [1.0, 2.0**-7, 3.0 * 2**-5, 0.75, 1.75, 7 * 2.0**-9, 1.25])
 def test_fp8_ties_to_even(dtype, scale):
     """Quotients exactly halfway between neighbouring E4M3 values (subnormal and normal) must go
     to the even code."""
@@ -619,6 +648,42 @@ def test_fp8_ties_to_even(dtype, scale):
     hi = np.concatenate([v[1:], -v[1:]])
     got = ours.view(ml_dtypes.float8_e4m3fn).astype(np.float64)[0]
     assert ((got == lo) | (got == hi)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_near_midpoints_with_generic_scales(dtype):
+    """Inputs within a few input-ulps of midpoint * scale for non-power-of-two scales: the quotient
+    lands on, just below or just above a rounding midpoint, where one fp32 ulp of the division
+    (e.g. multiplying by a rounded reciprocal) flips the E4M3 code."""
+    v = e4m3_values()
+    mids = (v[:-1] + v[1:]) / 2
+    amaxes = np.float32([0.0371, 1.7, 123.4, 3.3e-3, 0.61])
+    if dtype == "F16":
+        mids = mids[mids >= 2.0**-6]  # keep W inside f16's normal range for these scales
+    ws, on_tie = [], 0
+    for amax in amaxes:
+        scale = fp8.global_scale(amax)
+        w0 = (mids * np.float64(scale)).astype(np.float32)
+        cands = [w0]
+        for direction in (np.inf, -np.inf):
+            y = w0
+            for _ in range(3):
+                y = _nextafter_in(exact_tensor_round(y, dtype), dtype, direction)
+                cands.append(y)
+        w = np.concatenate([exact_tensor_round(c, dtype) for c in cands])
+        w = np.concatenate([w, -w])
+        q = w / scale
+        on_tie += int(np.isin(np.abs(q), mids.astype(np.float32)).sum())
+        ws.append((exact_tensor(w, dtype)[None, :], scale))
+    if dtype == "F32":  # 16-bit W cannot be exactly midpoint * scale for such scales
+        assert on_tie > 50, f"test construction: only {on_tie} quotients exactly on a midpoint"
+    for w, scale in ws:
+        assert_fp8(w, scale, f"near midpoints, scale {scale!r}")
+
+
+def exact_tensor_round(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x rounded (RNE) to the input dtype, back as float32."""
+    return torch.from_numpy(np.asarray(x, np.float32)).to(TORCH[dtype]).float().numpy()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -30,23 +30,54 @@ def device_count() -> int:
     return cupy.cuda.runtime.getDeviceCount()
 
 
-@functools.lru_cache(maxsize=None)
-def _module(device: int):
-    import cupy
+# IEEE fp32 throughout: no fast math, no flush of subnormals, no FMA contraction.
+_OPTIONS = ("--std=c++14", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=false")
 
-    names = []
-    for t in _TYPES.values():
-        names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>"]
-    with cupy.cuda.Device(device):
-        # IEEE fp32 throughout: no fast math, no flush of subnormals, no FMA contraction.
-        opts = ("--std=c++14", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=false")
-        mod = cupy.RawModule(code=_SRC.read_text(), options=opts, name_expressions=names)
-        mod.compile()
-    return mod
+
+class _Module:
+    """The kernels compiled once per device. CuPy's RawModule appends -ftz=true to every NVRTC
+    compile, which would flush subnormal inputs and scales; so compile through CuPy's NVRTC
+    wrapper with our options, and prove the result keeps subnormals (`ieee_probe`) before use."""
+
+    def __init__(self, device: int):
+        import cupy
+        from cupy.cuda import compiler, function
+
+        names = ["ieee_probe"]
+        for t in _TYPES.values():
+            names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>"]
+        with cupy.cuda.Device(device):
+            try:
+                obj, mapping = compiler.compile_using_nvrtc(_SRC.read_text(), options=_OPTIONS, name_expressions=names)
+            except TypeError:  # an older CuPy without name expressions here
+                raise ShardquantError("this CuPy cannot compile the kernels without -ftz; use CuPy >= 13 or --device cpu") from None
+            self.mod = function.Module()
+            self.mod.load(obj)
+            self.names = mapping
+            self._probe(cupy)
+
+    def get(self, name: str):
+        return self.mod.get_function(self.names[name])
+
+    def _probe(self, cupy) -> None:
+        out = cupy.zeros(4, dtype=cupy.uint32)
+        tiny = np.float32(1e-40)  # subnormal
+        self.get("ieee_probe")((1,), (1,), (tiny, out))
+        got = out.get()
+        want = np.array([np.float32(tiny) / np.float32(3.0), tiny * np.float32(0.5), 1, 0], np.float32).view(np.uint32)
+        want[2:] = [1, 0]
+        if not np.array_equal(got, want):
+            raise ShardquantError("the CUDA kernels do not keep subnormals (flush-to-zero); exact results "
+                                  "cannot be guaranteed on this GPU stack: use --device cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device: int) -> _Module:
+    return _Module(device)
 
 
 def _kernel(device: int, name: str, dtype: str):
-    return _module(device).get_function(f"{name}<{_TYPES[dtype]}>")
+    return _module(device).get(f"{name}<{_TYPES[dtype]}>")
 
 
 def _grid(n: int) -> tuple[int]:

@@ -160,3 +160,12 @@ __global__ void fp8_quant_scalar(const typename Store<T>::type* __restrict__ x, 
     float q = __fdiv_rn(Raw<T>::f32(x[i]), scale);
     out[i] = (unsigned char)e4m3_rne(fminf(fmaxf(q, -E4M3_MAX), E4M3_MAX));
 }
+
+// Start-up check that this build keeps IEEE semantics: a subnormal divided and halved exactly,
+// and a subnormal compared as non-zero. Run once per device before any real work.
+__global__ void ieee_probe(float tiny, unsigned int* out) {
+    out[0] = __float_as_uint(__fdiv_rn(tiny, 3.0f));
+    out[1] = __float_as_uint(__fmul_rn(tiny, 0.5f));
+    out[2] = tiny > 0.0f ? 1u : 0u;
+    out[3] = tiny == 0.0f ? 1u : 0u;
+}

@@ -19,10 +19,10 @@ _E4M3 = ml_dtypes.float8_e4m3fn
 
 
 def global_scale(amax: np.float32) -> np.float32:
-    """scale = amax / 448 (correctly rounded fp32). amax == 0 gives 1.0 (all codes 0)."""
-    if amax == 0:
-        return np.float32(1.0)
-    return np.float32(amax) / np.float32(E4M3_MAX)
+    """scale = amax / 448 (correctly rounded fp32). amax == 0 gives 1.0 (all codes 0), and so does
+    an amax whose scale would be subnormal (below 448 * 2^-126: zero at this precision)."""
+    scale = np.float32(amax) / np.float32(E4M3_MAX)
+    return np.float32(1.0) if scale < np.finfo(np.float32).tiny else scale
 
 
 def e4m3(x: np.ndarray) -> np.ndarray:

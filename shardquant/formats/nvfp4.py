@@ -29,6 +29,7 @@ E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
 _BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIE_UP = (0.75, 1.75, 3.5)
 _E4M3 = ml_dtypes.float8_e4m3fn
+FLT_MIN = np.finfo(np.float32).tiny  # smallest normal fp32, 2^-126
 
 
 def _magnitude_code(v: float) -> int:
@@ -84,10 +85,11 @@ def code_thresholds(s2: np.float32) -> np.ndarray:
 
 def global_scale(amax: np.float32) -> np.float32:
     """s2 = amax / (6 * 448), one correctly rounded fp32 division (ModelOpt on CPU).
-    ModelOpt writes NaN for amax == 0; we write 1.0 (all codes 0, block scales 1.0)."""
-    if amax == 0:
-        return np.float32(1.0)
-    return np.float32(amax) / np.float32(E2M1_MAX * E4M3_MAX)
+    ModelOpt writes NaN for amax == 0; we write 1.0 (all codes 0, block scales 1.0). So too when
+    s2 would be subnormal (amax < 2688 * 2^-126, about 3e-35: weights that are zero at this
+    precision), which keeps every later scale and product a normal number."""
+    s2 = np.float32(amax) / np.float32(E2M1_MAX * E4M3_MAX)
+    return np.float32(1.0) if s2 < FLT_MIN else s2
 
 
 def block_scales(bamax: np.ndarray, s2: np.float32) -> np.ndarray:
