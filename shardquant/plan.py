@@ -101,8 +101,14 @@ def output_names(name: str, global_scale: bool) -> dict[str, str]:
 
 
 def module_name(name: str) -> str:
+    """The module a weight belongs to, as engines name it in exclude lists: `m.weight` -> `m`,
+    TE `m.weight{E}` -> `m`, a fused parameter such as `m.experts.gate_up_proj` -> `m.experts`."""
     te = _TE_WEIGHT.fullmatch(name)
-    return te["base"] if te else name.removesuffix(".weight")
+    if te:
+        return te["base"]
+    if name.endswith(".weight"):
+        return name.removesuffix(".weight")
+    return name.rsplit(".", 1)[0]
 
 
 def make_plan(
@@ -127,6 +133,17 @@ def make_plan(
         if d.action != KEEP:
             by_key[d.key].append(n)
     kept: dict[str, Decision] = {n: d for n, d in decisions.items() if d.action == KEEP}
+    for key, names in by_key.items():
+        rules_used = sorted({decisions[n].rule for n in names})
+        if len(rules_used) > 1:
+            raise RuleError(f"quantizer {key} is claimed by rules {', '.join(rules_used)}; give them distinct keys")
+    # A fused set shares one precision: excluding one member keeps the whole set.
+    excluded_from = {d.key: n for n, d in decisions.items() if d.rule == "--exclude" and d.key}
+    for key in [k for k in by_key if k in excluded_from]:
+        why = f"fused with {excluded_from[key]}, which --exclude keeps"
+        warnings.append(f"quantizer {key} kept in high precision as a whole: {why}")
+        for n in by_key.pop(key):
+            kept[n] = Decision(KEEP, "--exclude", reason=why)
 
     groups: list[Group] = []
     for key, names in by_key.items():
@@ -184,7 +201,7 @@ def make_plan(
     exclude_modules = sorted({
         module_name(n) for n in kept
         if len(ck.tensors[n].shape) >= 2 and ck.tensors[n].dtype in FLOAT_DTYPES
-        and (n.endswith(".weight") or _TE_WEIGHT.fullmatch(n))
+        and (n.endswith(".weight") or _TE_WEIGHT.fullmatch(n) or len(ck.tensors[n].shape) > 2)
     })
     return Plan(
         ck, fmt, rules.expert_policy, groups, units, outputs, out_tensors,

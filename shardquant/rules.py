@@ -70,12 +70,13 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("embedding", r"(?:.*\.)?(?:embed_tokens|word_embeddings|wte|tok_embeddings)\.weight", KEEP, reason="embedding"),
     Rule("head", r"(?:.*\.)?(?:lm_head|output_layer|shared_head\.head)\.weight", KEEP, reason="output head"),
     Rule("norm", r".*(?:norm|ln_[a-z0-9]+)[a-z0-9_]*\.weight", KEEP, reason="norm"),
-    Rule("router", r".*\.(?:mlp\.gate|block_sparse_moe\.gate|router|mlp\.router|feed_forward\.router)\.weight", KEEP, reason="router"),
+    Rule("router", r".*\.(?:mlp\.gate|block_sparse_moe\.gate|router|mlp\.router|feed_forward\.router)\.(?:weight|e_score_correction_bias)", KEEP, reason="router"),
     Rule("shared_expert_gate", r".*\.shared_expert_gate\.weight", KEEP, reason="shared expert gate"),
     # attention
     Rule("attn_qkv", _L + r"\.(?P<proj>q_proj|k_proj|v_proj)\.weight", QUANTIZE, "{prefix}.qkv_proj", ("q_proj", "k_proj", "v_proj")),
     Rule("mla_a", _L + r"\.(?P<proj>q_a_proj|kv_a_proj_with_mqa)\.weight", QUANTIZE, "{prefix}.q_a_kv_a_proj", ("q_a_proj", "kv_a_proj_with_mqa")),
-    Rule("attn_other", _L + r"\.(?P<proj>o_proj|q_b_proj|kv_b_proj|q_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
+    Rule("attn_other", _L + r"\.(?P<proj>o_proj|q_b_proj|kv_b_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
+    Rule("attn_fused_qkv", _L + r"\.(?P<proj>qkv_proj|query_key_value|Wqkv)\.weight", QUANTIZE, "{prefix}.{proj}"),
     Rule("te_attn", r"(?P<prefix>.*\.self_attention)\.(?P<proj>linear_qkv|linear_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
     # routed experts
     Rule("experts_gate_up", _MLP + r"\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.experts.{expert}.gate_up_proj", ("gate_proj", "up_proj")),
@@ -88,6 +89,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("shared_expert_down", _MLP + r"\.(?P<sub>shared_experts?)\.down_proj\.weight", QUANTIZE, "{prefix}.{sub}.down_proj"),
     Rule("mlp_gate_up", _MLP + r"\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.gate_up_proj", ("gate_proj", "up_proj")),
     Rule("mlp_down", _MLP + r"\.down_proj\.weight", QUANTIZE, "{prefix}.down_proj"),
+    Rule("mlp_fused_gate_up", _MLP + r"\.(?P<proj>gate_up_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
     Rule("te_mlp", r"(?P<prefix>.*\.mlp\.(?P<proj>linear_fc1|linear_fc2))\.weight", QUANTIZE, "{prefix}"),
 )
 
@@ -132,9 +134,14 @@ class RuleSet:
         module = name[: -len(".weight")] if name.endswith(".weight") else name
         te = _TE_WEIGHT.fullmatch(name)
         names = (name, module, te["base"]) if te else (name, module)  # the module plan.module_name gives
+        d = self._match(name, dtype, shape, names, module)
         for rx in self.exclude:
             if any(rx.fullmatch(n) for n in names):
-                return Decision(KEEP, "--exclude", reason=f"--exclude {rx.pattern}")
+                # keep the quantizer key: the plan keeps the rest of this fused set with it
+                return Decision(KEEP, "--exclude", key=d.key, reason=f"--exclude {rx.pattern}")
+        return d
+
+    def _match(self, name: str, dtype: str, shape: tuple[int, ...], names: tuple[str, ...], module: str) -> Decision:
         is_weight = len(shape) == 2 and dtype in FLOAT_DTYPES
         for rule in self.rules:
             m = rule.regex.fullmatch(name)
@@ -161,6 +168,8 @@ class RuleSet:
             return Decision(QUANTIZE, "--include", module)
         if is_weight:
             return Decision(KEEP, "unclaimed", reason="no rule claims this 2-D weight", warn=True)
+        if len(shape) > 2 and dtype in FLOAT_DTYPES:  # e.g. fused 3-D experts [E, 2I, H]: not supported yet
+            return Decision(KEEP, "unclaimed", reason=f"{len(shape)}-D weight: no rule quantizes it", warn=True)
         return Decision(KEEP, "not-a-weight", reason=f"{len(shape)}-D {dtype} tensor")
 
     def _beyond_last_layer(self, name: str) -> bool:
