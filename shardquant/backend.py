@@ -70,3 +70,26 @@ def get_backend(device: str, device_budget: int):
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return CupyBackend(device, device_budget)
     raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+
+
+def get_backends(device: str, devices: str | None, device_budget: int) -> list:
+    """One backend per GPU named by --devices ("0,1,3" or "all"), else the one --device picks."""
+    if not devices:
+        return [get_backend(device, device_budget)]
+    if device not in ("auto", "cuda"):
+        raise ShardquantError(f"--devices picks GPUs; it does not go with --device {device}")
+    from .cuda import available, device_count
+
+    if not available():
+        raise ShardquantError("--devices: no CUDA device visible to cupy")
+    n = device_count()
+    if devices == "all":
+        ids = list(range(n))
+    else:
+        try:
+            ids = [int(x) for x in devices.split(",") if x.strip()]
+        except ValueError:
+            raise ShardquantError(f"--devices must be 'all' or a list such as 0,1; not {devices!r}") from None
+        if not ids or len(set(ids)) != len(ids) or any(not 0 <= i < n for i in ids):
+            raise ShardquantError(f"--devices {devices}: {n} CUDA device(s) visible, numbered 0..{n - 1}, each once")
+    return [CupyBackend(f"cuda:{i}", device_budget) for i in ids]

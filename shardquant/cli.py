@@ -68,16 +68,18 @@ def main() -> None:
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output directory.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (the GPU when cupy sees one), cpu, cuda or cuda:N.")
+@click.option("--devices", default=None, metavar="LIST",
+              help="Spread quantizers over these GPUs of this host: 0,1,... or all.")
 @click.option("--gpu-memory", callback=_size, default=str(16 * 2**30), show_default=True,
               help="Device bytes a quantizer may keep resident between its amax and quantize passes.")
 @click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
 @click.option("--dry-run", is_flag=True, help="Plan and print, read no weights, write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def convert(src, output, device, gpu_memory, force, dry_run, quiet, **kw) -> None:
+def convert(src, output, device, devices, gpu_memory, force, dry_run, quiet, **kw) -> None:
     """Convert checkpoint SRC (a directory or an org/name hub repo)."""
     from .convert import convert as run
 
-    res = _guard(lambda: run(src, output, device=device, gpu_memory=gpu_memory, force=force, dry_run=dry_run,
+    res = _guard(lambda: run(src, output, device=device, devices=devices, gpu_memory=gpu_memory, force=force, dry_run=dry_run,
                              progress=not quiet and not dry_run, **kw))
     _warn(res.plan, quiet)
     if dry_run:

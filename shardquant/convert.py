@@ -9,6 +9,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import flavors, formats, manifest
 from .errors import OutputError, ShardquantError, SourceError
-from .backend import get_backend
+from .backend import get_backends
 from .plan import (
     DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, PREFETCH_BYTES, WRITE_AHEAD_BYTES, Plan, Unit, make_plan,
 )
@@ -78,6 +79,7 @@ def convert(
     exclude: tuple[str, ...] = (),
     strict: bool = False,
     device: str = "auto",
+    devices: str | None = None,
     force: bool = False,
     dry_run: bool = False,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
@@ -95,13 +97,13 @@ def convert(
         memory_budget=memory_budget,
     )
     out = Path(output).expanduser()
-    backend = get_backend(device, gpu_memory)
+    backends = get_backends(device, devices, gpu_memory)
     if dry_run:
-        return Result(plan, None, 0.0, 0, backend.name)
+        return Result(plan, None, 0.0, 0, backends[0].name)
     _prepare_output(out, plan, force)
     t0 = time.perf_counter()
-    read = _run(plan, out, backend, progress)
-    return Result(plan, out, time.perf_counter() - t0, read, backend.name)
+    read = _run(plan, out, backends, progress)
+    return Result(plan, out, time.perf_counter() - t0, read, backends[0].name)
 
 
 def _prepare_output(out: Path, plan: Plan, force: bool) -> None:
@@ -301,7 +303,66 @@ class _Aborted(Exception):
     pass
 
 
-def _run(plan: Plan, out: Path, backend, progress: bool) -> int:
+_DONE = object()
+
+
+class _Job:
+    """One unit's outputs, in plan order, handed from the device that computes them to the
+    writer. Bounded, so a device that runs ahead waits instead of piling outputs up."""
+
+    def __init__(self, stop: threading.Event, items: list | None = None):
+        self.q: queue.Queue = queue.Queue(maxsize=16)
+        self.stop = stop
+        for it in items or ():
+            self.q.put(it)
+
+    def put(self, item) -> None:
+        while True:
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self.stop.is_set():
+                    raise _Aborted() from None
+
+
+class _Devices:
+    """One worker thread per backend (one per GPU, or the single CPU backend). Each quantizes
+    whole groups; outputs are written strictly in plan order."""
+
+    def __init__(self, backends: list, work):
+        self.free: queue.Queue = queue.Queue()
+        self.tasks: queue.Queue = queue.Queue()
+        self.threads = []
+        for b in backends:
+            self.free.put(b)
+            t = threading.Thread(target=self._loop, args=(work,), name="shardquant-device", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _loop(self, work) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            backend, args, job = task
+            try:
+                work(backend, *args, job)
+                job.put(_DONE)
+            except BaseException as e:  # handed to the writer side, which raises it
+                try:
+                    job.put(e)
+                except _Aborted:
+                    pass
+            finally:
+                self.free.put(backend)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.tasks.put(None)
+
+
+def _run(plan: Plan, out: Path, backends: list, progress: bool) -> int:
     fmt = formats.get(plan.format)
     shards = _Shards(plan, out)
     writer = _Writer(shards)
@@ -309,59 +370,85 @@ def _run(plan: Plan, out: Path, backend, progress: bool) -> int:
     scales: dict[str, tuple[float, float]] = {}
     bar = _bar(plan.source_bytes, progress)
     reader = _Reader(plan, counter)
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def quantize_group(backend, g, data, job: _Job) -> None:
+        two_pass = data is None
+        if two_pass:  # read each member for the amax, then again to quantize
+            amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
+            data = [None] * len(g.members)
+            handles = [None] * len(g.members)
+        else:
+            # Keep members on the device between amax and quantize while they fit its budget;
+            # the rest are uploaded again from the host copy (never read twice from disk).
+            handles, amax, kept_bytes = [], np.float32(0), 0
+            for m, raw in zip(g.members, data):
+                h = backend.load(raw)
+                amax = max(amax, backend.amax(h, m.dtype, m.name))
+                fits = backend.device_budget is None or kept_bytes + m.nbytes <= backend.device_budget
+                kept_bytes += m.nbytes if fits else 0
+                handles.append(h if fits else None)
+                del h
+        gs = fmt.global_scale(np.float32(amax))
+        with lock:
+            scales[g.key] = (float(amax), float(gs))
+        q = backend.quantizer(plan.format, gs)
+        gs_arr = np.array(gs, dtype=np.float32)
+        for i, m in enumerate(g.members):
+            h = handles[i]
+            if h is None:
+                h = backend.load(data[i] if data[i] is not None else counter.read(m))
+            handles[i] = data[i] = None  # release each member once quantized
+            weight, scale = q.quantize(h, m.dtype, m.name)
+            del h
+            names = plan.outputs[m.name]
+            job.put((names["weight"], weight, 0, 0))
+            if scale is not None:
+                job.put((names["scale"], scale, 0, 0))
+            job.put((names.get("global_scale", names["scale"]), gs_arr, 0 if two_pass else m.nbytes, m.nbytes))
+
+    devices = _Devices(backends, quantize_group)
+    pending: deque[_Job] = deque()
+
+    def drain_one() -> None:
+        job = pending.popleft()
+        while (item := job.q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            name, arr, release, done = item
+            writer.put(name, arr)
+            if release:
+                reader.release(release)
+            bar.update(done)
+
     try:
         for u, data in reader:
             if u.kept is not None:
-                writer.put(u.kept.name, data[0])
-                reader.release(u.kept.nbytes)
-                bar.update(u.kept.nbytes)
-                continue
-            two_pass = data is None
-            g = u.group
-            if data is None:  # two-pass: read each member for the amax, then again to quantize
-                amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
-                data = [None] * len(g.members)
-                handles = [None] * len(g.members)
+                pending.append(_Job(stop, [(u.kept.name, data[0], u.kept.nbytes, u.kept.nbytes), _DONE]))
             else:
-                # Keep members on the device between amax and quantize while they fit its budget.
-                handles, amax, kept_bytes = [], np.float32(0), 0
-                for m, raw in zip(g.members, data):
-                    h = backend.load(raw)
-                    amax = max(amax, backend.amax(h, m.dtype, m.name))
-                    fits = backend.device_budget is None or kept_bytes + m.nbytes <= backend.device_budget
-                    kept_bytes += m.nbytes if fits else 0
-                    handles.append(h if fits else None)
-                    del h
-            gs = fmt.global_scale(np.float32(amax))
-            scales[g.key] = (float(amax), float(gs))
-            q = backend.quantizer(plan.format, gs)
-            gs_arr = np.array(gs, dtype=np.float32)
-            for i, m in enumerate(g.members):
-                h = handles[i]
-                if h is None:
-                    h = backend.load(data[i] if data[i] is not None else counter.read(m))
-                handles[i] = data[i] = None  # release each member once quantized
-                weight, scale = q.quantize(h, m.dtype, m.name)
-                del h
-                if not two_pass:
-                    reader.release(m.nbytes)
-                names = plan.outputs[m.name]
-                writer.put(names["weight"], weight)
-                if scale is not None:
-                    writer.put(names["scale"], scale)
-                writer.put(names.get("global_scale", names["scale"]), gs_arr)
-                bar.update(m.nbytes)
-            data = handles = None
+                while devices.free.empty() and pending:
+                    drain_one()
+                job = _Job(stop)
+                pending.append(job)
+                devices.tasks.put((devices.free.get(), (u.group, data), job))
+            data = None
+            while len(pending) > 2 * len(backends):
+                drain_one()
+        while pending:
+            drain_one()
         writer.close()
     except BaseException:
+        stop.set()
         reader.close()
         writer.abort()
         shards.abort()
         raise
     finally:
+        devices.close()
         bar.close()
     try:
-        _finish(plan, out, scales, backend.name)
+        _finish(plan, out, scales, backends[0].name)
     except OSError as e:
         raise OutputError(f"{e.filename or out}: write failed ({e.strerror or e})") from None
     return counter.n

@@ -42,6 +42,7 @@ QW = "model.layers.0"  # Qwen3-MoE
 DS = "model.layers.3"  # DeepSeek-V3 MoE layer
 L4 = "language_model.model.layers.0"  # Llama 4
 TE = "decoder.layers.0"  # Megatron / TransformerEngine
+P3 = "model.layers.0"  # Phi-3: q/k/v and gate/up stored pre-fused
 
 CASES: list[Case] = [
     # Qwen3-MoE
@@ -83,7 +84,7 @@ CASES: list[Case] = [
     q("model.layers.0.mlp.up_proj.weight", "mlp_gate_up", "model.layers.0.mlp.gate_up_proj", shape=(96, 64)),
     q("model.layers.0.mlp.down_proj.weight", "mlp_down", "model.layers.0.mlp.down_proj", shape=(64, 96)),
     k(f"{DS}.mlp.gate.weight", "router", "router", (256, 64)),
-    k(f"{DS}.mlp.gate.e_score_correction_bias", "not-a-weight", "1-D F32 tensor", (256,), "F32"),
+    k(f"{DS}.mlp.gate.e_score_correction_bias", "router", "router", (256,), "F32"),  # router bias, 1-D F32
     q(f"{DS}.mlp.experts.255.gate_proj.weight", "experts_gate_up",
       f"{DS}.mlp.experts.*.gate_up_proj", f"{DS}.mlp.experts.255.gate_up_proj", (32, 64)),
     q(f"{DS}.mlp.experts.255.down_proj.weight", "experts_down",
@@ -145,6 +146,14 @@ CASES: list[Case] = [
       f"{TE}.mlp.experts.linear_fc2.weight*", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32)),
     q(f"{TE}.mlp.linear_fc1.weight", "te_mlp", f"{TE}.mlp.linear_fc1", shape=(128, 64)),  # dense layer
     q(f"{TE}.mlp.linear_fc2.weight", "te_mlp", f"{TE}.mlp.linear_fc2", shape=(64, 64)),
+    # Phi-3 (and GPT-NeoX / MPT) pre-fused projections: each one quantizer of its own
+    q(f"{P3}.self_attn.qkv_proj.weight", "attn_fused_qkv", f"{P3}.self_attn.qkv_proj", shape=(192, 64)),
+    q(f"{P3}.self_attn.o_proj.weight", "attn_other", f"{P3}.self_attn.o_proj"),
+    q(f"{P3}.mlp.gate_up_proj.weight", "mlp_fused_gate_up", f"{P3}.mlp.gate_up_proj", shape=(256, 64)),
+    q(f"{P3}.mlp.down_proj.weight", "mlp_down", f"{P3}.mlp.down_proj", shape=(64, 128)),
+    q("gpt_neox.layers.0.attention.query_key_value.weight", "attn_fused_qkv",
+      "gpt_neox.layers.0.attention.query_key_value", shape=(192, 64)),
+    q("transformer.blocks.0.attn.Wqkv.weight", "attn_fused_qkv", "transformer.blocks.0.attn.Wqkv", shape=(192, 64)),
     # Qwen2-MoE / transformers-5 shared expert and its gate
     q(f"{QW}.mlp.shared_expert.gate_proj.weight", "shared_expert_gate_up",
       f"{QW}.mlp.shared_expert.gate_up_proj", shape=(128, 64)),
@@ -181,6 +190,25 @@ def test_every_builtin_row_has_a_case():
     assert missing == [], f"rows of BUILTIN_RULES without a test case: {missing}"
 
 
+def test_attn_other_does_not_list_q_proj():
+    # q_proj belongs to the fused q/k/v set; attn_other never sees it (attn_qkv comes first)
+    other = next(r for r in BUILTIN_RULES if r.name == "attn_other")
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert other.regex.fullmatch(f"{QW}.self_attn.{n}.weight") is None
+    assert other.regex.fullmatch(f"{QW}.self_attn.o_proj.weight") is not None
+
+
+def test_prefused_rows_are_single_member_quantizers():
+    rs = _rules("shared")
+    for name, rule, proj in [(f"{P3}.self_attn.qkv_proj.weight", "attn_fused_qkv", "qkv_proj"),
+                             ("gpt_neox.layers.0.attention.query_key_value.weight", "attn_fused_qkv", "query_key_value"),
+                             ("transformer.blocks.0.attn.Wqkv.weight", "attn_fused_qkv", "Wqkv"),
+                             (f"{P3}.mlp.gate_up_proj.weight", "mlp_fused_gate_up", "gate_up_proj")]:
+        d = rs.classify(name, "BF16", (192, 64))
+        assert (d.action, d.rule, d.proj, d.expert, d.fuse) == (QUANTIZE, rule, proj, None, ()), name
+        assert d.key == name.removesuffix(".weight")
+
+
 def test_row_names_are_unique():
     names = [r.name for r in BUILTIN_RULES]
     assert len(names) == len(set(names))
@@ -207,18 +235,45 @@ def test_mtp_layer_needs_num_layers():
 # --exclude / --include
 
 
-@pytest.mark.parametrize("pattern, name, shape", [
-    (r"model\.layers\.0\.self_attn\.o_proj\.weight", f"{QW}.self_attn.o_proj.weight", (64, 64)),  # tensor name
-    (r"model\.layers\.0\.self_attn\.o_proj", f"{QW}.self_attn.o_proj.weight", (64, 64)),  # module name
-    (r".*\.mlp\.experts\.\d+\.down_proj", f"{QW}.mlp.experts.5.down_proj.weight", (64, 32)),
-    (r"lm_head", "lm_head.weight", (256, 64)),  # beats a keep row too
-    (r"decoder\.layers\.0\.mlp\.experts\.linear_fc2", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32)),  # TE module
-    (r".*linear_fc2\.weight3", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32)),  # TE tensor name
+@pytest.mark.parametrize("policy", ["shared", "per-expert"])
+@pytest.mark.parametrize("pattern, name, shape, shared, per_expert", [
+    (r"model\.layers\.0\.self_attn\.o_proj\.weight", f"{QW}.self_attn.o_proj.weight", (64, 64),  # tensor name
+     f"{QW}.self_attn.o_proj", f"{QW}.self_attn.o_proj"),
+    (r"model\.layers\.0\.self_attn\.o_proj", f"{QW}.self_attn.o_proj.weight", (64, 64),  # module name
+     f"{QW}.self_attn.o_proj", f"{QW}.self_attn.o_proj"),
+    (r".*\.k_proj", f"{QW}.self_attn.k_proj.weight", (32, 64),  # one member of a fused set
+     f"{QW}.self_attn.qkv_proj", f"{QW}.self_attn.qkv_proj"),
+    (r".*\.mlp\.experts\.\d+\.down_proj", f"{QW}.mlp.experts.5.down_proj.weight", (64, 32),
+     f"{QW}.mlp.experts.*.down_proj", f"{QW}.mlp.experts.5.down_proj"),
+    (r"lm_head", "lm_head.weight", (256, 64), None, None),  # beats a keep row too; no quantizer to name
+    (r"decoder\.layers\.0\.mlp\.experts\.linear_fc2", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32),  # TE module
+     f"{TE}.mlp.experts.linear_fc2.weight*", f"{TE}.mlp.experts.linear_fc2.weight3"),
+    (r".*linear_fc2\.weight3", f"{TE}.mlp.experts.linear_fc2.weight3", (64, 32),  # TE tensor name
+     f"{TE}.mlp.experts.linear_fc2.weight*", f"{TE}.mlp.experts.linear_fc2.weight3"),
+    (r".*\.custom_proj", f"{QW}.mlp.custom_proj.weight", (64, 64), None, None),  # unclaimed: no key
+    (r".*\.mlp\.gate", f"{QW}.mlp.gate.weight", (8, 64), None, None),  # keep row: no key
 ])
-def test_exclude(pattern, name, shape):
-    d = RuleSet(exclude=(pattern,)).classify(name, "BF16", shape)
-    assert (d.action, d.rule, d.key) == (KEEP, "--exclude", None)
+def test_exclude(pattern, name, shape, shared, per_expert, policy):
+    d = RuleSet(exclude=(pattern,), expert_policy=policy).classify(name, "BF16", shape)
+    assert (d.action, d.rule, d.warn) == (KEEP, "--exclude", False)
     assert d.reason == f"--exclude {pattern}"
+    # the key is the quantizer the rules would have given (so the plan can keep its fused set with it)
+    assert d.key == (shared if policy == "shared" else per_expert)
+    assert d.key == RuleSet(expert_policy=policy).classify(name, "BF16", shape).key
+
+
+def test_exclude_keeps_the_include_key():
+    name = f"{QW}.mlp.custom_proj.weight"
+    d = RuleSet(include=(r".*\.custom_proj",), exclude=(r".*custom_proj\.weight",)).classify(name, "BF16", (64, 64))
+    assert (d.action, d.rule, d.key) == (KEEP, "--exclude", f"{QW}.mlp.custom_proj")
+
+
+def test_exclude_of_mtp_or_3d_tensor_has_no_key():
+    rs = RuleSet(exclude=(r".*",), num_layers=DEEPSEEK_LAYERS)
+    for name, shape in [("model.layers.61.mlp.experts.7.gate_proj.weight", (32, 64)),  # MTP: kept anyway
+                        (f"{QW}.mlp.experts.0.down_proj.weight", (4, 64, 32))]:  # 3-D: never quantized
+        d = rs.classify(name, "BF16", shape)
+        assert (d.action, d.rule, d.key) == (KEEP, "--exclude", None), name
 
 
 @pytest.mark.parametrize("pattern", ["o_proj", r"self_attn\.o_proj", r"model\.layers\.1\.self_attn\.o_proj"])
@@ -228,14 +283,19 @@ def test_exclude_is_a_full_match(pattern):
 
 
 def test_include_unclaimed_weight_gets_its_own_quantizer():
-    # Phi-3 style pre-fused qkv_proj: no built-in row claims it.
-    name = f"{QW}.self_attn.qkv_proj.weight"
+    # a projection no built-in row knows
+    name = f"{QW}.mlp.custom_proj.weight"
     d = RuleSet().classify(name, "BF16", (128, 64))
     assert (d.action, d.rule, d.warn) == (KEEP, "unclaimed", True)
     assert d.reason == "no rule claims this 2-D weight"
-    for pattern in (r".*\.qkv_proj", r".*\.qkv_proj\.weight"):  # module name or tensor name
+    for pattern in (r".*\.custom_proj", r".*\.custom_proj\.weight"):  # module name or tensor name
         d = RuleSet(include=(pattern,)).classify(name, "BF16", (128, 64))
-        assert (d.action, d.rule, d.key, d.fuse, d.warn) == (QUANTIZE, "--include", f"{QW}.self_attn.qkv_proj", (), False)
+        assert (d.action, d.rule, d.key, d.fuse, d.warn) == (QUANTIZE, "--include", f"{QW}.mlp.custom_proj", (), False)
+
+
+def test_include_does_not_override_prefused_rows():
+    d = RuleSet(include=(r".*",)).classify(f"{P3}.self_attn.qkv_proj.weight", "BF16", (192, 64))
+    assert (d.action, d.rule, d.key) == (QUANTIZE, "attn_fused_qkv", f"{P3}.self_attn.qkv_proj")
 
 
 def test_include_does_not_touch_non_weights_or_claimed_tensors():
@@ -252,8 +312,9 @@ def test_include_does_not_touch_non_weights_or_claimed_tensors():
 
 
 def test_unclaimed_2d_weight_warns():
-    d = RuleSet().classify("model.layers.0.mlp.gate_up_proj.weight", "BF16", (256, 64))  # Phi-3 fused MLP
+    d = RuleSet().classify("model.layers.0.mlp.custom_proj.weight", "BF16", (256, 64))
     assert (d.action, d.rule, d.key, d.warn) == (KEEP, "unclaimed", None, True)
+    assert d.reason == "no rule claims this 2-D weight"
 
 
 @pytest.mark.parametrize("name", [f"{QW}.mlp.experts.0.down_proj.weight", f"{QW}.self_attn.o_proj.weight"])
@@ -276,11 +337,25 @@ def test_1d_tensor_claimed_by_quantize_rule_is_kept_quietly():
     assert (d.action, d.rule, d.warn, d.reason) == (KEEP, "attn_other", False, "1-D tensor, not a 2-D weight")
 
 
-def test_llama4_fused_3d_experts_stay_in_high_precision():
-    rs = RuleSet()
-    for n, shape in [("gate_up_proj", (16, 64, 256)), ("down_proj", (16, 128, 64))]:
-        d = rs.classify(f"{L4}.feed_forward.experts.{n}", "BF16", shape)
-        assert d.action == KEEP
+@pytest.mark.parametrize("name, shape", [
+    (f"{L4}.feed_forward.experts.gate_up_proj", (16, 64, 256)),  # Llama 4 [E, in, 2I]
+    (f"{L4}.feed_forward.experts.down_proj", (16, 128, 64)),
+    (f"{QW}.mlp.experts.gate_up_proj", (8, 64, 64)),  # transformers 5 [E, 2I, H]
+    (f"{QW}.mlp.experts.down_proj", (8, 64, 32)),
+])
+def test_fused_3d_experts_stay_in_high_precision_with_warning(name, shape):
+    for dtype in ("BF16", "F16", "F32"):
+        d = RuleSet().classify(name, dtype, shape)
+        assert (d.action, d.rule, d.key, d.warn) == (KEEP, "unclaimed", None, True)
+        assert "3-D weight" in d.reason
+        assert d.reason == "3-D weight: no rule quantizes it"
+
+
+def test_unclaimed_4d_float_and_3d_int_tensors():
+    d = RuleSet().classify(f"{QW}.mlp.experts.blob", "BF16", (2, 4, 64, 64))
+    assert (d.rule, d.warn, d.reason) == ("unclaimed", True, "4-D weight: no rule quantizes it")
+    d = RuleSet().classify(f"{QW}.mlp.experts.blob", "I32", (4, 64, 64))  # not a float: no warning
+    assert (d.rule, d.warn, d.reason) == ("not-a-weight", False, "3-D I32 tensor")
 
 
 def test_bad_policy_and_bad_patterns():

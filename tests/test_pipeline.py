@@ -1,0 +1,75 @@
+"""The pipeline's ordering and failure handling with several workers, on the CPU: groups finish
+out of order on different 'devices', yet shards come out byte-identical and errors end cleanly."""
+
+import filecmp
+import random
+import time
+
+import numpy as np
+import pytest
+
+import shardquant.convert as conv
+from shardquant.backend import NumpyBackend
+from shardquant.errors import NumericError
+from shardquant.testing import qwen3_moe, random_data, write_checkpoint
+
+
+class SlowBackend(NumpyBackend):
+    """A CPU backend that takes a random while per tensor, so that workers overtake each other."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def amax(self, x, dtype, name):
+        time.sleep(self.rng.random() * 0.004)
+        return super().amax(x, dtype, name)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("src"), qwen3_moe(hidden=64, layers=3, experts=6, inter=32),
+                            shard_bytes=60_000)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_several_workers_write_the_same_bytes(src, tmp_path, monkeypatch, fmt):
+    one = conv.convert(str(src), tmp_path / "one", fmt, device="cpu")
+    monkeypatch.setattr(conv, "get_backends", lambda *a: [SlowBackend(1), SlowBackend(2), SlowBackend(3)])
+    many = conv.convert(str(src), tmp_path / "many", fmt, device="cpu")
+    assert many.bytes_read == one.bytes_read == one.plan.source_bytes
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "many").iterdir())
+    for n in names:
+        assert filecmp.cmp(tmp_path / "one" / n, tmp_path / "many" / n, shallow=False), n
+
+
+def test_error_on_one_worker_ends_cleanly(tmp_path, monkeypatch):
+    model = qwen3_moe(hidden=64, layers=3, experts=6, inter=32)
+    bad = "model.layers.2.mlp.experts.4.up_proj.weight"
+
+    def data(spec, rng):
+        raw = random_data(spec, rng)
+        if spec[0] == bad:
+            raw[3, 5] = 0x7FC0  # bf16 NaN
+        return raw
+
+    src = write_checkpoint(tmp_path / "src", model, shard_bytes=60_000, data=data)
+    monkeypatch.setattr(conv, "get_backends", lambda *a: [SlowBackend(4), SlowBackend(5)])
+    t0 = time.perf_counter()
+    with pytest.raises(NumericError, match=bad.replace(".", r"\.")):
+        conv.convert(str(src), tmp_path / "out", "nvfp4", device="cpu")
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not any(p.suffix == ".json" for p in (tmp_path / "out").iterdir())
+
+
+def test_devices_flag_is_refused_without_a_gpu(src, tmp_path):
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+    from shardquant.cuda import available
+
+    if available():
+        pytest.skip("this check is for machines without a GPU")
+    r = CliRunner().invoke(main, ["convert", str(src), "--format", "nvfp4", "-o", str(tmp_path / "o"), "--devices", "all"])
+    assert r.exit_code != 0 and r.output.strip() == "error: --devices: no CUDA device visible to cupy"
