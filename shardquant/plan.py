@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import formats
 from .errors import PlanError, RuleError
-from .rules import FLOAT_DTYPES, KEEP, Decision, RuleSet
+from .rules import FLOAT_DTYPES, KEEP, Decision, RuleSet, module_name
 from .source import Checkpoint
 from .st import OutTensor, TensorInfo
 
@@ -18,7 +18,7 @@ DEFAULT_SHARD_SIZE = 5 * 10**9
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
 PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
-FIXED_OVERHEAD = 384 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
+FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
 _TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight(?P<idx>\d+)")
 
 
@@ -100,17 +100,6 @@ def output_names(name: str, global_scale: bool) -> dict[str, str]:
     return names
 
 
-def module_name(name: str) -> str:
-    """The module a weight belongs to, as engines name it in exclude lists: `m.weight` -> `m`,
-    TE `m.weight{E}` -> `m`, a fused parameter such as `m.experts.gate_up_proj` -> `m.experts`."""
-    te = _TE_WEIGHT.fullmatch(name)
-    if te:
-        return te["base"]
-    if name.endswith(".weight"):
-        return name.removesuffix(".weight")
-    return name.rsplit(".", 1)[0]
-
-
 def make_plan(
     ck: Checkpoint,
     fmt: str,
@@ -126,7 +115,7 @@ def make_plan(
 
     unclaimed = [n for n, d in decisions.items() if d.rule == "unclaimed"]
     if unclaimed and strict:
-        raise PlanError(f"--strict: {len(unclaimed)} 2-D weights no rule claims: {', '.join(unclaimed[:8])}")
+        raise PlanError(f"--strict: no rule claims {len(unclaimed)} weight tensor(s): {', '.join(unclaimed[:8])}")
 
     by_key: dict[str, list[str]] = defaultdict(list)
     for n, d in decisions.items():

@@ -58,7 +58,7 @@ class Rule:
                 raise RuleError(f"rule {self.name!r}: fuse needs a named group 'proj' in the pattern")
 
 
-_L = r"(?P<prefix>.*\.(?:self_attn|attn|attention))"
+_L = r"(?P<prefix>.*\.(?:self_attn|self_attention|attn|attention))"
 _MLP = r"(?P<prefix>.*\.(?:mlp|feed_forward))"
 
 # Order matters: the first full match wins. Keep rows come first, so that e.g. a router named
@@ -97,6 +97,17 @@ _LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\..*")
 _TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight\d+")  # TransformerEngine grouped `m.weight{E}`: module m
 
 
+def module_name(name: str) -> str:
+    """The module a weight belongs to, as engines name it in exclude lists: `m.weight` -> `m`,
+    TE `m.weight{E}` -> `m`, a fused parameter such as `m.experts.gate_up_proj` -> `m.experts`."""
+    te = _TE_WEIGHT.fullmatch(name)
+    if te:
+        return te["base"]
+    if name.endswith(".weight"):
+        return name.removesuffix(".weight")
+    return name.rsplit(".", 1)[0]
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the rules say about one tensor."""
@@ -131,9 +142,8 @@ class RuleSet:
         self.num_layers = num_layers
 
     def classify(self, name: str, dtype: str, shape: tuple[int, ...]) -> Decision:
-        module = name[: -len(".weight")] if name.endswith(".weight") else name
-        te = _TE_WEIGHT.fullmatch(name)
-        names = (name, module, te["base"]) if te else (name, module)  # the module plan.module_name gives
+        module = name.removesuffix(".weight")  # an --include quantizer's key
+        names = (name, module, module_name(name))  # --exclude may name the tensor or its module
         d = self._match(name, dtype, shape, names, module)
         for rx in self.exclude:
             if any(rx.fullmatch(n) for n in names):

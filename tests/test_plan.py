@@ -11,7 +11,7 @@ import pytest
 from shardquant import testing
 from shardquant.errors import PlanError, RuleError
 from shardquant.plan import FIXED_OVERHEAD, PREFETCH_BYTES, WRITE_AHEAD_BYTES, make_plan, module_name
-from shardquant.rules import RuleSet
+from shardquant.rules import QUANTIZE, Rule, RuleSet
 from shardquant.source import scan
 from shardquant.st import STORAGE
 from shardquant.testing import Model
@@ -92,6 +92,38 @@ def test_llama_qkv_and_gate_up(tmp_path):
     assert len(gs) == 2 * 4
 
 
+def phi3(hidden=64, layers=2, inter=128, vocab=256, heads=4, kv_heads=2) -> Model:
+    """Phi-3 layout: q/k/v pre-fused into self_attn.qkv_proj, gate/up into mlp.gate_up_proj."""
+    hd = hidden // heads
+    s = [("model.embed_tokens.weight", "BF16", (vocab, hidden))]
+    for L in range(layers):
+        p = f"model.layers.{L}"
+        s += [(f"{p}.input_layernorm.weight", "BF16", (hidden,)),
+              (f"{p}.self_attn.qkv_proj.weight", "BF16", ((heads + 2 * kv_heads) * hd, hidden)),
+              (f"{p}.self_attn.o_proj.weight", "BF16", (hidden, heads * hd)),
+              (f"{p}.post_attention_layernorm.weight", "BF16", (hidden,)),
+              (f"{p}.mlp.gate_up_proj.weight", "BF16", (2 * inter, hidden)),
+              (f"{p}.mlp.down_proj.weight", "BF16", (hidden, inter))]
+    s += [("model.norm.weight", "BF16", (hidden,)), ("lm_head.weight", "BF16", (vocab, hidden))]
+    return Model(s, {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": hidden,
+                     "num_hidden_layers": layers, "intermediate_size": inter, "vocab_size": vocab})
+
+
+def test_phi3_prefused_projections_are_single_member_quantizers(tmp_path):
+    p = plan(ckpt(tmp_path, phi3()), strict=True)  # nothing unclaimed
+    gs = groups(p)
+    rule = {g.key: g.rule for g in p.groups}
+    for L in range(2):
+        a, m = f"model.layers.{L}.self_attn", f"model.layers.{L}.mlp"
+        assert gs[f"{a}.qkv_proj"] == {f"{a}.qkv_proj.weight"} and rule[f"{a}.qkv_proj"] == "attn_fused_qkv"
+        assert gs[f"{m}.gate_up_proj"] == {f"{m}.gate_up_proj.weight"} and rule[f"{m}.gate_up_proj"] == "mlp_fused_gate_up"
+        assert gs[f"{a}.o_proj"] == {f"{a}.o_proj.weight"} and gs[f"{m}.down_proj"] == {f"{m}.down_proj.weight"}
+    assert len(gs) == 2 * 4
+    assert p.outputs["model.layers.0.self_attn.qkv_proj.weight"]["scale"] == "model.layers.0.self_attn.qkv_proj.weight_scale"
+    assert p.warnings == []
+    assert p.exclude_modules == ["lm_head", "model.embed_tokens"]
+
+
 def test_mixtral_w13_groups(tmp_path):
     E = 4
     gs = groups(plan(ckpt(tmp_path, testing.mixtral(experts=E))))
@@ -122,7 +154,7 @@ def test_deepseek_v3_mla_and_mtp(tmp_path):
     assert ex["model.layers.3.eh_proj.weight"] == "MTP layer (index >= num_hidden_layers)"
     assert ex["model.layers.3.mlp.experts.0.gate_proj.weight"] == "MTP layer (index >= num_hidden_layers)"
     assert not any(k.startswith("model.layers.3.") for k in gs)
-    assert ex["model.layers.2.mlp.gate.e_score_correction_bias"] == "1-D F32 tensor"
+    assert ex["model.layers.2.mlp.gate.e_score_correction_bias"] == "router"  # DeepSeek's router bias
     assert p.warnings == []
 
 
@@ -317,6 +349,38 @@ def test_exclude_modules_qwen3(tmp_path):
     assert p.exclude_modules == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 
 
+def fused_3d_experts(model: Model) -> Model:
+    """Qwen3-MoE with each layer's experts stored transformers-5 style: [E, 2I, H] and [E, H, I]."""
+    specs = []
+    for n, dt, sh in model.specs:
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight", n)
+        if m is None:
+            specs.append((n, dt, sh))
+        elif m[2] == "0" and m[3] == "gate_proj":
+            E = model.config["num_experts"]
+            inter, hidden = sh
+            specs += [(f"{m[1]}.gate_up_proj", dt, (E, 2 * inter, hidden)), (f"{m[1]}.down_proj", dt, (E, hidden, inter))]
+    return Model(specs, model.config)
+
+
+def test_unclaimed_3d_experts_kept_with_warning_and_listed_as_module(tmp_path):
+    ck = ckpt(tmp_path, fused_3d_experts(testing.qwen3_moe(experts=4)))
+    p = plan(ck)
+    ex = excluded(p)
+    fused = [f"model.layers.{L}.mlp.experts.{n}" for L in range(2) for n in ("gate_up_proj", "down_proj")]
+    for n in fused:
+        assert ex[n] == "3-D weight: no rule quantizes it" and n not in p.outputs
+        assert f"{n}: kept in high precision (3-D weight: no rule quantizes it)" in p.warnings
+    assert len(p.warnings) == 4
+    assert not any(".experts." in k for k in groups(p))
+    assert p.exclude_modules == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.experts", "model.layers.0.mlp.gate",
+                                 "model.layers.1.mlp.experts", "model.layers.1.mlp.gate"]
+    assert module_name("model.layers.0.mlp.experts.gate_up_proj") == "model.layers.0.mlp.experts"
+    # ... and under --strict they are refused
+    with pytest.raises(PlanError, match=r"--strict: 4 .*no rule claims: model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        plan(ck, strict=True)
+
+
 def test_exclude_flag_in_plan(tmp_path):
     ck = ckpt(tmp_path, testing.qwen3_moe())
     p = make_plan(ck, "nvfp4", RuleSet(exclude=(r"model\.layers\.1\.self_attn\.o_proj",)))
@@ -325,22 +389,89 @@ def test_exclude_flag_in_plan(tmp_path):
     assert "model.layers.0.self_attn.o_proj.weight" in p.outputs
 
 
+# --exclude of one member of a fused set
+
+
+def test_exclude_one_member_keeps_the_whole_fused_set(tmp_path):
+    ck = ckpt(tmp_path, testing.llama())
+    p = make_plan(ck, "nvfp4", RuleSet(exclude=(r".*k_proj",)))  # no RuleError for the incomplete q/k/v set
+    gs, ex = groups(p), excluded(p)
+    for L in range(2):
+        a = f"model.layers.{L}.self_attn"
+        assert f"{a}.qkv_proj" not in gs
+        assert ex[f"{a}.k_proj.weight"] == r"--exclude .*k_proj"
+        for n in ("q_proj", "v_proj"):
+            assert f"{a}.{n}.weight" in ex and f"{a}.{n}.weight" not in p.outputs
+            assert f"{a}.k_proj.weight" in ex[f"{a}.{n}.weight"] and "--exclude" in ex[f"{a}.{n}.weight"]
+            assert f"{a}.{n}" in p.exclude_modules
+        assert gs[f"{a}.o_proj"] == {f"{a}.o_proj.weight"}  # other quantizers unaffected
+        assert f"model.layers.{L}.mlp.gate_up_proj" in gs and f"model.layers.{L}.mlp.down_proj" in gs
+        assert any(w.startswith(f"quantizer {a}.qkv_proj kept in high precision as a whole") and f"{a}.k_proj.weight" in w
+                   for w in p.warnings)
+    assert len(p.warnings) == 2
+    assert len(gs) == 2 * 3
+
+
+@pytest.mark.parametrize("policy", ["shared", "per-expert"])
+def test_exclude_one_expert(tmp_path, policy):
+    E = 4
+    ck = ckpt(tmp_path, testing.qwen3_moe(experts=E))
+    rules = RuleSet(exclude=(r"model\.layers\.0\.mlp\.experts\.2\.down_proj",), expert_policy=policy)
+    p = make_plan(ck, "nvfp4", rules)
+    gs, ex = groups(p), excluded(p)
+    x = "model.layers.0.mlp.experts"
+    down = {f"{x}.{e}.down_proj.weight" for e in range(E)}
+    assert ex[f"{x}.2.down_proj.weight"] == r"--exclude model\.layers\.0\.mlp\.experts\.2\.down_proj"
+    if policy == "shared":  # the layer's shared down quantizer is kept as a whole
+        assert f"{x}.*.down_proj" not in gs
+        assert down <= set(ex) and down.isdisjoint(p.outputs)
+        for n in down - {f"{x}.2.down_proj.weight"}:
+            assert f"{x}.2.down_proj.weight" in ex[n] and "--exclude" in ex[n]
+        assert [w for w in p.warnings if "kept in high precision as a whole" in w] == [
+            f"quantizer {x}.*.down_proj kept in high precision as a whole: fused with {x}.2.down_proj.weight, which --exclude keeps"]
+        assert "model.layers.1.mlp.experts.*.down_proj" in gs and f"{x}.*.gate_up_proj" in gs
+    else:  # only that expert's down_proj
+        assert f"{x}.2.down_proj" not in gs
+        assert {n for n in ex if n.startswith(f"{x}.")} == {f"{x}.2.down_proj.weight"}
+        for e in (0, 1, 3):
+            assert gs[f"{x}.{e}.down_proj"] == {f"{x}.{e}.down_proj.weight"}
+        assert gs[f"{x}.2.gate_up_proj"] == {f"{x}.2.gate_proj.weight", f"{x}.2.up_proj.weight"}
+        assert p.warnings == []
+
+
 # errors
 
 
 def test_strict_refuses_unclaimed_weight(tmp_path):
-    a = "model.layers.0.self_attn"  # layer 0 as Phi-3 stores it: q, k and v pre-fused into one qkv_proj
-    model = without(testing.llama(), f"{a}.q_proj.weight", f"{a}.k_proj.weight", f"{a}.v_proj.weight")
-    model.specs.insert(2, (f"{a}.qkv_proj.weight", "BF16", (128, 64)))
+    m = "model.layers.0.mlp"  # a projection no rule knows
+    model = testing.llama()
+    model.specs.insert(9, (f"{m}.custom_proj.weight", "BF16", (64, 64)))
     ck = ckpt(tmp_path, model)
-    with pytest.raises(PlanError, match=r"--strict: 1 2-D weights no rule claims: model\.layers\.0\.self_attn\.qkv_proj\.weight"):
+    with pytest.raises(PlanError, match=r"--strict: no rule claims 1 weight tensor\(s\): model\.layers\.0\.mlp\.custom_proj\.weight"):
         plan(ck, strict=True)
     p = plan(ck)  # without --strict: kept, with a warning
-    assert excluded(p)["model.layers.0.self_attn.qkv_proj.weight"] == "no rule claims this 2-D weight"
-    assert p.warnings == ["model.layers.0.self_attn.qkv_proj.weight: kept in high precision (no rule claims this 2-D weight)"]
+    assert excluded(p)[f"{m}.custom_proj.weight"] == "no rule claims this 2-D weight"
+    assert p.warnings == [f"{m}.custom_proj.weight: kept in high precision (no rule claims this 2-D weight)"]
     # --include takes it as its own quantizer
-    p = make_plan(ck, "nvfp4", RuleSet(include=(r".*\.qkv_proj",)), strict=True)
-    assert groups(p)["model.layers.0.self_attn.qkv_proj"] == {"model.layers.0.self_attn.qkv_proj.weight"}
+    p = make_plan(ck, "nvfp4", RuleSet(include=(r".*\.custom_proj",)), strict=True)
+    assert groups(p)[f"{m}.custom_proj"] == {f"{m}.custom_proj.weight"}
+
+
+def test_quantizer_key_claimed_by_two_rules(tmp_path):
+    ck = ckpt(tmp_path, testing.llama(), "llama")
+    # a user row whose key collides with the built-in q/k/v quantizer
+    user = Rule("o-as-qkv", r"(?P<prefix>.*\.self_attn)\.o_proj\.weight", QUANTIZE, "{prefix}.qkv_proj")
+    with pytest.raises(RuleError) as e:
+        make_plan(ck, "nvfp4", RuleSet((user,)))
+    assert str(e.value) == ("quantizer model.layers.0.self_attn.qkv_proj is claimed by rules attn_qkv, o-as-qkv; "
+                            "give them distinct keys")
+    # --include of an unclaimed tensor whose module name is a built-in key
+    model = testing.llama()
+    model.specs.insert(2, ("model.layers.0.self_attn.qkv_proj", "BF16", (64, 64)))  # no .weight: no row claims it
+    ck = ckpt(tmp_path, model, "include")
+    with pytest.raises(RuleError, match=r"quantizer model\.layers\.0\.self_attn\.qkv_proj is claimed by rules "
+                                        r"--include, attn_qkv"):
+        make_plan(ck, "nvfp4", RuleSet(include=(r".*\.qkv_proj",)))
 
 
 @pytest.mark.parametrize("dtype", ["F8_E4M3", "I32"])
