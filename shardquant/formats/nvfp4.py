@@ -95,7 +95,8 @@ def global_scale(amax: np.float32) -> np.float32:
 def block_scales(bamax: np.ndarray, s2: np.float32) -> np.ndarray:
     """E4M3 block scales (as uint8 codes): bamax / (6 * s2), zero -> 1.0, clamped to [2^-9, 448]."""
     t = np.float32(E2M1_MAX) * np.float32(s2)
-    s = bamax / t
+    with np.errstate(over="ignore", invalid="ignore"):  # a tiny or zero s2: inf or NaN, as ModelOpt
+        s = bamax / t
     s[s == 0] = 1.0
     np.clip(s, E4M3_MIN_SCALE, E4M3_MAX, out=s)
     return s.astype(_E4M3).view(np.uint8)
@@ -161,7 +162,8 @@ class Quantizer:
                 codes = lut.take(idx).reshape(b - a, cols)
             else:
                 d = scale_values(scales[a:b]) * self.s2
-                x = to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK) / d[:, :, None]
+                with np.errstate(over="ignore"):  # |x| past 6 saturates, inf included
+                    x = to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK) / d[:, :, None]
                 codes = fp4_codes(x).reshape(b - a, cols)
             packed[a:b] = codes[:, 0::2] | (codes[:, 1::2] << 4)
 
