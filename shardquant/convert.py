@@ -98,6 +98,12 @@ def convert(
     )
     out = Path(output).expanduser()
     backends = get_backends(device, devices, gpu_memory)
+    if backends[0].device_budget is not None:
+        for g in plan.groups:
+            if not g.two_pass and g.source_bytes > gpu_memory:
+                plan.warnings.append(
+                    f"quantizer {g.key} ({g.source_bytes / 2**30:.1f} GiB) exceeds --gpu-memory: members past "
+                    "the budget are uploaded again from host memory for the second pass")
     if dry_run:
         return Result(plan, None, 0.0, 0, backends[0].name)
     _prepare_output(out, plan, force)

@@ -124,6 +124,7 @@ def test_group_larger_than_device_budget_still_matches(tmp_path):
     src = write_checkpoint(tmp_path / "src", qwen3_moe(hidden=128, layers=1, experts=8, inter=64), shard_bytes=300_000)
     a = convert(str(src), tmp_path / "cpu", "nvfp4", device="cpu")
     b = convert(str(src), tmp_path / "gpu", "nvfp4", device="cuda", gpu_memory=20_000)
+    assert any("exceeds --gpu-memory" in w for w in b.plan.warnings)
     for p in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert filecmp.cmp(p, tmp_path / "gpu" / p.name, shallow=False)
     assert a.bytes_read == b.bytes_read == a.plan.source_bytes
