@@ -9,6 +9,7 @@ import click
 
 from . import __version__, formats
 from .errors import ShardquantError
+from .flavors import FLAVORS
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan
 from .rules import EXPERT_POLICIES
 
@@ -35,6 +36,9 @@ def _common(f):
     opts = [
         click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS)), required=True,
                      help="Output number format."),
+        click.option("--flavor", type=click.Choice(sorted(FLAVORS)), default="modelopt", show_default=True,
+                     help="modelopt (hf_quant_config.json; vLLM, SGLang, TensorRT-LLM) or compressed-tensors "
+                          "(vLLM, transformers)."),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
         click.option("--expert-policy", type=click.Choice(EXPERT_POLICIES), default="shared", show_default=True,
                      help="shared: all experts of a layer share one scale per projection set; "

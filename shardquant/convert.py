@@ -52,6 +52,7 @@ def prepare(
     strict: bool = False,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    flavor: str = "modelopt",
 ) -> Plan:
     """Open the source (headers only) and plan the conversion."""
     if fmt not in formats.FORMATS:
@@ -64,7 +65,8 @@ def prepare(
     num_layers = (ck.config or {}).get("num_hidden_layers")
     rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
                     num_layers if isinstance(num_layers, int) else None)
-    return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict)
+    return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
+                     flavor=flavor)
 
 
 def convert(
@@ -85,6 +87,7 @@ def convert(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     gpu_memory: int = DEFAULT_GPU_MEMORY,
+    flavor: str = "modelopt",
     progress: bool = False,
 ) -> Result:
     """Convert checkpoint `src` (directory or hub repo id) into `output`.
@@ -94,7 +97,7 @@ def convert(
     plan = prepare(
         src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
         include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, flavor=flavor,
     )
     out = Path(output).expanduser()
     backends = get_backends(device, devices, gpu_memory)
@@ -400,7 +403,7 @@ def _run(plan: Plan, out: Path, backends: list, progress: bool) -> int:
         with lock:
             scales[g.key] = (float(amax), float(gs))
         q = backend.quantizer(plan.format, gs)
-        gs_arr = np.array(gs, dtype=np.float32)
+        gs_arr = flavors.FLAVORS[plan.flavor].scalar(plan.format, gs)
         for i, m in enumerate(g.members):
             h = handles[i]
             if h is None:
@@ -469,10 +472,10 @@ def _finish(plan: Plan, out: Path, scales: dict, backend: str) -> None:
         shutil.copyfile(p, out / p.name)
     if ck.config is not None:
         cfg = dict(ck.config)
-        cfg["quantization_config"] = flavors.quantization_config(plan.format, plan.exclude_modules)
+        cfg["quantization_config"] = flavors.quantization_config(plan.flavor, plan.format, plan.exclude_modules)
         _write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
-    _write_text(out / "hf_quant_config.json",
-                json.dumps(flavors.hf_quant_config(plan.format, plan.exclude_modules), indent=2, sort_keys=True) + "\n")
+    for name, obj in flavors.config_files(plan.flavor, plan.format, plan.exclude_modules).items():
+        _write_text(out / name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
     _write_text(out / manifest.MANIFEST_NAME, manifest.dumps(manifest.build(plan, scales, backend)))
     index = {
         "metadata": {"total_size": plan.output_bytes},

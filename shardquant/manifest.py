@@ -42,7 +42,7 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str) -> d
         "backend": backend,
         "excluded": plan.excluded,
         "expert_policy": plan.expert_policy,
-        "flavor": "modelopt",
+        "flavor": plan.flavor,
         "format": plan.format,
         "quantizers": quantizers,
         "schema_version": SCHEMA_VERSION,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from . import formats
 from .errors import PlanError, RuleError
+from .flavors import FLAVORS
 from .rules import FLOAT_DTYPES, KEEP, Decision, RuleSet, module_name
 from .source import Checkpoint
 from .st import OutTensor, TensorInfo
@@ -53,6 +54,7 @@ class Plan:
     checkpoint: Checkpoint
     format: str
     expert_policy: str
+    flavor: str
     groups: list[Group]
     units: list[Unit]
     outputs: dict[str, dict[str, str]]  # source tensor -> {"weight", "scale", "global_scale"} names
@@ -89,17 +91,6 @@ def _held(u: Unit) -> int:
     return u.source_bytes
 
 
-def output_names(name: str, global_scale: bool) -> dict[str, str]:
-    """ModelOpt naming: `m.weight` -> `m.weight_scale`, `m.weight_scale_2`. TransformerEngine's
-    grouped `m.weight{E}` keeps its index last: `m.weight_scale{E}`, `m.weight_scale_2{E}`."""
-    te = _TE_WEIGHT.fullmatch(name)
-    base, idx = (te["base"], te["idx"]) if te else (name.removesuffix(".weight"), "")
-    names = {"weight": name, "scale": f"{base}.weight_scale{idx}"}
-    if global_scale:
-        names["global_scale"] = f"{base}.weight_scale_2{idx}"
-    return names
-
-
 def make_plan(
     ck: Checkpoint,
     fmt: str,
@@ -108,8 +99,12 @@ def make_plan(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     strict: bool = False,
+    flavor: str = "modelopt",
 ) -> Plan:
     layout = formats.get(fmt).LAYOUT
+    if flavor not in FLAVORS:
+        raise PlanError(f"unknown flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
+    fl = FLAVORS[flavor]
     warnings: list[str] = []
     decisions = {n: rules.classify(n, t.dtype, t.shape) for n, t in ck.tensors.items()}
 
@@ -175,12 +170,13 @@ def make_plan(
             order.append(t)
             continue
         for m in u.group.members:
-            names = output_names(m.name, layout.global_scale)
+            names = fl.output_names(fmt, m.name)
             outputs[m.name] = names
             order.append(OutTensor(names["weight"], layout.weight_dtype, layout.weight_shape(m.shape)))
-            order.append(OutTensor(names["scale"], layout.scale_dtype, layout.scale_shape(m.shape)))
+            scale_shape = layout.scale_shape(m.shape) if layout.block_size else fl.scalar_shape
+            order.append(OutTensor(names["scale"], layout.scale_dtype, scale_shape))
             if layout.global_scale:
-                order.append(OutTensor(names["global_scale"], "F32", ()))
+                order.append(OutTensor(names["global_scale"], "F32", fl.scalar_shape))
     for t in order:
         if t.name in out_tensors:
             raise PlanError(f"output tensor {t.name!r} would be written twice (a source tensor already has that name)")
@@ -193,7 +189,7 @@ def make_plan(
         and (n.endswith(".weight") or _TE_WEIGHT.fullmatch(n) or len(ck.tensors[n].shape) > 2)
     })
     return Plan(
-        ck, fmt, rules.expert_policy, groups, units, outputs, out_tensors,
+        ck, fmt, rules.expert_policy, flavor, groups, units, outputs, out_tensors,
         _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget,
     )
 
