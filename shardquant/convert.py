@@ -3,6 +3,7 @@ shards written header first. The CLI is a thin mirror of this function."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -25,7 +26,8 @@ from .plan import (
 )
 from .rules import RuleSet, load_rules
 from .source import INDEX_NAME, Checkpoint, open_checkpoint
-from .st import ShardWriter, read_raw
+from .journal import JOURNAL_NAME, SHARD_METADATA, Journal, fingerprint, sync_dir
+from .st import ShardWriter, encode_header, read_raw
 
 READ_THREADS = 4
 DEFAULT_GPU_MEMORY = 16 * 2**30  # device bytes a group may keep resident between amax and quantize
@@ -38,6 +40,8 @@ class Result:
     seconds: float
     bytes_read: int
     backend: str
+    resumed: int = 0  # shards kept from an interrupted run
+    complete: bool = False  # the output was already finished: checked, nothing written
 
 
 def prepare(
@@ -109,30 +113,60 @@ def convert(
                     "the budget are uploaded again from host memory for the second pass")
     if dry_run:
         return Result(plan, None, 0.0, 0, backends[0].name)
-    _prepare_output(out, plan, force)
+    journal, done = _prepare_output(out, plan, force)
+    if journal.complete and len(done) == len(plan.shards) and (out / INDEX_NAME).exists():
+        return Result(plan, out, 0.0, 0, backends[0].name, resumed=len(done), complete=True)
+    (out / INDEX_NAME).unlink(missing_ok=True)  # from here on the output is unfinished
+    _check_space(out, plan, done)
     t0 = time.perf_counter()
-    read = _run(plan, out, backends, progress)
-    return Result(plan, out, time.perf_counter() - t0, read, backends[0].name)
+    read = _run(plan, out, backends, progress, journal, done)
+    return Result(plan, out, time.perf_counter() - t0, read, backends[0].name, resumed=len(done))
 
 
-def _prepare_output(out: Path, plan: Plan, force: bool) -> None:
+def _prepare_output(out: Path, plan: Plan, force: bool) -> tuple[Journal, set[str]]:
+    """Check the output directory; return its journal and the shards a previous run finished.
+    A non-empty directory is only touched when it holds a shardquant output of the same plan
+    (then it resumes) or with --force (then what a previous conversion wrote is removed)."""
     root = plan.checkpoint.root.resolve()
     if out.resolve() == root:
         raise OutputError(f"{out}: output directory is the source directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
+    fp = fingerprint(plan)
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise OutputError(f"{out}: output directory is not empty (use --force to overwrite)")
+            journal = Journal.load(out)
+            if journal is None:
+                raise OutputError(f"{out}: output directory is not empty and holds no shardquant conversion "
+                                  "(use --force to overwrite)")
+            if journal.fingerprint != fp:
+                raise OutputError(f"{out}: holds a conversion made by a different command, version or source; "
+                                  "refusing to resume (use --force to start over)")
+            return journal, journal.valid_shards(out)
         # --force: remove what a previous conversion wrote; leave anything else alone.
         for p in out.iterdir():
             if p.is_file() and (p.name.startswith("model-") and p.name.endswith(".safetensors")
-                                or p.name.endswith(".partial") or p.name == INDEX_NAME):
+                                or p.name.endswith(".partial") or p.name in (INDEX_NAME, JOURNAL_NAME)):
                 p.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    journal = Journal(out / JOURNAL_NAME, fp)
+    try:
+        journal.save()
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write ({e.strerror or e})") from None
+    return journal, set()
+
+
+def _check_space(out: Path, plan: Plan, done: set[str]) -> None:
+    """Refuse up front when the output filesystem cannot hold what is left to write."""
+    need = sum(sum(t.nbytes for t in ts) + (1 << 20) for fname, ts in plan.shards if fname not in done)
+    need += 16 << 20  # configs, manifest, copied files, journal
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise OutputError(f"{out}: needs {need / 1e9:.2f} GB for the output but only {free / 1e9:.2f} GB are free")
 
 
 class _Counter:
@@ -154,9 +188,9 @@ class _Reader:
     arithmetic runs. Bytes held (read and not yet released by the consumer) stay within the
     largest unit plus PREFETCH_BYTES. Two-pass groups are handed over without data."""
 
-    def __init__(self, plan: Plan, counter: _Counter):
-        self.plan, self.counter = plan, counter
-        self.budget = max((u.source_bytes for u in plan.units if not _two(u)), default=0) + PREFETCH_BYTES
+    def __init__(self, units: list[Unit], counter: _Counter):
+        self.units, self.counter = units, counter
+        self.budget = max((u.source_bytes for u in units if not _two(u)), default=0) + PREFETCH_BYTES
         self.held = 0
         self.cv = threading.Condition()
         self.q: queue.Queue = queue.Queue()
@@ -179,7 +213,7 @@ class _Reader:
         # READ_THREADS reads in flight: a disk serves several outstanding requests faster than one.
         pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardquant-read")
         try:
-            for u in self.plan.units:
+            for u in self.units:
                 if _two(u):
                     self.q.put((u, None))
                     continue
@@ -218,13 +252,17 @@ def _two(u: Unit) -> bool:
 
 
 class _Shards:
-    """Opens each planned shard when its first tensor arrives; closes and renames it when full."""
+    """Opens each planned shard when its first tensor arrives; when it is full, fsyncs it, renames
+    it into place and records it in the journal. Tensors of shards a previous run finished are
+    dropped (their bytes are already on disk)."""
 
-    def __init__(self, plan: Plan, out: Path):
+    def __init__(self, plan: Plan, out: Path, journal: Journal, done: set[str], scales: dict, lock):
         self.out = out
         self.where = {t.name: i for i, (_, ts) in enumerate(plan.shards) for t in ts}
-        self.plan = plan
+        self.skip = {i for i, (fname, _) in enumerate(plan.shards) if fname in done}
+        self.plan, self.journal, self.scales, self.lock = plan, journal, scales, lock
         self.cur: ShardWriter | None = None
+        self.hash = None
         self.idx = -1
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -232,15 +270,20 @@ class _Shards:
             self._write(name, data)
         except OSError as e:
             where = self.cur.path if self.cur is not None else self.out
-            raise OutputError(f"{where}: write failed ({e.strerror or e})") from None
+            raise OutputError(f"{where}: write failed ({e.strerror or e}); "
+                              "re-run the same command to resume") from None
 
     def _write(self, name: str, data: np.ndarray) -> None:
         i = self.where[name]
+        if i in self.skip:
+            return
         if i != self.idx:
             self._finish()
             self.idx = i
             fname, tensors = self.plan.shards[i]
-            self.cur = ShardWriter(self.out / (fname + ".partial"), tensors, {"format": "pt"})
+            self.cur = ShardWriter(self.out / (fname + ".partial"), tensors, SHARD_METADATA)
+            self.hash = hashlib.sha256(encode_header(tensors, SHARD_METADATA))
+        self.hash.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
         self.cur.write(name, data)
         if self.cur.done:
             self._finish()
@@ -248,7 +291,12 @@ class _Shards:
     def _finish(self) -> None:
         if self.cur is not None:
             self.cur.close()
-            self.cur.path.replace(self.cur.path.with_suffix(""))
+            final = self.cur.path.with_suffix("")
+            self.cur.path.replace(final)
+            sync_dir(self.out)
+            with self.lock:
+                scales = dict(self.scales)
+            self.journal.record(final.name, final.stat().st_size, self.hash.hexdigest(), scales)
             self.cur = None
 
     def abort(self) -> None:
@@ -371,16 +419,17 @@ class _Devices:
             self.tasks.put(None)
 
 
-def _run(plan: Plan, out: Path, backends: list, progress: bool) -> int:
+def _run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal, done: set[str]) -> int:
     fmt = formats.get(plan.format)
-    shards = _Shards(plan, out)
+    scales: dict[str, tuple[float, float]] = {}
+    lock = threading.Lock()
+    units = _units_to_run(plan, journal, done, scales)
+    shards = _Shards(plan, out, journal, done, scales, lock)
     writer = _Writer(shards)
     counter = _Counter()
-    scales: dict[str, tuple[float, float]] = {}
-    bar = _bar(plan.source_bytes, progress)
-    reader = _Reader(plan, counter)
+    bar = _bar(sum(u.source_bytes for u in units), progress)
+    reader = _Reader(units, counter)
     stop = threading.Event()
-    lock = threading.Lock()
 
     def quantize_group(backend, g, data, job: _Job) -> None:
         two_pass = data is None
@@ -458,9 +507,28 @@ def _run(plan: Plan, out: Path, backends: list, progress: bool) -> int:
         bar.close()
     try:
         _finish(plan, out, scales, backends[0].name)
+        journal.complete = True
+        journal.save()
     except OSError as e:
         raise OutputError(f"{e.filename or out}: write failed ({e.strerror or e})") from None
     return counter.n
+
+
+def _units_to_run(plan: Plan, journal: Journal, done: set[str], scales: dict) -> list[Unit]:
+    """Units whose outputs all lie in finished shards are skipped (their scales come from the
+    journal); a group straddling a finished and an unfinished shard is computed again."""
+    if not done:
+        return list(plan.units)
+    shard_of = {t.name: fname for fname, ts in plan.shards for t in ts}
+    run = []
+    for u in plan.units:
+        names = [u.kept.name] if u.kept else [n for m in u.group.members for n in plan.outputs[m.name].values()]
+        finished = all(shard_of[n] in done for n in names)
+        if finished and u.group is not None and u.group.key in journal.scales:
+            scales[u.group.key] = tuple(journal.scales[u.group.key])
+        elif not finished or u.group is not None:
+            run.append(u)
+    return run
 
 
 def _finish(plan: Plan, out: Path, scales: dict, backend: str) -> None:

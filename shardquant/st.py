@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,11 @@ STORAGE: dict[str, np.dtype] = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound the safetensors package applies
 MAX_DIMS = 8
 _ALIGN = 8
+# repr for values taken from a header into a message: bounded in length and nesting depth (a header
+# may hold a 100 MB string or a list nested a thousand deep).
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 200, 60, 10, 4, 3
+show = _REPR.repr
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,10 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; return {name: TensorInfo}. Reads the header only."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block in open(), a device never end
+            raise HeaderError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -73,7 +83,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise HeaderError(f"{path}: truncated header")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    # ValueError also covers an integer of over 4300 digits, which Python refuses to convert
+    except (ValueError, RecursionError) as e:
         raise HeaderError(f"{path}: header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise HeaderError(f"{path}: header is not a JSON object")
@@ -92,37 +103,37 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     spans.sort()
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise HeaderError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+            raise HeaderError(f"{path}: tensors {show(n0)} and {show(n1)} overlap")
     return infos
 
 
 def _entry(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {show(name)}"
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise HeaderError(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or dict is unhashable
+        raise HeaderError(f"{where}: unsupported dtype {show(dtype)}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
         or not all(type(d) is int and 0 <= d < 2**48 for d in shape)
     ):
-        raise HeaderError(f"{where}: malformed shape {shape!r}")
+        raise HeaderError(f"{where}: malformed shape {show(shape)}")
     if (
         not isinstance(offs, list)
         or len(offs) != 2
         or not all(type(o) is int for o in offs)
         or not 0 <= offs[0] <= offs[1]
     ):
-        raise HeaderError(f"{where}: malformed data_offsets {offs!r}")
+        raise HeaderError(f"{where}: malformed data_offsets {show(offs)}")
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if offs[1] - offs[0] != nbytes:
         raise HeaderError(
             f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs {nbytes}"
         )
     if base + offs[1] > size:
-        raise HeaderError(f"{path}: truncated: tensor {name!r} ends past the end of the file")
+        raise HeaderError(f"{path}: truncated: tensor {show(name)} ends past the end of the file")
     return TensorInfo(name, dtype, tuple(shape), path, base + offs[0], nbytes)
 
 
