@@ -89,6 +89,12 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, quiet, **k
     if dry_run:
         _print_plan(res.plan)
         return
+    if res.complete:
+        if not quiet:
+            click.echo(f"{output}: already complete; {res.resumed} shards match their checksums, nothing written", err=True)
+        return
+    if res.resumed and not quiet:
+        click.echo(f"resumed: kept {res.resumed} finished shards", err=True)
     if not quiet:
         mbs = res.bytes_read / max(res.seconds, 1e-9) / 1e6
         click.echo(
@@ -140,6 +146,38 @@ def inspect(directory) -> None:
             click.echo(f"kept: {n:6d}  {r}")
     except (KeyError, TypeError, AttributeError):
         _fail(f"{path}: malformed scale manifest")
+
+
+@main.command("verify")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--source", default=None, metavar="SRC",
+              help="Source checkpoint (directory or org/name): dequantize every quantized tensor and compare.")
+@click.option("--revision", default=None, help="Hub revision of --source.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
+              help="Write the full report (violations, and with --source every tensor's SQNR) as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="With --source: PNG heat map of SQNR by layer (rows) and projection (columns).")
+@click.option("--min-sqnr", type=float, default=None,
+              help="With --source: a tensor below this SQNR (dB) is a violation [nvfp4 10, fp8 20].")
+@click.option("--top", default=10, show_default=True, help="Worst tensors listed.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing; the exit status says it all.")
+def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, quiet) -> None:
+    """Check that DIRECTORY is a well-formed NVFP4/FP8 checkpoint (modelopt or compressed-tensors
+    flavor, from any producer); exit status 1 on any violation."""
+    import json
+
+    from .verify import render, verify, write_heatmap
+
+    if plot and source is None:
+        raise click.UsageError("--plot needs --source")
+    rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr))
+    if not quiet:
+        click.echo(render(rep, top=top))
+    if json_file:
+        Path(json_file).write_text(json.dumps(rep.to_dict(top), indent=2) + "\n", encoding="utf-8")
+    if plot and rep.tensors:
+        write_heatmap(plot, rep)
+    sys.exit(0 if rep.ok else 1)
 
 
 def _print_plan(p: Plan, limit: int | None = None) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HeaderError, SourceError
-from .st import TensorInfo, read_header
+from .st import TensorInfo, read_header, short_repr
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -95,6 +97,7 @@ def scan(root: Path) -> Checkpoint:
     """Read the index (or the single file) and every shard header; check that they agree."""
     index_path = root / INDEX_NAME
     if index_path.exists():
+        _confined(root, index_path, str(index_path))
         weight_map = _read_index(index_path)
         names = sorted(set(weight_map.values()))
         shards = [_inside(root, n, index_path) for n in names]
@@ -115,7 +118,7 @@ def scan(root: Path) -> Checkpoint:
             raise SourceError(f"{root}: no safetensors checkpoint here")
     headers = {}
     for s in shards:
-        if not s.exists():
+        if not os.path.exists(s):  # unlike Path.exists, never raises (e.g. on a name too long)
             raise HeaderError(f"{index_path}: names shard {s.name!r}, which does not exist")
         headers[s] = read_header(s)
     tensors: dict[str, TensorInfo] = {}
@@ -127,21 +130,28 @@ def scan(root: Path) -> Checkpoint:
             shard = _inside(root, fname, index_path)
             info = headers[shard].get(name)
             if info is None:
-                raise HeaderError(f"{shard}: tensor {name!r} named by the index is missing from this shard")
+                raise HeaderError(f"{shard}: tensor {short_repr(name)} named by the index is missing from this shard")
             tensors[name] = info
         for s in shards:  # engines load every tensor of a listed shard: one the index omits is not droppable
             stray = sorted(n for n in headers[s] if n not in tensors or tensors[n].file != s)
             if stray:
                 more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
-                raise HeaderError(f"{s}: tensor {stray[0]!r} is in this shard but the index does not map it here{more}")
+                raise HeaderError(
+                    f"{s}: tensor {short_repr(stray[0])} is in this shard but the index does not map it here{more}"
+                )
     order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
-    config = _read_json(root / "config.json") if (root / "config.json").exists() else None
+    config, config_path = None, root / "config.json"
+    if config_path.exists():
+        _confined(root, config_path, str(config_path))
+        config = _read_json(config_path)
     weights = set(shards) | {index_path}
     extra = sorted(
         p for p in root.iterdir()
         if p.is_file() and p not in weights and not p.name.startswith(".")
         and p.suffix not in PICKLE_SUFFIXES and p.suffix != ".safetensors"
     )
+    for p in extra:  # copied into the output: a symlink must not bring in a file from elsewhere
+        _confined(root, p, str(p))
     return Checkpoint(root, {t.name: t for t in order}, shards, config, extra_files=extra)
 
 
@@ -158,13 +168,21 @@ def _inside(root: Path, name: str, named_by: Path) -> Path:
     (symlinks included)."""
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
-        raise HeaderError(f"{named_by}: shard path {name!r} leaves the source directory")
+        raise HeaderError(f"{named_by}: shard path {short_repr(name)} leaves the source directory")
     full = root / p
-    if full.is_symlink():
-        target = full.resolve()
-        if not _hub_blob(root, target) and root.resolve() not in target.parents:
-            raise HeaderError(f"{named_by}: shard {name!r} is a symlink leaving the source directory")
+    _confined(root, full, f"{named_by}: shard {short_repr(name)}")
     return full
+
+
+def _confined(root: Path, path: Path, what: str) -> None:
+    """Refuse `path`, a file directly in `root`, if it is a symlink leading out of `root`."""
+    try:
+        if path.is_symlink():
+            target = path.resolve()
+            if not _hub_blob(root, target) and root.resolve() not in target.parents:
+                raise HeaderError(f"{what} is a symlink leaving the source directory")
+    except (OSError, RuntimeError) as e:  # a name too long; a symlink loop (RuntimeError before 3.13)
+        raise HeaderError(f"{what}: cannot resolve ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _hub_blob(root: Path, target: Path) -> bool:
@@ -177,9 +195,12 @@ def _hub_blob(root: Path, target: Path) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block in open(), a device never end
+            raise HeaderError(f"{path}: not a regular file")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    # ValueError: bad UTF-8 or JSON, or an integer of over 4300 digits (which Python refuses to convert)
+    except (OSError, ValueError, RecursionError) as e:
         raise HeaderError(f"{path}: unreadable JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise HeaderError(f"{path}: expected a JSON object")

@@ -43,7 +43,7 @@ _ALIGN = 8
 # may hold a 100 MB string or a list nested a thousand deep).
 _REPR = reprlib.Repr()
 _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 200, 60, 10, 4, 3
-show = _REPR.repr
+short_repr = _REPR.repr
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,10 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; return {name: TensorInfo}. Reads the header only."""
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block in open(), a device never end
+        fst = path.stat()
+        if not stat.S_ISREG(fst.st_mode):  # a FIFO would block in open(), a device never end
             raise HeaderError(f"{path}: not a regular file")
-        size = st.st_size
+        size = fst.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -103,37 +103,37 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     spans.sort()
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise HeaderError(f"{path}: tensors {show(n0)} and {show(n1)} overlap")
+            raise HeaderError(f"{path}: tensors {short_repr(n0)} and {short_repr(n1)} overlap")
     return infos
 
 
 def _entry(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
-    where = f"{path}: tensor {show(name)}"
+    where = f"{path}: tensor {short_repr(name)}"
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or dict is unhashable
-        raise HeaderError(f"{where}: unsupported dtype {show(dtype)}")
+        raise HeaderError(f"{where}: unsupported dtype {short_repr(dtype)}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
         or not all(type(d) is int and 0 <= d < 2**48 for d in shape)
     ):
-        raise HeaderError(f"{where}: malformed shape {show(shape)}")
+        raise HeaderError(f"{where}: malformed shape {short_repr(shape)}")
     if (
         not isinstance(offs, list)
         or len(offs) != 2
         or not all(type(o) is int for o in offs)
         or not 0 <= offs[0] <= offs[1]
     ):
-        raise HeaderError(f"{where}: malformed data_offsets {show(offs)}")
+        raise HeaderError(f"{where}: malformed data_offsets {short_repr(offs)}")
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if offs[1] - offs[0] != nbytes:
         raise HeaderError(
             f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs {nbytes}"
         )
     if base + offs[1] > size:
-        raise HeaderError(f"{path}: truncated: tensor {show(name)} ends past the end of the file")
+        raise HeaderError(f"{path}: truncated: tensor {short_repr(name)} ends past the end of the file")
     return TensorInfo(name, dtype, tuple(shape), path, base + offs[0], nbytes)
 
 

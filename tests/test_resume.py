@@ -1,0 +1,201 @@
+"""Crash safety: a conversion killed (SIGKILL) at several points resumes on re-run and ends
+byte-identical to an uninterrupted run; finished outputs are checked, not rewritten; a changed
+command or source is refused; disk-full and write errors end cleanly and resumably."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import shardquant.convert as conv
+from shardquant.errors import OutputError
+from shardquant.journal import JOURNAL_NAME
+from shardquant.testing import qwen3_moe, write_checkpoint
+
+INDEX = "model.safetensors.index.json"
+# A conversion in a child process that announces its progress and slows down at chosen points,
+# so that the parent can kill it there.
+CHILD = r"""
+import sys, time
+import shardquant.convert as conv
+import shardquant.st as st
+stage, count = sys.argv[3], int(sys.argv[4])
+seen = {"SHARD": 0, "MID": 0}
+orig_finish_shard = conv._Shards._finish
+def finish_shard(self):
+    had = self.cur is not None
+    orig_finish_shard(self)
+    if had:
+        print("SHARD", flush=True)
+        seen["SHARD"] += 1
+        if stage == "after-shard" and seen["SHARD"] == count:
+            time.sleep(30)
+conv._Shards._finish = finish_shard
+orig_write = st.ShardWriter.write
+def write(self, name, data):
+    orig_write(self, name, data)
+    if stage == "mid-shard" and self._i == 2:
+        self._f.flush()
+        print("MID", flush=True)
+        seen["MID"] += 1
+        if seen["MID"] == count:
+            time.sleep(30)
+st.ShardWriter.write = write
+orig_final = conv._finish
+def final(*a):
+    print("FINAL", flush=True)
+    if stage == "before-index":
+        time.sleep(30)
+    orig_final(*a)
+conv._finish = final
+conv.convert(sys.argv[1], sys.argv[2], "nvfp4", device="cpu", max_shard_size=40_000)
+print("DONE", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("src"), qwen3_moe(hidden=64, layers=3, experts=6, inter=32),
+                            shard_bytes=100_000)
+
+
+@pytest.fixture(scope="module")
+def clean(src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    return out
+
+
+def files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def kill_at(src: Path, out: Path, stage: str, marker: str, count: int = 1) -> None:
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(out), stage, str(count)],
+                         stdout=subprocess.PIPE, text=True)
+    seen = 0
+    deadline = time.time() + 120
+    for line in p.stdout:
+        if line.strip() == marker:
+            seen += 1
+            if seen == count:
+                break
+        assert time.time() < deadline
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert seen == count, f"the child never reached {marker} x{count}"
+    assert not (out / INDEX).exists()  # a killed run never looks finished
+
+
+@pytest.mark.parametrize("stage,marker,count", [
+    ("after-shard", "SHARD", 1),   # between shards
+    ("after-shard", "SHARD", 3),   # further on
+    ("mid-shard", "MID", 2),       # inside a shard being written
+    ("before-index", "FINAL", 1),  # every shard done, configs and index not yet
+])
+def test_killed_conversion_resumes_byte_identical(src, clean, tmp_path, stage, marker, count):
+    out = tmp_path / "out"
+    kill_at(src, out, stage, marker, count)
+    before = {p.name for p in out.iterdir()}
+    assert JOURNAL_NAME in before
+    r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    if stage != "mid-shard" or count > 1:
+        assert r.resumed >= 1  # finished shards were kept, not redone
+    assert r.resumed < len(r.plan.shards) or stage == "before-index"
+    assert files(out) == files(clean)
+
+
+def test_finished_output_is_checked_not_rewritten(src, clean, tmp_path):
+    out = tmp_path / "out"
+    conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert r.complete and r.bytes_read == 0 and r.resumed == len(r.plan.shards)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert files(out) == files(clean)
+
+
+def test_corrupted_finished_shard_is_redone(src, clean, tmp_path):
+    out = tmp_path / "out"
+    conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    victim = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert not r.complete and r.resumed == len(r.plan.shards) - 1
+    assert files(out) == files(clean)
+
+
+def test_changed_command_or_source_is_refused(src, tmp_path):
+    out = tmp_path / "out"
+    conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    with pytest.raises(OutputError, match="different command.*--force"):
+        conv.convert(str(src), out, "fp8", device="cpu", max_shard_size=40_000)
+    with pytest.raises(OutputError, match="different command"):
+        conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000, expert_policy="per-expert")
+    r = conv.convert(str(src), out, "fp8", device="cpu", max_shard_size=40_000, force=True)
+    assert not r.complete and r.resumed == 0
+    assert r.plan.format == "fp8"
+
+
+def test_changed_source_is_refused(tmp_path):
+    src = write_checkpoint(tmp_path / "src", qwen3_moe(hidden=64, layers=1, experts=4, inter=32), shard_bytes=100_000)
+    out = tmp_path / "out"
+    conv.convert(str(src), out, "nvfp4", device="cpu")
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    with pytest.raises(OutputError, match="different command, version or source"):
+        conv.convert(str(src), out, "nvfp4", device="cpu")
+
+
+def test_not_enough_space_is_an_error_up_front(src, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 50_000, 50_000))
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"needs .* GB for the output but only 0\.00 GB are free"):
+        conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert not list(out.glob("model-*"))
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_write_failure_mid_way_is_clean_and_resumable(src, clean, tmp_path, monkeypatch, err):
+    import shardquant.st as st
+
+    orig = st.ShardWriter.write
+    last = conv.prepare(str(src), "nvfp4", max_shard_size=40_000).shards[-1][0]
+
+    def failing(self, name, data):  # the disk fills up in the last shard
+        if self.path.name.startswith(last):
+            raise OSError(err, os.strerror(err))
+        orig(self, name, data)
+
+    monkeypatch.setattr(st.ShardWriter, "write", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=rf"write failed \({os.strerror(err)}\); re-run the same command to resume"):
+        conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert not (out / INDEX).exists()
+    monkeypatch.setattr(st.ShardWriter, "write", orig)
+    r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert r.resumed >= 1
+    assert files(out) == files(clean)
+
+
+def test_cli_says_resumed_and_complete(src, tmp_path):
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+
+    out = tmp_path / "out"
+    args = ["convert", str(src), "--format", "nvfp4", "-o", str(out), "--max-shard-size", "40KB"]
+    assert CliRunner().invoke(main, args + ["-q"]).exit_code == 0
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "already complete" in r.output and "nothing written" in r.output
