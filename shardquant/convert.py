@@ -3,33 +3,22 @@ shards written header first. The CLI is a thin mirror of this function."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import queue
 import shutil
-import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
 
 from . import flavors, formats, manifest
 from .errors import OutputError, ShardquantError, SourceError
 from .backend import get_backends
-from .plan import (
-    DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, PREFETCH_BYTES, WRITE_AHEAD_BYTES, Plan, Unit, make_plan,
-)
+from .pipeline import run
+from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, load_rules
 from .source import INDEX_NAME, Checkpoint, open_checkpoint
-from .journal import JOURNAL_NAME, SHARD_METADATA, Journal, fingerprint, sync_dir
-from .st import ShardWriter, encode_header, read_raw
+from .journal import JOURNAL_NAME, Journal, fingerprint
 
-READ_THREADS = 4
 DEFAULT_GPU_MEMORY = 16 * 2**30  # device bytes a group may keep resident between amax and quantize
 
 
@@ -119,7 +108,13 @@ def convert(
     (out / INDEX_NAME).unlink(missing_ok=True)  # from here on the output is unfinished
     _check_space(out, plan, done)
     t0 = time.perf_counter()
-    read = _run(plan, out, backends, progress, journal, done)
+    read, scales = run(plan, out, backends, progress, journal, done)
+    try:
+        _finish(plan, out, scales, backends[0].name)
+        journal.complete = True
+        journal.save()
+    except OSError as e:
+        raise OutputError(f"{e.filename or out}: write failed ({e.strerror or e})") from None
     return Result(plan, out, time.perf_counter() - t0, read, backends[0].name, resumed=len(done))
 
 
@@ -169,368 +164,6 @@ def _check_space(out: Path, plan: Plan, done: set[str]) -> None:
         raise OutputError(f"{out}: needs {need / 1e9:.2f} GB for the output but only {free / 1e9:.2f} GB are free")
 
 
-class _Counter:
-    """Bytes read from the source, across threads (the benchmark checks it equals the source size)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self._lock = threading.Lock()
-
-    def read(self, info) -> np.ndarray:
-        raw = read_raw(info)
-        with self._lock:
-            self.n += info.nbytes
-        return raw
-
-
-class _Reader:
-    """Reads units ahead on a thread, member by member, so the disk keeps working while the
-    arithmetic runs. Bytes held (read and not yet released by the consumer) stay within the
-    largest unit plus PREFETCH_BYTES. Two-pass groups are handed over without data."""
-
-    def __init__(self, units: list[Unit], counter: _Counter):
-        self.units, self.counter = units, counter
-        self.budget = max((u.source_bytes for u in units if not _two(u)), default=0) + PREFETCH_BYTES
-        self.held = 0
-        self.cv = threading.Condition()
-        self.q: queue.Queue = queue.Queue()
-        self.stop = False
-        self.t = threading.Thread(target=self._work, name="shardquant-reader", daemon=True)
-        self.t.start()
-
-    def _acquire(self, n: int) -> bool:
-        with self.cv:
-            self.cv.wait_for(lambda: self.stop or self.held + n <= self.budget)
-            self.held += n
-            return not self.stop
-
-    def release(self, n: int) -> None:
-        with self.cv:
-            self.held -= n
-            self.cv.notify_all()
-
-    def _work(self) -> None:
-        # READ_THREADS reads in flight: a disk serves several outstanding requests faster than one.
-        pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardquant-read")
-        try:
-            for u in self.units:
-                if _two(u):
-                    self.q.put((u, None))
-                    continue
-                futures = []
-                for m in (u.group.members if u.group else [u.kept]):
-                    if not self._acquire(m.nbytes):
-                        return
-                    futures.append(pool.submit(self.counter.read, m))
-                self.q.put((u, futures))
-        except BaseException as e:  # handed to the consumer, which raises it
-            self.q.put((None, e))
-        finally:
-            pool.shutdown(wait=False)
-        self.q.put((None, None))
-
-    def __iter__(self) -> Iterator[tuple[Unit, list[np.ndarray] | None]]:
-        while True:
-            u, futures = self.q.get()
-            if u is None:
-                if isinstance(futures, BaseException):
-                    raise futures
-                return
-            data = None if futures is None else [f.result() for f in futures]
-            futures = None
-            yield u, data
-            data = None
-
-    def close(self) -> None:
-        with self.cv:
-            self.stop = True
-            self.cv.notify_all()
-
-
-def _two(u: Unit) -> bool:
-    return u.group is not None and u.group.two_pass
-
-
-class _Shards:
-    """Opens each planned shard when its first tensor arrives; when it is full, fsyncs it, renames
-    it into place and records it in the journal. Tensors of shards a previous run finished are
-    dropped (their bytes are already on disk)."""
-
-    def __init__(self, plan: Plan, out: Path, journal: Journal, done: set[str], scales: dict, lock):
-        self.out = out
-        self.where = {t.name: i for i, (_, ts) in enumerate(plan.shards) for t in ts}
-        self.skip = {i for i, (fname, _) in enumerate(plan.shards) if fname in done}
-        self.plan, self.journal, self.scales, self.lock = plan, journal, scales, lock
-        self.cur: ShardWriter | None = None
-        self.hash = None
-        self.idx = -1
-
-    def write(self, name: str, data: np.ndarray) -> None:
-        try:
-            self._write(name, data)
-        except OSError as e:
-            where = self.cur.path if self.cur is not None else self.out
-            raise OutputError(f"{where}: write failed ({e.strerror or e}); "
-                              "re-run the same command to resume") from None
-
-    def _write(self, name: str, data: np.ndarray) -> None:
-        i = self.where[name]
-        if i in self.skip:
-            return
-        if i != self.idx:
-            self._finish()
-            self.idx = i
-            fname, tensors = self.plan.shards[i]
-            self.cur = ShardWriter(self.out / (fname + ".partial"), tensors, SHARD_METADATA)
-            self.hash = hashlib.sha256(encode_header(tensors, SHARD_METADATA))
-        self.hash.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
-        self.cur.write(name, data)
-        if self.cur.done:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self.cur is not None:
-            self.cur.close()
-            final = self.cur.path.with_suffix("")
-            self.cur.path.replace(final)
-            sync_dir(self.out)
-            with self.lock:
-                scales = dict(self.scales)
-            self.journal.record(final.name, final.stat().st_size, self.hash.hexdigest(), scales)
-            self.cur = None
-
-    def abort(self) -> None:
-        if self.cur is not None:
-            self.cur.close(sync=False)
-            self.cur = None
-
-
-class _Writer:
-    """Writes (and fsyncs) on its own thread so the disk writes while the next group is read and
-    quantized; holds at most WRITE_AHEAD bytes of finished outputs."""
-
-    WRITE_AHEAD = WRITE_AHEAD_BYTES
-
-    def __init__(self, shards: _Shards):
-        self.shards = shards
-        self.q: queue.Queue = queue.Queue()
-        self.cv = threading.Condition()
-        self.pending = 0
-        self.error: BaseException | None = None
-        self.t = threading.Thread(target=self._work, name="shardquant-writer", daemon=True)
-        self.t.start()
-
-    def put(self, name: str, data: np.ndarray) -> None:
-        with self.cv:
-            self.cv.wait_for(lambda: self.error is not None or self.pending < self.WRITE_AHEAD)
-            if self.error is not None:
-                raise self.error
-            self.pending += data.nbytes
-        self.q.put((name, data))
-
-    def _work(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            name, data = item
-            try:
-                if self.error is None:
-                    self.shards.write(name, data)
-            except BaseException as e:
-                self.error = e
-            with self.cv:
-                self.pending -= data.nbytes
-                self.cv.notify_all()
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.t.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """Stop after what is queued is dropped; the caller is already raising."""
-        self.error = self.error or _Aborted()
-        self.q.put(None)
-        self.t.join()
-
-
-class _Aborted(Exception):
-    pass
-
-
-_DONE = object()
-
-
-class _Job:
-    """One unit's outputs, in plan order, handed from the device that computes them to the
-    writer. Bounded, so a device that runs ahead waits instead of piling outputs up."""
-
-    def __init__(self, stop: threading.Event, items: list | None = None):
-        self.q: queue.Queue = queue.Queue(maxsize=16)
-        self.stop = stop
-        for it in items or ():
-            self.q.put(it)
-
-    def put(self, item) -> None:
-        while True:
-            try:
-                self.q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if self.stop.is_set():
-                    raise _Aborted() from None
-
-
-class _Devices:
-    """One worker thread per backend (one per GPU, or the single CPU backend). Each quantizes
-    whole groups; outputs are written strictly in plan order."""
-
-    def __init__(self, backends: list, work):
-        self.free: queue.Queue = queue.Queue()
-        self.tasks: queue.Queue = queue.Queue()
-        self.threads = []
-        for b in backends:
-            self.free.put(b)
-            t = threading.Thread(target=self._loop, args=(work,), name="shardquant-device", daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _loop(self, work) -> None:
-        while True:
-            task = self.tasks.get()
-            if task is None:
-                return
-            backend, args, job = task
-            try:
-                work(backend, *args, job)
-                job.put(_DONE)
-            except BaseException as e:  # handed to the writer side, which raises it
-                try:
-                    job.put(e)
-                except _Aborted:
-                    pass
-            finally:
-                self.free.put(backend)
-
-    def close(self) -> None:
-        for _ in self.threads:
-            self.tasks.put(None)
-
-
-def _run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal, done: set[str]) -> int:
-    fmt = formats.get(plan.format)
-    scales: dict[str, tuple[float, float]] = {}
-    lock = threading.Lock()
-    units = _units_to_run(plan, journal, done, scales)
-    shards = _Shards(plan, out, journal, done, scales, lock)
-    writer = _Writer(shards)
-    counter = _Counter()
-    bar = _bar(sum(u.source_bytes for u in units), progress)
-    reader = _Reader(units, counter)
-    stop = threading.Event()
-
-    def quantize_group(backend, g, data, job: _Job) -> None:
-        two_pass = data is None
-        if two_pass:  # read each member for the amax, then again to quantize
-            amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
-            data = [None] * len(g.members)
-            handles = [None] * len(g.members)
-        else:
-            # Keep members on the device between amax and quantize while they fit its budget;
-            # the rest are uploaded again from the host copy (never read twice from disk).
-            handles, amax, kept_bytes = [], np.float32(0), 0
-            for m, raw in zip(g.members, data):
-                h = backend.load(raw)
-                amax = max(amax, backend.amax(h, m.dtype, m.name))
-                fits = backend.device_budget is None or kept_bytes + m.nbytes <= backend.device_budget
-                kept_bytes += m.nbytes if fits else 0
-                handles.append(h if fits else None)
-                del h
-        gs = fmt.global_scale(np.float32(amax))
-        with lock:
-            scales[g.key] = (float(amax), float(gs))
-        q = backend.quantizer(plan.format, gs)
-        gs_arr = flavors.FLAVORS[plan.flavor].scalar(plan.format, gs)
-        for i, m in enumerate(g.members):
-            h = handles[i]
-            if h is None:
-                h = backend.load(data[i] if data[i] is not None else counter.read(m))
-            handles[i] = data[i] = None  # release each member once quantized
-            weight, scale = q.quantize(h, m.dtype, m.name)
-            del h
-            names = plan.outputs[m.name]
-            job.put((names["weight"], weight, 0, 0))
-            if scale is not None:
-                job.put((names["scale"], scale, 0, 0))
-            job.put((names.get("global_scale", names["scale"]), gs_arr, 0 if two_pass else m.nbytes, m.nbytes))
-
-    devices = _Devices(backends, quantize_group)
-    pending: deque[_Job] = deque()
-
-    def drain_one() -> None:
-        job = pending.popleft()
-        while (item := job.q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            name, arr, release, done = item
-            writer.put(name, arr)
-            if release:
-                reader.release(release)
-            bar.update(done)
-
-    try:
-        for u, data in reader:
-            if u.kept is not None:
-                pending.append(_Job(stop, [(u.kept.name, data[0], u.kept.nbytes, u.kept.nbytes), _DONE]))
-            else:
-                while devices.free.empty() and pending:
-                    drain_one()
-                job = _Job(stop)
-                pending.append(job)
-                devices.tasks.put((devices.free.get(), (u.group, data), job))
-            data = None
-            while len(pending) > 2 * len(backends):
-                drain_one()
-        while pending:
-            drain_one()
-        writer.close()
-    except BaseException:
-        stop.set()
-        reader.close()
-        writer.abort()
-        shards.abort()
-        raise
-    finally:
-        devices.close()
-        bar.close()
-    try:
-        _finish(plan, out, scales, backends[0].name)
-        journal.complete = True
-        journal.save()
-    except OSError as e:
-        raise OutputError(f"{e.filename or out}: write failed ({e.strerror or e})") from None
-    return counter.n
-
-
-def _units_to_run(plan: Plan, journal: Journal, done: set[str], scales: dict) -> list[Unit]:
-    """Units whose outputs all lie in finished shards are skipped (their scales come from the
-    journal); a group straddling a finished and an unfinished shard is computed again."""
-    if not done:
-        return list(plan.units)
-    shard_of = {t.name: fname for fname, ts in plan.shards for t in ts}
-    run = []
-    for u in plan.units:
-        names = [u.kept.name] if u.kept else [n for m in u.group.members for n in plan.outputs[m.name].values()]
-        finished = all(shard_of[n] in done for n in names)
-        if finished and u.group is not None and u.group.key in journal.scales:
-            scales[u.group.key] = tuple(journal.scales[u.group.key])
-        elif not finished or u.group is not None:
-            run.append(u)
-    return run
-
-
 def _finish(plan: Plan, out: Path, scales: dict, backend: str) -> None:
     """Configs, manifest, copied files, and last the index: its presence marks a finished output."""
     ck: Checkpoint = plan.checkpoint
@@ -559,19 +192,3 @@ def _write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize", dynamic_ncols=True)

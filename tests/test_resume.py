@@ -23,10 +23,11 @@ INDEX = "model.safetensors.index.json"
 CHILD = r"""
 import sys, time
 import shardquant.convert as conv
+import shardquant.pipeline as pipe
 import shardquant.st as st
 stage, count = sys.argv[3], int(sys.argv[4])
 seen = {"SHARD": 0, "MID": 0}
-orig_finish_shard = conv._Shards._finish
+orig_finish_shard = pipe._Shards._finish
 def finish_shard(self):
     had = self.cur is not None
     orig_finish_shard(self)
@@ -35,7 +36,7 @@ def finish_shard(self):
         seen["SHARD"] += 1
         if stage == "after-shard" and seen["SHARD"] == count:
             time.sleep(30)
-conv._Shards._finish = finish_shard
+pipe._Shards._finish = finish_shard
 orig_write = st.ShardWriter.write
 def write(self, name, data):
     orig_write(self, name, data)
