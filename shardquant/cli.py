@@ -173,10 +173,13 @@ def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, quie
     rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr))
     if not quiet:
         click.echo(render(rep, top=top))
-    if json_file:
-        Path(json_file).write_text(json.dumps(rep.to_dict(top), indent=2) + "\n", encoding="utf-8")
-    if plot and rep.tensors:
-        write_heatmap(plot, rep)
+    try:
+        if json_file:
+            Path(json_file).write_text(json.dumps(rep.to_dict(top), indent=2) + "\n", encoding="utf-8")
+        if plot and rep.tensors:
+            write_heatmap(plot, rep)
+    except OSError as e:
+        _fail(f"{e.filename}: cannot write ({e.strerror or e})")
     sys.exit(0 if rep.ok else 1)
 
 

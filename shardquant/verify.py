@@ -21,6 +21,7 @@ vLLM inverts it back (one ulp from the producer's s2 at most: far below NVFP4's 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import re
@@ -38,7 +39,7 @@ from .errors import HeaderError, SourceError
 from .flavors import FLAVORS, Flavor
 from .formats import fp8, nvfp4
 from .formats.base import to_f32
-from .rules import BUILTIN_RULES, FLOAT_DTYPES, QUANTIZE, RuleSet
+from .rules import BUILTIN_RULES, FLOAT_DTYPES, QUANTIZE, Decision, RuleSet
 from .source import INDEX_NAME, SINGLE_NAME, _inside, _read_json, open_checkpoint
 from .st import TensorInfo, read_header, read_raw
 
@@ -236,7 +237,7 @@ def _json(path: Path, found: list[Violation]) -> dict | None:
 def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
     groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
     names = {qc.get("format")} | {g.get("format") for g in groups.values() if isinstance(g, dict)}
-    names -= {None, "mixed-precision"}
+    names = {n for n in names if isinstance(n, str) and n != "mixed-precision"}
     fmts = {CT_FORMATS.get(n) for n in names}
     fmt = None
     if len(fmts) != 1 or None in fmts:
@@ -251,35 +252,38 @@ def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
         found.append(Violation("config", "config.json", "quantization_config.ignore must be a list of names"))
         ignore = []
-    producer = f"compressed-tensors {qc['version']}" if qc.get("version") else _producer(qc.get("producer"))
+    version = qc.get("version")  # llm-compressor writes compressed-tensors' version, no producer
+    producer = _producer(qc.get("producer")) or (f"compressed-tensors {version}" if version else None)
     return Announced("compressed-tensors", fmt, producer, tuple(ignore))
 
 
 def _announced_modelopt(qc: dict, hf: dict, found: list[Violation], warnings: list[str]) -> Announced:
     hq = hf.get("quantization") if isinstance(hf.get("quantization"), dict) else {}
-    algos = {a for a in (hq.get("quant_algo"), qc.get("quant_algo")) if a is not None}
-    fmt = None
+    algos = {str(a) for a in (hq.get("quant_algo"), qc.get("quant_algo")) if a is not None}
+    algo = next(iter(algos)) if len(algos) == 1 else None
     if len(algos) > 1:
         found.append(Violation("config", "hf_quant_config.json", f"quant_algo {sorted(algos)} differs between "
                                "hf_quant_config.json and config.json"))
-    elif not algos or algos <= {"MIXED_PRECISION"} or next(iter(algos)) not in MODELOPT_ALGOS:
-        found.append(Violation("config", "hf_quant_config.json", f"quant_algo {sorted(algos) or None}: verify "
-                               f"supports {', '.join(MODELOPT_ALGOS)}"))
-    else:
-        fmt = MODELOPT_ALGOS[next(iter(algos))]
+    elif algo not in MODELOPT_ALGOS:  # MIXED_PRECISION (per-layer algorithms) included
+        found.append(Violation("config", "hf_quant_config.json", f"quant_algo {algo}: verify supports "
+                               f"{', '.join(MODELOPT_ALGOS)}"))
+    fmt = MODELOPT_ALGOS.get(algo)
     lists = {}
-    for where, d, key in (("hf_quant_config.json", hq, "exclude_modules"), ("config.json", qc, "ignore")):
-        if key in d or (where == "hf_quant_config.json" and hq):
-            v = d.get(key)
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                found.append(Violation("config", where, f"{key} must be a list of module names (never null)"))
-            else:
-                lists[where] = v
+    # hf_quant_config.json must carry exclude_modules (never null); config.json's ignore is optional
+    for where, d, key, required in (("hf_quant_config.json", hq, "exclude_modules", bool(hq)),
+                                    ("config.json", qc, "ignore", False)):
+        if key not in d and not required:
+            continue
+        v = d.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            found.append(Violation("config", where, f"{key} must be a list of module names (never null)"))
+        else:
+            lists[where] = v
     if len(lists) == 2 and set(lists["hf_quant_config.json"]) != set(lists["config.json"]):
         warnings.append("hf_quant_config.json exclude_modules and config.json ignore differ; using both")
     exclude = tuple(sorted({x for v in lists.values() for x in v}))
     producer = _producer(hf.get("producer") or qc.get("producer"))
-    return Announced("modelopt", fmt, producer, exclude, next(iter(algos)) if len(algos) == 1 else None)
+    return Announced("modelopt", fmt, producer, exclude, algo)
 
 
 def _producer(p: object) -> str | None:
@@ -468,6 +472,26 @@ def _global_value(m: Module, fl: Flavor, fmt: str) -> np.float32 | None:
     return np.float32(read_raw(t).reshape(-1)[0])
 
 
+def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
+    """Global scale finite and positive; no NaN block scale (E4M3 has no Inf: 0x7F/0xFF are NaN);
+    FP8 per-channel scales finite and positive."""
+    out = []
+    v = _global_value(m, fl, fmt)
+    if v is not None and not (np.isfinite(v) and v > 0):
+        out.append(Violation("global-scale", m.name, f"global scale {float(v)!r}"))
+    s = m.tensors.get("weight_scale")
+    if fmt == "nvfp4" and s is not None and s.dtype == "F8_E4M3":
+        nan = int(np.count_nonzero((read_raw(s) & 0x7F) == 0x7F))
+        if nan:
+            out.append(Violation("block-scale", m.name, f"{nan} of {s.numel} block scales are NaN"))
+    elif fmt == "fp8" and s is not None and s.dtype == "F32" and s.numel > 1:
+        vals = read_raw(s)
+        bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
+        if bad:
+            out.append(Violation("global-scale", m.name, f"{bad} of {s.numel} per-channel scales NaN, Inf or <= 0"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the contract
 
@@ -479,7 +503,7 @@ class _Checked:
     ann: Announced
     tensors: dict[str, TensorInfo]
     mods: dict[str, Module]
-    good: dict[str, Module]  # quantized modules whose tensors are all well-formed
+    good: dict[str, Module]  # quantized modules with every tensor and scale well-formed
     gs: dict[str, np.float32]  # source weight name -> stored global scale
     man: dict | None
     violations: list[Violation]
@@ -517,20 +541,13 @@ def _contract(root: Path) -> _Checked:
             continue
         if fl is None or ann.format is None:
             continue
-        problems = _check_module(m, fl, ann.format, ann.quant_algo)
+        problems = _check_module(m, fl, ann.format, ann.quant_algo) + _check_scales(m, fl, ann.format)
         found += problems
-        if not problems:
-            good[key] = m
         v = _global_value(m, fl, ann.format)
         if v is not None:
             gs[key] = v
-            if not (np.isfinite(v) and v > 0):
-                found.append(Violation("global-scale", m.name, f"global scale {float(v)!r}"))
-        s = m.tensors.get("weight_scale")
-        if ann.format == "nvfp4" and s is not None and s.dtype == "F8_E4M3":
-            nan = int(np.count_nonzero((read_raw(s) & 0x7F) == 0x7F))
-            if nan:
-                found.append(Violation("block-scale", m.name, f"{nan} of {s.numel} block scales are NaN"))
+        if not problems:
+            good[key] = m
     found += _fused(mods, gs)
     man = None
     if (root / manifest.MANIFEST_NAME).exists() and fl is not None and ann.format is not None:
@@ -543,13 +560,19 @@ _INNER = RuleSet()  # the same table without the vision/MTP rows: what a tensor 
 _INNER.rules = tuple(r for r in BUILTIN_RULES if r.name not in ("vision", "mtp"))
 
 
+@functools.lru_cache(maxsize=None)
+def _decide(name: str, inner: bool = False) -> Decision:
+    """What the built-in rules say of a 2-D float weight of this name."""
+    return (_INNER if inner else _RULES).classify(name, "BF16", (16, 16))
+
+
 def _is_linear(name: str) -> bool:
     """A 2-D float weight an engine loads as a linear layer: one a quantize rule claims, an output
     head, router or shared-expert gate, or a 2-D weight no rule claims; inside vision towers and MTP
     layers, the same question for the inner name (their norms and embeddings are not linears)."""
-    d = _RULES.classify(name, "BF16", (16, 16))
+    d = _decide(name)
     if d.rule in ("vision", "mtp"):
-        d = _INNER.classify(name, "BF16", (16, 16))
+        d = _decide(name, inner=True)
     return d.action == QUANTIZE or d.rule in _LINEAR_KEEPS
 
 
@@ -558,7 +581,7 @@ def _fused(mods: dict[str, Module], gs: dict[str, np.float32]) -> list[Violation
     quantized, one global scale (exact fp32 equality)."""
     sets: dict[str, list[str]] = defaultdict(list)
     for key in mods:
-        d = _RULES.classify(key, "BF16", (16, 16))
+        d = _decide(key)
         if d.action == QUANTIZE and d.fuse:
             sets[d.key].append(key)
     out = []
@@ -625,7 +648,7 @@ def _check_manifest(path: Path, ann: Announced, fl: Flavor, tensors: dict[str, T
             found.append(Violation("manifest", src, f"{e['global_scale']} holds {float(v):.9g}, manifest quantizer "
                                    f"{e['quantizer']} says {float(want):.9g}{conv}"))
     for key, m in mods.items():
-        if m.quantized and key not in mt:
+        if m.quantized and key not in mt and not excluded(m.base, ann.exclude, ann.flavor):
             found.append(Violation("manifest", m.name, "quantized, but the manifest has no entry for it"))
     for e in man["excluded"]:
         if e["name"] not in tensors:
@@ -680,7 +703,7 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
         ref = to_f32(read_raw(src), src.dtype)
         deq = _dequantize(m, fl, fmt, c.gs[key])
         signal, noise = _power(ref, deq)
-        qkey = quantizer_of.get(key) or _RULES.classify(key, "BF16", (16, 16)).key or m.name
+        qkey = quantizer_of.get(key) or _decide(key).key or m.name
         layer, proj = _layer_proj(key)
         st = TensorStat(key, int(ref.size), signal, noise, qkey, layer, proj)
         rep.tensors.append(st)
@@ -700,7 +723,7 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
             continue
         o = c.tensors.get(name)
         if o is None:
-            rep.violations.append(Violation("source", name, "source tensor is neither quantized nor kept in the output"))
+            rep.violations.append(Violation("source", name, "source tensor neither quantized nor kept in the output"))
         elif (o.dtype, o.shape) != (s.dtype, s.shape):
             rep.violations.append(Violation("source", name, f"kept as {o.dtype}{list(o.shape)}, source is "
                                             f"{s.dtype}{list(s.shape)}"))

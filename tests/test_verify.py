@@ -1,0 +1,596 @@
+"""`shardquant verify`: our outputs pass; hand-broken copies of them fail, each naming the module and
+the rule; --source measures SQNR in the band the formats allow and finds a corrupted tensor; the
+checkpoints of llm-compressor (gate/up scales that differ per expert) and ModelOpt are judged right."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import zlib
+from collections import defaultdict
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from shardquant import formats, manifest, testing
+from shardquant.cli import main
+from shardquant.convert import convert
+from shardquant.flavors import FLAVORS
+from shardquant.rules import EXPERT_POLICIES
+from shardquant.st import read_header
+from shardquant.verify import excluded, load_schema, verify, verify_contract, write_heatmap, write_png
+
+DATA = Path(__file__).parent / "data"
+LLMC = DATA / "llmc-qwen3-moe-nvfp4a16"  # tools/make_llmc_fixture.py
+MODELOPT = DATA / "modelopt-qwen3-moe-w4a16-nvfp4"  # tools/make_llmc_fixture.py --tool modelopt
+INDEX = "model.safetensors.index.json"
+MODELS = {  # small shards, so that fused sets straddle shard boundaries
+    "qwen3_moe": (testing.qwen3_moe, 20_000),
+    "deepseek_v3": (testing.deepseek_v3, 14_000),
+    "mixtral": (lambda: testing.mixtral(inter=64), 24_000),
+    "te_grouped": (testing.te_grouped, 20_000),
+}
+CT = "compressed-tensors"
+GLOBAL = {"modelopt": "weight_scale_2", CT: "weight_global_scale"}
+O_PROJ = "model.layers.0.self_attn.o_proj"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    return {name: testing.write_checkpoint(root / name, make(), shard_bytes=sb, seed=11)
+            for name, (make, sb) in MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def converted(sources, tmp_path_factory):
+    """(model, fmt, flavor, policy) -> output directory, converted once; never edit it in place."""
+    root = tmp_path_factory.mktemp("out")
+    cache: dict[tuple, Path] = {}
+
+    def get(model: str, fmt: str, flavor: str = "modelopt", policy: str = "shared") -> Path:
+        key = (model, fmt, flavor, policy)
+        if key not in cache:
+            out = root / "-".join(key)
+            convert(str(sources[model]), out, fmt, flavor=flavor, expert_policy=policy, device="cpu",
+                    max_shard_size=30_000)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def broken(converted, tmp_path):
+    """A fresh copy of a converted output, to break by hand."""
+
+    def get(*key) -> Path:
+        dst = tmp_path / "broken"
+        shutil.copytree(converted(*key), dst)
+        return dst
+
+    return get
+
+
+def rewrite(d: Path, changes: dict[str, torch.Tensor | None], near: str | None = None) -> None:
+    """Replace (tensor), delete (None) or add (into the shard holding `near`) tensors, saving the
+    shards with safetensors and keeping the index true (weight_map and total_size)."""
+    index = json.loads((d / INDEX).read_text())
+    wm = index["weight_map"]
+    by_file: dict[str, dict] = defaultdict(dict)
+    for name, t in changes.items():
+        by_file[wm.get(name) or wm[near]][name] = t
+    for fname, ch in by_file.items():
+        tensors = load_file(d / fname)
+        for name, t in ch.items():
+            if t is None:
+                del tensors[name], wm[name]
+            else:
+                tensors[name], wm[name] = t, fname
+        save_file(tensors, d / fname, metadata={"format": "pt"})
+    index["metadata"]["total_size"] = sum(t.nbytes for f in set(wm.values()) for t in read_header(d / f).values())
+    (d / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def tensor(d: Path, name: str) -> torch.Tensor:
+    wm = json.loads((d / INDEX).read_text())["weight_map"]
+    return load_file(d / wm[name])[name]
+
+
+def edit_json(path: Path, fn) -> None:
+    obj = json.loads(path.read_text())
+    fn(obj)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def rules_of(violations) -> set[str]:
+    return {v.rule for v in violations}
+
+
+def names_of(violations, rule: str) -> list[str]:
+    return [v.name for v in violations if v.rule == rule]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------------------------
+# our outputs pass
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_our_outputs_pass(converted, model, fmt, flavor):
+    out = converted(model, fmt, flavor)
+    assert len(json.loads((out / INDEX).read_text())["weight_map"]) > 0
+    assert len({p.name for p in out.glob("*.safetensors")}) > 1, "fixture should span several shards"
+    assert verify_contract(out) == []
+    rep = verify(out)
+    man = json.loads((out / manifest.MANIFEST_NAME).read_text())
+    assert (rep.flavor, rep.format, rep.modules) == (flavor, fmt, len(man["tensors"]))
+    assert rep.producer.startswith("shardquant")
+    r = cli("verify", out)
+    assert r.exit_code == 0, r.output
+    assert "OK: no violations" in r.output
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+def test_per_expert_outputs_pass(converted, flavor):
+    assert verify_contract(converted("qwen3_moe", "nvfp4", flavor, "per-expert")) == []
+
+
+def test_not_a_quantized_checkpoint(sources):
+    vs = verify_contract(sources["qwen3_moe"])
+    assert rules_of(vs) == {"config"}
+    assert cli("verify", sources["qwen3_moe"]).exit_code == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest schema
+
+@pytest.mark.parametrize("policy", EXPERT_POLICIES)
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_manifests_validate(converted, fmt, flavor, policy):
+    man = json.loads((converted("deepseek_v3", fmt, flavor, policy) / manifest.MANIFEST_NAME).read_text())
+    jsonschema.validate(man, load_schema(), cls=jsonschema.Draft202012Validator)
+
+
+def test_schema_is_draft_2020_12_package_data_and_matches_the_registries():
+    schema = json.loads((resources.files("shardquant") / "manifest.schema.json").read_text())
+    assert schema == load_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    jsonschema.Draft202012Validator.check_schema(schema)
+    props = schema["properties"]
+    assert props["schema_version"]["const"] == manifest.SCHEMA_VERSION
+    assert props["format"]["enum"] == sorted(formats.FORMATS)
+    assert props["flavor"]["enum"] == sorted(FLAVORS)
+    assert props["expert_policy"]["enum"] == sorted(EXPERT_POLICIES)
+
+
+BREAK_MANIFEST = {
+    "no tool": lambda m: m.pop("tool"),
+    "schema_version 2": lambda m: m.update(schema_version=2),
+    "unknown format": lambda m: m.update(format="int4"),
+    "negative amax": lambda m: next(iter(m["quantizers"].values())).update(amax=-1.0),
+    "zero global scale": lambda m: next(iter(m["quantizers"].values())).update(global_scale=0.0),
+    "no members": lambda m: next(iter(m["quantizers"].values())).update(members=[]),
+    "tensor without scale": lambda m: next(iter(m["tensors"].values())).pop("scale"),
+    "excluded without reason": lambda m: m["excluded"][0].pop("reason"),
+    "extra key": lambda m: m.update(timestamp="now"),
+    "path is a number": lambda m: m["source"].update(path=3),
+}
+
+
+@pytest.mark.parametrize("how", list(BREAK_MANIFEST))
+def test_broken_manifest_fails_schema_and_verify(broken, how):
+    d = broken("qwen3_moe", "nvfp4")
+    man = json.loads((d / manifest.MANIFEST_NAME).read_text())
+    jsonschema.validate(man, load_schema())  # the unbroken one passes
+    BREAK_MANIFEST[how](man)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(man, load_schema())
+    (d / manifest.MANIFEST_NAME).write_text(json.dumps(man))
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"manifest"}
+    assert all(v.detail.startswith("schema:") for v in vs)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-broken checkpoints: each names the rule and the module
+
+def _scaled(d, name, factor):
+    return {name: tensor(d, name) * factor}
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+@pytest.mark.parametrize("model,member,fused", [
+    ("qwen3_moe", "model.layers.1.mlp.experts.2.up_proj", "model.layers.1.mlp.experts.2.gate_up_proj"),
+    ("qwen3_moe", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.qkv_proj"),
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w3", "model.layers.1.block_sparse_moe.experts.3.w13"),
+    ("deepseek_v3", "model.layers.2.self_attn.kv_a_proj_with_mqa", "model.layers.2.self_attn.q_a_kv_a_proj"),
+    ("deepseek_v3", "model.layers.1.mlp.shared_experts.up_proj", "model.layers.1.mlp.shared_experts.gate_up_proj"),
+])
+def test_fused_scales_differ(broken, model, member, fused, flavor):
+    """One member's global scale changed: the fused set is named (and the manifest disagrees)."""
+    d = broken(model, "nvfp4", flavor, "per-expert")
+    rewrite(d, _scaled(d, f"{member}.{GLOBAL[flavor]}", 2))
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"fused-scale", "manifest"}
+    assert names_of(vs, "fused-scale") == [fused]
+    assert "ratio 2" in next(v.detail for v in vs if v.rule == "fused-scale")
+
+
+def test_fused_fp8_scales_differ(broken):
+    d = broken("qwen3_moe", "fp8", CT)
+    rewrite(d, _scaled(d, "model.layers.1.self_attn.v_proj.weight_scale", 1.5))
+    vs = verify_contract(d)
+    assert names_of(vs, "fused-scale") == ["model.layers.1.self_attn.qkv_proj"]
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+def test_missing_global_scale(broken, flavor):
+    d = broken("qwen3_moe", "nvfp4", flavor)
+    rewrite(d, {f"{O_PROJ}.{GLOBAL[flavor]}": None})
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"tensors", "manifest"}
+    [v] = [v for v in vs if v.rule == "tensors"]
+    assert v.name == O_PROJ and GLOBAL[flavor] in v.detail and "missing" in v.detail
+    r = cli("verify", d)
+    assert r.exit_code == 1 and "FAIL tensors" in r.output and O_PROJ in r.output
+
+
+def test_excluded_module_with_scales(broken):
+    d = broken("qwen3_moe", "nvfp4")
+    rewrite(d, {"model.layers.1.mlp.gate.weight_scale_2": torch.tensor(1.0)}, near="model.layers.1.mlp.gate.weight")
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"excluded-with-scales"}
+    assert names_of(vs, "excluded-with-scales") == ["model.layers.1.mlp.gate"]
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+def test_nan_block_scale(broken, flavor):
+    d = broken("qwen3_moe", "nvfp4", flavor)
+    name = "model.layers.0.mlp.experts.5.down_proj.weight_scale"
+    s = tensor(d, name).view(torch.uint8).clone()
+    s[3, 1], s[7, 0] = 0x7F, 0xFF  # both E4M3 NaN codes
+    rewrite(d, {name: s.view(torch.float8_e4m3fn)})
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"block-scale"}
+    [v] = vs
+    assert v.name == "model.layers.0.mlp.experts.5.down_proj" and v.detail.startswith("2 of ")
+
+
+@pytest.mark.parametrize("value", [math.nan, 0.0, math.inf, -1.0])
+@pytest.mark.parametrize("flavor,fmt", [("modelopt", "nvfp4"), (CT, "nvfp4"), ("modelopt", "fp8")])
+def test_bad_global_scale(broken, flavor, fmt, value):
+    d = broken("qwen3_moe", fmt, flavor)
+    name = f"{O_PROJ}.{GLOBAL[flavor] if fmt == 'nvfp4' else 'weight_scale'}"
+    rewrite(d, {name: torch.full_like(tensor(d, name), value)})
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"global-scale", "manifest"}
+    assert names_of(vs, "global-scale") == [O_PROJ]
+
+
+@pytest.mark.parametrize("shape", [(64, 33), (65, 32)])  # packed input dim and rows, each one off
+def test_weight_shape_off_by_one(broken, shape):
+    d = broken("qwen3_moe", "nvfp4")
+    rewrite(d, {f"{O_PROJ}.weight": torch.zeros(shape, dtype=torch.uint8)})
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"dtype-shape"}
+    assert names_of(vs, "dtype-shape") == [O_PROJ]
+
+
+def test_weight_dtype_wrong(broken):
+    d = broken("qwen3_moe", "fp8", CT)
+    rewrite(d, {f"{O_PROJ}.weight": tensor(d, f"{O_PROJ}.weight").view(torch.uint8)})
+    [v] = verify_contract(d)
+    assert (v.rule, v.name) == ("dtype-shape", O_PROJ) and "weight is U8, expected F8_E4M3" in v.detail
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+def test_high_precision_linear_not_excluded(broken, flavor):
+    d = broken("deepseek_v3", "nvfp4", flavor)
+    drop = {"lm_head", "model.layers.3.self_attn.o_proj", "model.layers.2.mlp.gate"}
+
+    def fix(cfg):
+        q = cfg.get("quantization", cfg.get("quantization_config"))
+        key = "exclude_modules" if "exclude_modules" in q else "ignore"
+        q[key] = [m for m in q[key] if m not in drop]
+
+    edit_json(d / "config.json", fix)
+    if flavor == "modelopt":
+        edit_json(d / "hf_quant_config.json", fix)
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"unlisted-high-precision"}
+    assert set(names_of(vs, "unlisted-high-precision")) == drop  # head, MTP-layer linear, router
+
+
+def test_fused_set_mixing_precisions(broken):
+    """k_proj kept in bf16 (and listed as excluded) while q_proj and v_proj are NVFP4."""
+    d = broken("qwen3_moe", "nvfp4")
+    k = "model.layers.1.self_attn.k_proj"
+    rewrite(d, {f"{k}.weight": torch.zeros(32, 64, dtype=torch.bfloat16), f"{k}.weight_scale": None,
+                f"{k}.weight_scale_2": None})
+    edit_json(d / "config.json", lambda c: c["quantization_config"]["ignore"].append(k))
+    edit_json(d / "hf_quant_config.json", lambda c: c["quantization"]["exclude_modules"].append(k))
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"fused-precision", "manifest"}
+    assert names_of(vs, "fused-precision") == ["model.layers.1.self_attn.qkv_proj"]
+
+
+def test_w4a4_algo_needs_input_scales(broken):
+    d = broken("mixtral", "nvfp4")
+    edit_json(d / "hf_quant_config.json", lambda c: c["quantization"].update(quant_algo="NVFP4"))
+    edit_json(d / "config.json", lambda c: c["quantization_config"].update(quant_algo="NVFP4"))
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"tensors"}
+    assert len(vs) == 32 and all("missing input_scale" in v.detail for v in vs)
+
+
+def test_index_names_a_tensor_its_shard_lacks(broken):
+    d = broken("qwen3_moe", "nvfp4")
+    other = sorted({p.name for p in d.glob("*.safetensors")})
+    name = f"{O_PROJ}.weight_scale"
+
+    def move(ix):
+        ix["weight_map"][name] = next(f for f in other if f != ix["weight_map"][name])
+
+    edit_json(d / INDEX, move)
+    vs = verify_contract(d)
+    assert "index" in rules_of(vs)
+    details = [v.detail for v in vs if v.rule == "index" and v.name == name]
+    assert any("does not hold it" in x for x in details) and any("but mapped to" in x for x in details)
+
+
+def test_shard_tensor_missing_from_index(broken):
+    d = broken("qwen3_moe", "nvfp4")
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+    edit_json(d / INDEX, lambda ix: ix["weight_map"].pop(name))
+    vs = verify_contract(d)
+    assert [v.detail.endswith("missing from the index") for v in vs if v.rule == "index"] == [True]
+    assert names_of(vs, "index") == [name]
+
+
+def test_index_total_size_wrong(broken):
+    d = broken("qwen3_moe", "fp8")
+    edit_json(d / INDEX, lambda ix: ix["metadata"].update(total_size=ix["metadata"]["total_size"] + 1))
+    [v] = verify_contract(d)
+    assert v.rule == "index" and "total_size" in v.detail
+
+
+def test_index_names_a_missing_shard(broken):
+    d = broken("qwen3_moe", "nvfp4")
+    victim = sorted(d.glob("*.safetensors"))[-1]
+    victim.unlink()
+    vs = verify_contract(d)
+    assert victim.name in names_of(vs, "index")
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+def test_manifest_disagrees_with_a_tensor(broken, flavor):
+    """o_proj stands alone: only the manifest can tell its global scale is wrong. compressed-tensors
+    stores 1/s2, so the manifest's s2 is compared with fl32(1/tensor)."""
+    d = broken("qwen3_moe", "nvfp4", flavor)
+    rewrite(d, _scaled(d, f"{O_PROJ}.{GLOBAL[flavor]}", 1.0001))
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"manifest"}
+    assert names_of(vs, "manifest") == [f"{O_PROJ}.weight"]
+
+
+def test_manifest_quantizer_not_matching_its_amax(broken):
+    d = broken("te_grouped", "fp8")
+
+    def fix(m):
+        q = m["quantizers"]["decoder.layers.0.self_attention.linear_proj"]
+        q["amax"] = q["amax"] * 2
+
+    edit_json(d / manifest.MANIFEST_NAME, fix)
+    vs = verify_contract(d)
+    assert names_of(vs, "manifest") == ["decoder.layers.0.self_attention.linear_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --source: dequantize and compare
+
+# Gaussian weights: NVFP4 (E2M1 elements, 16-element blocks with E4M3 scales) measures 20.4-20.7 dB
+# per tensor here, FP8 (E4M3, 3 mantissa bits: ~31 dB for any well-scaled data) 31.2-31.8 dB; the
+# bands leave room for other seeds and shapes, and neither band reaches the other format.
+BANDS = {"nvfp4": (19.0, 21.5), "fp8": (30.0, 33.0)}
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_sqnr_band(converted, sources, fmt, flavor):
+    out = converted("qwen3_moe", fmt, flavor)
+    rep = verify(out, str(sources["qwen3_moe"]))
+    assert rep.ok, rep.violations
+    lo, hi = BANDS[fmt]
+    assert lo <= rep.overall().sqnr_db <= hi
+    assert all(lo <= t.sqnr_db <= hi for t in rep.tensors)
+    assert len(rep.tensors) == rep.modules == 56
+    assert math.isclose(rep.overall().rel_rms, 10 ** (-rep.overall().sqnr_db / 20))
+    layers = {(L, p) for L, p, _ in rep.layers()}
+    assert (1, "mlp.experts.*.gate_proj") in layers and len(layers) == 2 * 7
+
+
+def test_corrupted_weight_is_worst(converted, sources, tmp_path):
+    d = tmp_path / "corrupt"
+    shutil.copytree(converted("qwen3_moe", "nvfp4", CT), d)
+    victim = "model.layers.1.mlp.experts.6.up_proj"
+    w = tensor(d, f"{victim}.weight_packed")
+    rewrite(d, {f"{victim}.weight_packed": torch.randint(0, 256, w.shape, dtype=torch.uint8,
+                                                          generator=torch.Generator().manual_seed(0))})
+    assert verify_contract(d) == []  # well-formed: only the numbers are wrong
+    rep = verify(d, str(sources["qwen3_moe"]))
+    worst = rep.worst(2)
+    assert worst[0].name == f"{victim}.weight" and worst[0].sqnr_db < 5
+    assert worst[1].sqnr_db > BANDS["nvfp4"][0]
+    assert [(v.rule, v.name) for v in rep.violations] == [("sqnr", f"{victim}.weight")]
+
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    r = cli("verify", d, "--source", sources["qwen3_moe"], "--json", js, "--plot", png, "--top", 3)
+    assert r.exit_code == 1 and "FAIL sqnr" in r.output and victim in r.output
+    report = json.loads(js.read_text())
+    assert report["ok"] is False and report["worst"][0] == f"{victim}.weight"
+    assert report["violations"]["sqnr"]["count"] == 1 and len(report["tensors"]) == 56
+
+    # PNG: 2 layers x 7 projections of 12-px cells; the corrupted cell is the reddest
+    w_px, h_px, rgb = read_png(png)
+    assert (w_px, h_px) == (7 * 12, 2 * 12)
+    col = [p for L, p, _ in rep.layers() if L == 1].index("mlp.experts.*.up_proj")
+    cells = rgb[6::12, 6::12]  # one pixel from the middle of each cell
+    assert tuple(cells[1, col]) == (220, 40, 40)
+    assert sum(tuple(c) == (220, 40, 40) for c in cells.reshape(-1, 3)) == 1
+    assert write_heatmap(tmp_path / "api.png", rep, cell=4) == (7 * 4, 2 * 4)  # the API the CLI calls
+    assert read_png(tmp_path / "api.png")[2][1 * 4, col * 4].tolist() == [220, 40, 40]
+
+
+def test_min_sqnr_floor(converted, sources):
+    out = converted("mixtral", "fp8")
+    assert verify(out, str(sources["mixtral"])).ok
+    rep = verify(out, str(sources["mixtral"]), min_sqnr=40.0)  # above what FP8 can reach
+    assert rules_of(rep.violations) == {"sqnr"} and len(rep.violations) == rep.modules
+
+
+def test_kept_tensor_changed_is_found_with_source(broken, sources):
+    d = broken("qwen3_moe", "nvfp4")
+    rewrite(d, {"lm_head.weight": tensor(d, "lm_head.weight") * 2})
+    assert verify_contract(d) == []  # headers and scales cannot see it
+    rep = verify(d, str(sources["qwen3_moe"]))
+    assert [(v.rule, v.name) for v in rep.violations] == [("source", "lm_head.weight")]
+
+
+def test_manifest_amax_checked_against_source(broken, sources):
+    """amax, global scale and weight_scale_2 of o_proj all agreeing, with an amax 0.01% off: the
+    contract cannot see it (and NVFP4's error hides it), the source can."""
+    d = broken("qwen3_moe", "nvfp4")
+    man = json.loads((d / manifest.MANIFEST_NAME).read_text())
+    q = man["quantizers"][O_PROJ]
+    amax = np.float32(q["amax"]) * np.float32(1.0001)
+    gs = formats.get("nvfp4").global_scale(amax)
+    q.update(amax=float(amax), global_scale=float(gs))
+    (d / manifest.MANIFEST_NAME).write_text(json.dumps(man))
+    rewrite(d, {f"{O_PROJ}.weight_scale_2": torch.tensor(float(gs), dtype=torch.float32)})
+    assert verify_contract(d) == []
+    rep = verify(d, str(sources["qwen3_moe"]))
+    assert [(v.rule, v.name) for v in rep.violations] == [("manifest", O_PROJ)]
+
+
+def test_wrong_source(sources, converted, tmp_path):
+    """Checked against another model's source: tensors of the same shape fall below the SQNR floor,
+    tensors of another shape or name are named as not fitting the source."""
+    out = converted("mixtral", "nvfp4")
+    # Same attention shapes; the same seed gives layer 0 the same attention data in both models (its
+    # tensors come first), layer 1 other data. No w1/w2/w3 in the source.
+    rep = verify(out, str(sources["qwen3_moe"]))
+    by = {r: names_of(rep.violations, r) for r in rules_of(rep.violations)}
+    assert set(by) == {"sqnr", "source"}
+    assert len(rep.tensors) == 8
+    assert sorted(by["sqnr"]) == sorted(f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkvo")
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in by["source"]
+
+    other = testing.write_checkpoint(tmp_path / "mixtral-32", testing.mixtral(inter=32), seed=11)
+    rep = verify(out, str(other))
+    [v] = [v for v in rep.violations if v.name == "model.layers.0.block_sparse_moe.experts.0.w1"]
+    assert v.rule == "source" and "does not fit source BF16[32, 64]" in v.detail
+
+
+def read_png(path: Path) -> tuple[int, int, np.ndarray]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, tag
+        chunks.append((tag, body))
+        pos += 12 + n
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, ctype, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, ctype) == (8, 2)
+    raw = zlib.decompress(b"".join(b for t, b in chunks if t == b"IDAT"))
+    rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)
+    assert not rows[:, 0].any()  # filter type 0 on every row
+    return w, h, rows[:, 1:].reshape(h, w, 3)
+
+
+def test_png_writer_round_trips(tmp_path):
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 13
+    write_png(tmp_path / "x.png", img)
+    w, h, rgb = read_png(tmp_path / "x.png")
+    assert (w, h) == (3, 2) and np.array_equal(rgb, img)
+
+
+def test_plot_needs_source(converted, tmp_path):
+    r = cli("verify", converted("qwen3_moe", "fp8"), "--plot", tmp_path / "x.png")
+    assert r.exit_code == 2 and not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints made by other tools
+
+def test_llm_compressor_gate_up_mismatch_is_reported():
+    """llm-compressor 0.14 model_free_ptq (NVFP4A16) gives each expert's gate_proj and up_proj their
+    own global scale; q/k/v it does fuse. Everything else about its checkpoint is right."""
+    assert sum(p.stat().st_size for p in LLMC.iterdir()) < 300_000
+    rep = verify(LLMC)
+    assert (rep.flavor, rep.format, rep.modules) == (CT, "nvfp4", 32)
+    assert rep.producer.startswith("compressed-tensors")
+    assert rules_of(rep.violations) == {"fused-scale"}
+    assert sorted(names_of(rep.violations, "fused-scale")) == [
+        f"model.layers.{L}.mlp.experts.{E}.gate_up_proj" for L in range(2) for E in range(4)]
+    r = cli("verify", LLMC)
+    assert r.exit_code == 1
+    assert "FAIL fused-scale: 8 x" in r.output and "model.layers.0.mlp.experts.0.gate_up_proj: gate_proj" in r.output
+
+
+def test_modelopt_checkpoint_passes():
+    """ModelOpt 0.47 (mtq.quantize W4A16_NVFP4_CFG + export_hf_checkpoint, CPU): single file, no
+    manifest; gate/up and q/k/v share their weight_scale_2, the router and lm_head are excluded."""
+    assert sum(p.stat().st_size for p in MODELOPT.iterdir()) < 300_000
+    rep = verify(MODELOPT)
+    assert rep.ok, rep.violations
+    assert (rep.flavor, rep.format, rep.modules, rep.producer) == ("modelopt", "nvfp4", 32, "modelopt 0.47.0")
+
+
+def test_modelopt_checkpoint_broken_copy_fails(tmp_path):
+    d = tmp_path / "mo"
+    shutil.copytree(MODELOPT, d)
+    name = "model.layers.1.mlp.experts.3.gate_proj.weight_scale_2"
+    tensors = load_file(d / "model.safetensors")
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    assert [(v.rule, v.name) for v in verify_contract(d)] == [
+        ("fused-scale", "model.layers.1.mlp.experts.3.gate_up_proj")]
+
+
+# ---------------------------------------------------------------------------------------------
+# exclude-list semantics
+
+@pytest.mark.parametrize("module,patterns,flavor,want", [
+    ("lm_head", ("lm_head",), CT, True),
+    ("model.layers.0.mlp.gate", ("re:.*mlp\\.gate$",), CT, True),
+    ("model.layers.0.mlp.gate_proj", ("re:.*mlp\\.gate$",), CT, False),
+    ("model.layers.0.mlp.gate", ("mlp.gate",), CT, False),  # compressed-tensors: exact names only
+    ("model.layers.0.mlp.gate", ("mlp.gate",), "modelopt", True),  # modelopt: a dotted part
+    ("model.layers.0.mlp.gate_proj", ("mlp.gate",), "modelopt", False),
+    ("model.layers.7.mlp.gate", ("model.layers.*.mlp.gate",), "modelopt", True),
+    ("model.layers.7.mlp.gate_proj", ("*mlp.gate",), "modelopt", False),
+    ("model.visual.blocks.0.attn.qkv", ("model.visual",), "modelopt", True),
+])
+def test_exclude_semantics(module, patterns, flavor, want):
+    assert excluded(module, patterns, flavor) is want
