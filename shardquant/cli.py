@@ -78,12 +78,15 @@ def main() -> None:
               help="Device bytes a quantizer may keep resident between its amax and quantize passes.")
 @click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
 @click.option("--dry-run", is_flag=True, help="Plan and print, read no weights, write nothing.")
+@click.option("--verify", "verify_output", is_flag=True,
+              help="Check the output's contract (as `shardquant verify`) before declaring success.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def convert(src, output, device, devices, gpu_memory, force, dry_run, quiet, **kw) -> None:
+def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_output, quiet, **kw) -> None:
     """Convert checkpoint SRC (a directory or an org/name hub repo)."""
     from .convert import convert as run
 
-    res = _guard(lambda: run(src, output, device=device, devices=devices, gpu_memory=gpu_memory, force=force, dry_run=dry_run,
+    res = _guard(lambda: run(src, output, device=device, devices=devices, gpu_memory=gpu_memory, force=force,
+                             dry_run=dry_run, verify=verify_output,
                              progress=not quiet and not dry_run, **kw))
     _warn(res.plan, quiet)
     if dry_run:
@@ -102,6 +105,8 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, quiet, **k
             f"{res.plan.output_bytes / 1e9:.3f} GB in {res.seconds:.1f} s ({mbs:.0f} MB/s of input)",
             err=True,
         )
+        if verify_output:
+            click.echo(f"verified: {output} meets the {res.plan.flavor} contract", err=True)
 
 
 @main.command()

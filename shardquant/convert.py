@@ -81,6 +81,7 @@ def convert(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     gpu_memory: int = DEFAULT_GPU_MEMORY,
     flavor: str = "modelopt",
+    verify: bool = False,
     progress: bool = False,
 ) -> Result:
     """Convert checkpoint `src` (directory or hub repo id) into `output`.
@@ -104,6 +105,8 @@ def convert(
         return Result(plan, None, 0.0, 0, backends[0].name)
     journal, done = _prepare_output(out, plan, force)
     if journal.complete and len(done) == len(plan.shards) and (out / INDEX_NAME).exists():
+        if verify:
+            _verify(out)
         return Result(plan, out, 0.0, 0, backends[0].name, resumed=len(done), complete=True)
     (out / INDEX_NAME).unlink(missing_ok=True)  # from here on the output is unfinished
     _check_space(out, plan, done)
@@ -115,7 +118,22 @@ def convert(
         journal.save()
     except OSError as e:
         raise OutputError(f"{e.filename or out}: write failed ({e.strerror or e})") from None
+    if verify:
+        _verify(out)
     return Result(plan, out, time.perf_counter() - t0, read, backends[0].name, resumed=len(done))
+
+
+def _verify(out: Path) -> None:
+    """--verify: the contract check on our own output before success is declared. A failure takes
+    the index away, so the output is not mistaken for a finished checkpoint."""
+    from .verify import verify_contract
+
+    bad = verify_contract(out)
+    if bad:
+        (out / INDEX_NAME).unlink(missing_ok=True)
+        rules = sorted({v.rule for v in bad})
+        raise OutputError(f"{out}: the output fails verification: {len(bad)} violation(s) of {', '.join(rules)} "
+                          f"(first: {bad[0].name}: {bad[0].detail}); run `shardquant verify {out}` for all")
 
 
 def _prepare_output(out: Path, plan: Plan, force: bool) -> tuple[Journal, set[str]]:
