@@ -79,9 +79,12 @@ def _download(repo: str, revision: str | None) -> tuple[Path, str, str | None]:
             f"{repo}: not in the local cache and the hub cannot be reached "
             "(HF_HUB_OFFLINE is set or the network is down); download it first or unset HF_HUB_OFFLINE"
         ) from None
-    except OSError as e:
+    except Exception as e:  # HTTP 5xx/429, proxy and transport errors: one line, and what to try
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(f"{repo}: download failed ({first})") from None
+        raise SourceError(
+            f"{repo}: download failed ({type(e).__name__}: {first[:200]}); check the network and HF_ENDPOINT, "
+            "or use a local copy (HF_HUB_OFFLINE=1 reads the cache)"
+        ) from None
     p = Path(local)
     return p, repo, p.name  # snapshot folders are named after the resolved commit
 

@@ -62,6 +62,19 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; return {name: TensorInfo}. Reads the header only."""
     try:
@@ -82,7 +95,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     if len(raw) != n:
         raise HeaderError(f"{path}: truncated header")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:  # one name, two tensors: which one a reader takes is undefined
+        raise HeaderError(f"{path}: header names {short_repr(e.args[0])} twice") from None
     # ValueError also covers an integer of over 4300 digits, which Python refuses to convert
     except (ValueError, RecursionError) as e:
         raise HeaderError(f"{path}: header is not valid JSON ({type(e).__name__})") from None

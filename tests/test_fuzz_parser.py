@@ -787,3 +787,17 @@ def test_cli_control_converts():
         r = CliRunner().invoke(main, ["convert", str(root), "--format", "nvfp4", "-o", str(d / "out"), "-q"])
         assert r.exit_code == 0, r.output
         assert (d / "out" / INDEX_NAME).exists()
+
+
+def test_duplicate_tensor_name_in_a_header_is_refused(tmp_path):
+    import struct
+
+    from shardquant.errors import HeaderError
+    from shardquant.st import read_header
+
+    body = (b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},'
+            b'"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}')
+    p = tmp_path / "dup.safetensors"
+    p.write_bytes(struct.pack("<Q", len(body)) + body + b"\x00" * 4)
+    with pytest.raises(HeaderError, match=r"dup\.safetensors: header names 'a' twice"):
+        read_header(p)
