@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from shardquant.testing import Model, Spec, fast_data, write_checkpoint
+from shardquant.testing import Model, fast_data, qwen3_moe, write_checkpoint
 
 HIDDEN, INTER, EXPERTS, HEADS, KV, HD, VOCAB = 2048, 768, 128, 32, 4, 128, 151936
 
@@ -37,29 +37,8 @@ def qwen3_30b_shaped(size_gb: float) -> Model:
     target = size_gb * 1e9
     layers = max(1, round(target / per_layer))
     experts = EXPERTS if target >= per_layer else max(2, int(target / per_expert))
-    vocab = VOCAB // 16
-    s: list[Spec] = [("model.embed_tokens.weight", "BF16", (vocab, HIDDEN))]
-    for L in range(layers):
-        p = f"model.layers.{L}"
-        s += [(f"{p}.input_layernorm.weight", "BF16", (HIDDEN,)),
-              (f"{p}.self_attn.q_proj.weight", "BF16", (HEADS * HD, HIDDEN)),
-              (f"{p}.self_attn.k_proj.weight", "BF16", (KV * HD, HIDDEN)),
-              (f"{p}.self_attn.v_proj.weight", "BF16", (KV * HD, HIDDEN)),
-              (f"{p}.self_attn.o_proj.weight", "BF16", (HIDDEN, HEADS * HD)),
-              (f"{p}.self_attn.q_norm.weight", "BF16", (HD,)),
-              (f"{p}.self_attn.k_norm.weight", "BF16", (HD,)),
-              (f"{p}.post_attention_layernorm.weight", "BF16", (HIDDEN,)),
-              (f"{p}.mlp.gate.weight", "BF16", (experts, HIDDEN))]
-        for E in range(experts):
-            e = f"{p}.mlp.experts.{E}"
-            s += [(f"{e}.gate_proj.weight", "BF16", (INTER, HIDDEN)),
-                  (f"{e}.up_proj.weight", "BF16", (INTER, HIDDEN)),
-                  (f"{e}.down_proj.weight", "BF16", (HIDDEN, INTER))]
-    s += [("model.norm.weight", "BF16", (HIDDEN,)), ("lm_head.weight", "BF16", (vocab, HIDDEN))]
-    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": HIDDEN,
-           "num_hidden_layers": layers, "num_experts": experts, "moe_intermediate_size": INTER,
-           "vocab_size": vocab, "num_attention_heads": HEADS, "num_key_value_heads": KV, "head_dim": HD}
-    return Model(s, cfg)
+    return qwen3_moe(hidden=HIDDEN, layers=layers, experts=experts, inter=INTER, vocab=VOCAB // 16,
+                     heads=HEADS, kv_heads=KV, head_dim=HD)
 
 
 def build(workdir: Path, size_gb: float) -> Path:
