@@ -136,6 +136,6 @@ def test_devices_all_equals_cpu(tmp_path):
     src = write_checkpoint(tmp_path / "src", qwen3_moe(hidden=128, layers=2, experts=8, inter=64), shard_bytes=300_000)
     a = convert(str(src), tmp_path / "cpu", "nvfp4", device="cpu")
     b = convert(str(src), tmp_path / "gpus", "nvfp4", devices="all")
-    assert b.backend == "cupy"
+    assert b.backend == "cupy" and b.bytes_read == a.bytes_read == a.plan.source_bytes
     for p in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert filecmp.cmp(p, tmp_path / "gpus" / p.name, shallow=False)

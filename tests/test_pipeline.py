@@ -5,7 +5,6 @@ import filecmp
 import random
 import time
 
-import numpy as np
 import pytest
 
 import shardquant.convert as conv

@@ -78,7 +78,7 @@ def main() -> None:
     res = {k: round(v, 1) for k, v in res.items()}
     res.update(card=name, mib=args.mib, reps=args.reps)
     print(json.dumps(res))
-    print(f"| kernel | GB/s | / copy |\n|---|---|---|")
+    print("| kernel | GB/s | / copy |\n|---|---|---|")
     for k in ("d2d_copy", "amax", "nvfp4", "fp8", "h2d_pinned"):
         print(f"| {k} | {res[k]:.0f} | {res[k] / res['d2d_copy']:.2f} |")
 

@@ -12,7 +12,6 @@ from ..errors import ShardquantError
 
 _SRC = Path(__file__).with_name("kernels.cu")
 _TYPES = {"BF16": "unsigned short", "F16": "Half", "F32": "float"}
-_NONFINITE = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000}
 _THREADS = 256
 
 
