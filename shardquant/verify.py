@@ -810,14 +810,17 @@ def heatmap_grid(rep: Report) -> tuple[list[int], list[str], list[list[float]]]:
     return rows, cols, [[cells.get((L, p), math.nan) for p in cols] for L in rows]
 
 
-def write_heatmap(path: str | Path, rep: Report, cell: int = 12) -> tuple[int, int]:
-    """PNG heat map of SQNR by layer (rows) and projection (columns), no text: red at the lowest
-    SQNR of the checkpoint through yellow to green at the highest, grey where there is no tensor.
-    Written with zlib and struct (no plotting dependency). Returns (width, height) in pixels."""
+def write_heatmap(path: str | Path, rep: Report, cell: int = 16) -> tuple[int, int]:
+    """PNG heat map of SQNR by layer (rows) and projection (columns, in the order `render` lists
+    them), no text. The colour scale is absolute, so pictures of different checkpoints compare:
+    red at or below the SQNR floor (10 dB NVFP4, 20 dB FP8), through yellow, to green at 15 dB above
+    it; grey where a layer has no such tensor. Written with zlib and struct (no plotting
+    dependency). Returns (width, height) in pixels."""
     rows, cols, grid = heatmap_grid(rep)
     vals = np.array(grid, dtype=np.float64).reshape(len(rows), len(cols))
     finite = vals[np.isfinite(vals)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    lo = rep.min_sqnr if rep.min_sqnr is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = lo + 15.0
     t = np.clip((np.nan_to_num(vals, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-9), 0, 1)
     rgb = np.empty(vals.shape + (3,), np.uint8)
     rgb[..., 0] = np.where(t < 0.5, 220, 220 * (1 - t) * 2).astype(np.uint8)

@@ -447,11 +447,11 @@ def test_corrupted_weight_is_worst(converted, sources, tmp_path):
     assert report["ok"] is False and report["worst"][0] == f"{victim}.weight"
     assert report["violations"]["sqnr"]["count"] == 1 and len(report["tensors"]) == 56
 
-    # PNG: 2 layers x 7 projections of 12-px cells; the corrupted cell is the reddest
+    # PNG: 2 layers x 7 projections of 16-px cells; only the corrupted cell is red (below the floor)
     w_px, h_px, rgb = read_png(png)
-    assert (w_px, h_px) == (7 * 12, 2 * 12)
+    assert (w_px, h_px) == (7 * 16, 2 * 16)
     col = [p for L, p, _ in rep.layers() if L == 1].index("mlp.experts.*.up_proj")
-    cells = rgb[6::12, 6::12]  # one pixel from the middle of each cell
+    cells = rgb[8::16, 8::16]  # one pixel from the middle of each cell
     assert tuple(cells[1, col]) == (220, 40, 40)
     assert sum(tuple(c) == (220, 40, 40) for c in cells.reshape(-1, 3)) == 1
     assert write_heatmap(tmp_path / "api.png", rep, cell=4) == (7 * 4, 2 * 4)  # the API the CLI calls
