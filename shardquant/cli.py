@@ -171,7 +171,8 @@ def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, quie
     flavor, from any producer); exit status 1 on any violation."""
     import json
 
-    from .verify import render, verify, write_heatmap
+    from .report import render, write_heatmap
+    from .verify import verify
 
     if plot and source is None:
         raise click.UsageError("--plot needs --source")

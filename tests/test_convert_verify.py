@@ -4,6 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 import shardquant.verify as verify_mod
+from shardquant.report import Violation
 from shardquant.cli import main
 from shardquant.convert import convert
 from shardquant.errors import OutputError
@@ -28,7 +29,7 @@ def test_verify_flag_passes_our_output(src, tmp_path, fmt, flavor):
 
 
 def test_verify_failure_is_an_error_and_takes_the_index_away(src, tmp_path, monkeypatch):
-    bad = verify_mod.Violation("fused-scale", "model.layers.0.mlp.experts.3", "gate/up global scales differ")
+    bad = Violation("fused-scale", "model.layers.0.mlp.experts.3", "gate/up global scales differ")
     monkeypatch.setattr(verify_mod, "verify_contract", lambda path: [bad])
     out = tmp_path / "out"
     with pytest.raises(OutputError, match=r"fails verification: 1 violation\(s\) of fused-scale .*experts\.3"):

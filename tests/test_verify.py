@@ -26,7 +26,8 @@ from shardquant.convert import convert
 from shardquant.flavors import FLAVORS
 from shardquant.rules import EXPERT_POLICIES
 from shardquant.st import read_header
-from shardquant.verify import excluded, load_schema, verify, verify_contract, write_heatmap, write_png
+from shardquant.report import write_heatmap, write_png
+from shardquant.verify import excluded, load_schema, verify, verify_contract
 
 DATA = Path(__file__).parent / "data"
 LLMC = DATA / "llmc-qwen3-moe-nvfp4a16"  # tools/make_llmc_fixture.py
