@@ -17,11 +17,17 @@ class NumpyBackend:
     name = "numpy"
     device_budget = None  # the host copy is the working copy
 
+    alloc = staticmethod(np.empty)  # host arrays that reads land in
+
     def load(self, raw: np.ndarray) -> np.ndarray:
         return raw
 
     def amax(self, x: np.ndarray, dtype: str, name: str) -> np.float32:
         return tensor_amax(x, dtype, name)
+
+    def amaxes(self, items) -> list[np.float32]:
+        """max |x| of each (array, dtype, name)."""
+        return [self.amax(x, dtype, name) for x, dtype, name in items]
 
     def quantizer(self, fmt: str, gs: np.float32):
         return formats.get(fmt).Quantizer(gs)
@@ -36,11 +42,20 @@ class CupyBackend:
         self.dev = get_device(device)
         self.device_budget = device_budget
 
+    def alloc(self, shape, dtype) -> np.ndarray:
+        """Pinned host memory (pooled by CuPy): copies from it to the device run at full speed."""
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
+
     def load(self, raw: np.ndarray):
         return self.dev.to_device(raw)
 
     def amax(self, x, dtype: str, name: str) -> np.float32:
         return self.dev.amax(x, dtype, name)
+
+    def amaxes(self, items) -> list[np.float32]:
+        return self.dev.amaxes(items)
 
     def quantizer(self, fmt: str, gs: np.float32):
         return _CupyQuantizer(self.dev, fmt, gs)
@@ -52,10 +67,10 @@ class _CupyQuantizer:
 
     def quantize(self, x, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         if self.fmt == "nvfp4":
-            packed, scales = self.dev.nvfp4(x, dtype, self.gs)
-            return packed.get(), scales.get()
+            packed, scales = self.dev.to_host(*self.dev.nvfp4(x, dtype, self.gs))
+            return packed, scales
         if self.fmt == "fp8":
-            return self.dev.fp8(x, dtype, self.gs).get(), None
+            return self.dev.to_host(self.dev.fp8(x, dtype, self.gs))[0], None
         raise ShardquantError(f"format {self.fmt!r} has no GPU kernel")
 
 

@@ -26,12 +26,13 @@ READ_THREADS = 4
 class _Counter:
     """Bytes read from the source, across threads (the benchmark checks it equals the source size)."""
 
-    def __init__(self) -> None:
+    def __init__(self, alloc=np.empty) -> None:
         self.n = 0
+        self.alloc = alloc
         self._lock = threading.Lock()
 
     def read(self, info) -> np.ndarray:
-        raw = read_raw(info)
+        raw = read_raw(info, self.alloc)
         with self._lock:
             self.n += info.nbytes
         return raw
@@ -281,7 +282,7 @@ def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal,
     units = _units_to_run(plan, journal, done, scales)
     shards = _Shards(plan, out, journal, done, scales, lock)
     writer = _Writer(shards)
-    counter = _Counter()
+    counter = _Counter(backends[0].alloc)
     bar = _bar(sum(u.source_bytes for u in units), progress)
     reader = _Reader(units, counter)
     stop = threading.Event()
@@ -293,16 +294,21 @@ def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal,
             data = [None] * len(g.members)
             handles = [None] * len(g.members)
         else:
-            # Keep members on the device between amax and quantize while they fit its budget;
-            # the rest are uploaded again from the host copy (never read twice from disk).
-            handles, amax, kept_bytes = [], np.float32(0), 0
-            for m, raw in zip(g.members, data):
-                h = backend.load(raw)
-                amax = max(amax, backend.amax(h, m.dtype, m.name))
-                fits = backend.device_budget is None or kept_bytes + m.nbytes <= backend.device_budget
-                kept_bytes += m.nbytes if fits else 0
-                handles.append(h if fits else None)
-                del h
+            # One amax launch per member and one synchronization per group. Members stay on the
+            # device between amax and quantize while they fit its budget; the rest are uploaded
+            # again from the host copy (never read twice from disk).
+            handles, kept_bytes = [], 0
+
+            def loaded():
+                nonlocal kept_bytes
+                for m, raw in zip(g.members, data):
+                    h = backend.load(raw)
+                    fits = backend.device_budget is None or kept_bytes + m.nbytes <= backend.device_budget
+                    kept_bytes += m.nbytes if fits else 0
+                    handles.append(h if fits else None)
+                    yield h, m.dtype, m.name
+
+            amax = max(backend.amaxes(loaded()), default=np.float32(0))
         gs = fmt.global_scale(np.float32(amax))
         with lock:
             scales[g.key] = (float(amax), float(gs))
@@ -310,11 +316,12 @@ def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal,
         gs_arr = flavors.FLAVORS[plan.flavor].scalar(plan.format, gs)
         for i, m in enumerate(g.members):
             h = handles[i]
+            raw = data[i] if data[i] is not None or h is not None else counter.read(m)
             if h is None:
-                h = backend.load(data[i] if data[i] is not None else counter.read(m))
+                h = backend.load(raw)
+            weight, scale = q.quantize(h, m.dtype, m.name)  # synchronizes: raw's copy is done
             handles[i] = data[i] = None  # release each member once quantized
-            weight, scale = q.quantize(h, m.dtype, m.name)
-            del h
+            del h, raw
             names = plan.outputs[m.name]
             job.put((names["weight"], weight, 0, 0))
             if scale is not None:

@@ -94,28 +94,48 @@ class Device:
         self.device = cupy.cuda.Device(index)
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
-            self._amax = cupy.zeros(1, dtype=cupy.uint32)
         self._thr, self._thr_key = None, None
         _module(index)
 
     def to_device(self, raw: np.ndarray):
-        with self.device:
-            return self.cp.asarray(raw.view(np.uint16) if raw.dtype == np.float16 else raw)
+        """Copy to the device on this device's stream: asynchronous from pinned host memory, so the
+        caller keeps `raw` alive until the stream is synchronized (amaxes and quantize do that)."""
+        src = raw.view(np.uint16) if raw.dtype == np.float16 else raw
+        with self.device, self.stream:
+            x = self.cp.empty(src.shape, dtype=src.dtype)
+            x.set(src, stream=self.stream)
+        return x
+
+    def amaxes(self, items) -> list[np.float32]:
+        """max |x| of each (device array, dtype, name), exact: one launch each into one buffer and
+        one synchronization for the lot; NaN/Inf raise NumericError naming the tensor. A device
+        array may be dropped as soon as its launch is queued (the pool reuses memory in stream order)."""
+        from ..formats.base import check_finite, mag_to_f32
+
+        dtypes, names = [], []
+        with self.device, self.stream:
+            buf = self.cp.zeros(256, dtype=self.cp.uint32)
+            for i, (x, dtype, name) in enumerate(items):
+                if i == len(buf):
+                    buf = self.cp.concatenate([buf, self.cp.zeros(len(buf), dtype=self.cp.uint32)])
+                dtypes.append(dtype)
+                names.append(name)
+                if x.size:
+                    blocks = min(4 * 132 * 8, _grid(x.size)[0])
+                    _kernel(self.index, "amax_bits", dtype)((blocks,), (_THREADS,), (x, np.int64(x.size), buf[i:i + 1]),
+                                                            stream=self.stream)
+            ms = buf[: len(names)].get(stream=self.stream)
+            self.stream.synchronize()
+        out = []
+        for m, dtype, name in zip(ms, dtypes, names):
+            check_finite(np.uint32(m), dtype, name)
+            width = np.uint32 if dtype == "F32" else np.uint16
+            out.append(np.float32(mag_to_f32(np.array([m], dtype=width), dtype)[0]))
+        return out
 
     def amax(self, x, dtype: str, name: str) -> np.float32:
         """max |x| of one tensor (device array), exact; NaN/Inf raise NumericError naming it."""
-        from ..formats.base import check_finite, mag_to_f32
-
-        if x.size == 0:
-            return np.float32(0)
-        with self.device:
-            self._amax.fill(0)
-            blocks = min(4 * 132 * 8, _grid(x.size)[0])
-            _kernel(self.index, "amax_bits", dtype)((blocks,), (_THREADS,), (x, np.int64(x.size), self._amax))
-            m = int(self._amax.get()[0])
-        check_finite(np.uint32(m), dtype, name)
-        width = np.uint32 if dtype == "F32" else np.uint16
-        return np.float32(mag_to_f32(np.array([m], dtype=width), dtype)[0])
+        return self.amaxes([(x, dtype, name)])[0]
 
     def nvfp4(self, x, dtype: str, s2: np.float32):
         """Device arrays (packed uint8 [rows, cols/2], E4M3 codes uint8 [rows, cols/16])."""
@@ -123,7 +143,7 @@ class Device:
 
         rows, cols = x.shape
         nb = x.size // 16
-        with self.device:
+        with self.device, self.stream:
             packed = self.cp.empty((rows, cols // 2), dtype=self.cp.uint8)
             scales = self.cp.empty((rows, cols // 16), dtype=self.cp.uint8)
             if nb:
@@ -132,17 +152,27 @@ class Device:
                     self._thr = self.cp.asarray(code_thresholds(np.float32(s2)).view(np.uint32))
                     self._thr_key = key
                 _kernel(self.index, "nvfp4_quant", dtype)(
-                    _grid(nb), (_THREADS,), (x, np.int64(nb), np.float32(s2), self._thr, packed, scales))
+                    _grid(nb), (_THREADS,), (x, np.int64(nb), np.float32(s2), self._thr, packed, scales),
+                    stream=self.stream)
         return packed, scales
 
     def fp8(self, x, dtype: str, scale: np.float32):
-        with self.device:
+        with self.device, self.stream:
             out = self.cp.empty(x.shape, dtype=self.cp.uint8)
             n = x.size
             if n and n % 8 == 0:
-                _kernel(self.index, "fp8_quant", dtype)(_grid(n // 8), (_THREADS,), (x, np.int64(n // 8), np.float32(scale), out))
+                _kernel(self.index, "fp8_quant", dtype)(_grid(n // 8), (_THREADS,), (x, np.int64(n // 8), np.float32(scale), out),
+                                                        stream=self.stream)
             elif n:
-                _kernel(self.index, "fp8_quant_scalar", dtype)(_grid(n), (_THREADS,), (x, np.int64(n), np.float32(scale), out))
+                _kernel(self.index, "fp8_quant_scalar", dtype)(_grid(n), (_THREADS,), (x, np.int64(n), np.float32(scale), out),
+                                                               stream=self.stream)
+        return out
+
+    def to_host(self, *xs) -> list[np.ndarray]:
+        """Device arrays back to NumPy, after everything queued on this device's stream."""
+        with self.device, self.stream:
+            out = [x.get(stream=self.stream) for x in xs]
+            self.stream.synchronize()
         return out
 
 
