@@ -17,8 +17,6 @@ class NumpyBackend:
     name = "numpy"
     device_budget = None  # the host copy is the working copy
 
-    alloc = staticmethod(np.empty)  # host arrays that reads land in
-
     def load(self, raw: np.ndarray) -> np.ndarray:
         return raw
 
@@ -41,12 +39,6 @@ class CupyBackend:
 
         self.dev = get_device(device)
         self.device_budget = device_budget
-
-    def alloc(self, shape, dtype) -> np.ndarray:
-        """Pinned host memory (pooled by CuPy): copies from it to the device run at full speed."""
-        import cupyx
-
-        return cupyx.empty_pinned(shape, dtype=dtype)
 
     def load(self, raw: np.ndarray):
         return self.dev.to_device(raw)

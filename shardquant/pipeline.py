@@ -26,13 +26,12 @@ READ_THREADS = 4
 class _Counter:
     """Bytes read from the source, across threads (the benchmark checks it equals the source size)."""
 
-    def __init__(self, alloc=np.empty) -> None:
+    def __init__(self) -> None:
         self.n = 0
-        self.alloc = alloc
         self._lock = threading.Lock()
 
     def read(self, info) -> np.ndarray:
-        raw = read_raw(info, self.alloc)
+        raw = read_raw(info)
         with self._lock:
             self.n += info.nbytes
         return raw
@@ -282,7 +281,7 @@ def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal,
     units = _units_to_run(plan, journal, done, scales)
     shards = _Shards(plan, out, journal, done, scales, lock)
     writer = _Writer(shards)
-    counter = _Counter(backends[0].alloc)
+    counter = _Counter()
     bar = _bar(sum(u.source_bytes for u in units), progress)
     reader = _Reader(units, counter)
     stop = threading.Event()

@@ -152,10 +152,9 @@ def _entry(path: Path, name: str, entry: object, base: int, size: int) -> Tensor
     return TensorInfo(name, dtype, tuple(shape), path, base + offs[0], nbytes)
 
 
-def read_raw(info: TensorInfo, alloc=np.empty) -> np.ndarray:
-    """Read one tensor's bytes into a fresh array of its raw storage dtype, shaped. `alloc(shape,
-    dtype)` makes the array (the GPU path passes pinned host memory, for fast copies to the device)."""
-    out = alloc(info.shape, dtype=STORAGE[info.dtype])
+def read_raw(info: TensorInfo) -> np.ndarray:
+    """Read one tensor's bytes into a fresh array of its raw storage dtype, shaped."""
+    out = np.empty(info.shape, dtype=STORAGE[info.dtype])
     buf = memoryview(out.reshape(-1).view(np.uint8))
     try:
         with open(info.file, "rb", buffering=0) as f:

@@ -98,8 +98,8 @@ class Device:
         _module(index)
 
     def to_device(self, raw: np.ndarray):
-        """Copy to the device on this device's stream: asynchronous from pinned host memory, so the
-        caller keeps `raw` alive until the stream is synchronized (amaxes and quantize do that)."""
+        """Copy to the device on this device's stream (the caller keeps `raw` alive until the
+        stream is synchronized, as amaxes and quantize do: a copy from pinned memory is asynchronous)."""
         src = raw.view(np.uint16) if raw.dtype == np.float16 else raw
         with self.device, self.stream:
             x = self.cp.empty(src.shape, dtype=src.dtype)
