@@ -10,7 +10,7 @@ import click
 from . import __version__, formats
 from .errors import ShardquantError
 from .flavors import FLAVORS
-from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan
+from .plan import Plan
 from .rules import EXPERT_POLICIES
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -49,10 +49,10 @@ def _common(f):
                      help="Quantize 2-D weights no rule claims that match, each as its own quantizer."),
         click.option("--exclude", multiple=True, metavar="REGEX",
                      help="Keep matching tensors (or modules) in high precision."),
-        click.option("--strict", is_flag=True, help="A 2-D weight no rule claims is an error."),
-        click.option("--max-shard-size", callback=_size, default=str(DEFAULT_SHARD_SIZE), show_default=True,
+        click.option("--strict", is_flag=True, help="A weight no rule claims is an error."),
+        click.option("--max-shard-size", callback=_size, default="5GB", show_default=True,
                      help="Largest output shard, e.g. 5GB."),
-        click.option("--memory-budget", callback=_size, default=str(DEFAULT_MEMORY_BUDGET),
+        click.option("--memory-budget", callback=_size, default="8GiB",
                      show_default=True, help="Groups larger than this are read twice instead of held."),
     ]
     for o in reversed(opts):
@@ -74,7 +74,7 @@ def main() -> None:
               help="auto (the GPU when cupy sees one), cpu, cuda or cuda:N.")
 @click.option("--devices", default=None, metavar="LIST",
               help="Spread quantizers over these GPUs of this host: 0,1,... or all.")
-@click.option("--gpu-memory", callback=_size, default=str(16 * 2**30), show_default=True,
+@click.option("--gpu-memory", callback=_size, default="16GiB", show_default=True,
               help="Device bytes a quantizer may keep resident between its amax and quantize passes.")
 @click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
 @click.option("--dry-run", is_flag=True, help="Plan and print, read no weights, write nothing.")

@@ -12,3 +12,16 @@ def test_example_converts_and_names_its_format(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_algo"] == "W4A16_NVFP4"
     assert (out / "model.safetensors.index.json").exists()
+
+
+def test_cli_size_defaults_are_the_library_defaults():
+    import click
+
+    from shardquant.cli import _size, convert
+    from shardquant.convert import DEFAULT_GPU_MEMORY
+    from shardquant.plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE
+
+    defaults = {p.name: p.default for p in convert.params if isinstance(p, click.Option)}
+    assert _size(None, None, defaults["max_shard_size"]) == DEFAULT_SHARD_SIZE
+    assert _size(None, None, defaults["memory_budget"]) == DEFAULT_MEMORY_BUDGET
+    assert _size(None, None, defaults["gpu_memory"]) == DEFAULT_GPU_MEMORY
