@@ -12,15 +12,14 @@ registered in FLAVORS; the CLI's --flavor choices come from it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import __version__, formats
+from .rules import TE_WEIGHT
 
 PRODUCER = {"name": "shardquant", "version": __version__}
-_TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight(?P<idx>\d+)")
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Flavor:
     def output_names(self, fmt: str, name: str) -> dict[str, str]:
         """Source tensor `m.weight` -> its output tensors by role (weight, scale, global_scale).
         TransformerEngine's grouped `m.weight{E}` keeps its index last: `m.weight_scale{E}`."""
-        te = _TE_WEIGHT.fullmatch(name)
+        te = TE_WEIGHT.fullmatch(name)
         base, idx = (te["base"], te["idx"]) if te else (name.removesuffix(".weight"), "")
         nvfp4 = formats.get(fmt).LAYOUT.global_scale
         names = {"weight": f"{base}.{self.packed_name if nvfp4 else 'weight'}{idx}",

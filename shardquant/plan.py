@@ -4,14 +4,13 @@ memory bound."""
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import formats
 from .errors import PlanError, RuleError
 from .flavors import FLAVORS
-from .rules import FLOAT_DTYPES, KEEP, Decision, RuleSet, module_name
+from .rules import FLOAT_DTYPES, KEEP, TE_WEIGHT, Decision, RuleSet, module_name
 from .source import Checkpoint
 from .st import OutTensor, TensorInfo
 
@@ -20,7 +19,6 @@ DEFAULT_MEMORY_BUDGET = 8 * 2**30
 PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
-_TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight(?P<idx>\d+)")
 
 
 @dataclass
@@ -186,7 +184,7 @@ def make_plan(
     exclude_modules = sorted({
         module_name(n) for n in kept
         if len(ck.tensors[n].shape) >= 2 and ck.tensors[n].dtype in FLOAT_DTYPES
-        and (n.endswith(".weight") or _TE_WEIGHT.fullmatch(n) or len(ck.tensors[n].shape) > 2)
+        and (n.endswith(".weight") or TE_WEIGHT.fullmatch(n) or len(ck.tensors[n].shape) > 2)
     })
     return Plan(
         ck, fmt, rules.expert_policy, flavor, groups, units, outputs, out_tensors,

@@ -94,13 +94,13 @@ BUILTIN_RULES: tuple[Rule, ...] = (
 )
 
 _LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\..*")
-_TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight\d+")  # TransformerEngine grouped `m.weight{E}`: module m
+TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight(?P<idx>\d+)")  # TransformerEngine grouped `m.weight{E}`: module m
 
 
 def module_name(name: str) -> str:
     """The module a weight belongs to, as engines name it in exclude lists: `m.weight` -> `m`,
     TE `m.weight{E}` -> `m`, a fused parameter such as `m.experts.gate_up_proj` -> `m.experts`."""
-    te = _TE_WEIGHT.fullmatch(name)
+    te = TE_WEIGHT.fullmatch(name)
     if te:
         return te["base"]
     if name.endswith(".weight"):
