@@ -3,6 +3,7 @@ shards written header first. The CLI is a thin mirror of this function."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,10 @@ from .pipeline import run
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, load_rules
 from .source import INDEX_NAME, Checkpoint, open_checkpoint
-from .journal import JOURNAL_NAME, Journal, fingerprint
+from .journal import JOURNAL_NAME, Journal, recipe
+from .lock import Lock
+from .output import claim_output
+from .writer import OutputDir
 
 DEFAULT_GPU_MEMORY = 16 * 2**30  # device bytes a group may keep resident between amax and quantize
 
@@ -31,6 +35,7 @@ class Result:
     backend: str
     resumed: int = 0  # shards kept from an interrupted run
     complete: bool = False  # the output was already finished: checked, nothing written
+    hashed_extra: int = 0  # source bytes read only to hash them (headers, padding, kept shards' tensors)
 
 
 def prepare(
@@ -103,74 +108,63 @@ def convert(
                     "the budget are uploaded again from host memory for the second pass")
     if dry_run:
         return Result(plan, None, 0.0, 0, backends[0].name)
-    journal, done = _prepare_output(out, plan, force)
-    if journal.complete and len(done) == len(plan.shards) and (out / INDEX_NAME).exists():
-        if verify:
-            _verify(out)
-        return Result(plan, out, 0.0, 0, backends[0].name, resumed=len(done), complete=True)
-    (out / INDEX_NAME).unlink(missing_ok=True)  # from here on the output is unfinished
-    _check_space(out, plan, done)
-    t0 = time.perf_counter()
-    read, scales = run(plan, out, backends, progress, journal, done)
+    _check_apart(out, plan.checkpoint)
+    od = OutputDir.open(out)
     try:
-        _finish(plan, out, scales, backends[0].name)
-        journal.complete = True
-        journal.save()
-    except OSError as e:
-        raise OutputError(f"{e.filename or out}: write failed ({e.strerror or e})") from None
+        with Lock(od) as lock:
+            return _convert_locked(plan, od, lock, backends, force, verify, progress)
+    finally:
+        od.close()
+
+
+def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force: bool, verify: bool,
+                    progress: bool) -> Result:
+    claim = claim_output(od, plan, force, lock.previous_token)
+    plan.warnings += claim.warnings
+    name = backends[0].name
+    if claim.complete:
+        if verify:
+            _verify(od)
+        return Result(plan, od.path, 0.0, 0, name, resumed=len(plan.shards), complete=True)
+    _check_space(od.path, plan, claim.done)
+    t0 = time.perf_counter()
+    read, scales, sources, extra = run(plan, od, backends, progress, claim.journal, claim.done)
+    _finish(plan, od, claim.journal, scales, sources, name)
     if verify:
-        _verify(out)
-    return Result(plan, out, time.perf_counter() - t0, read, backends[0].name, resumed=len(done))
+        _verify(od)
+    return Result(plan, od.path, time.perf_counter() - t0, read, name, resumed=len(claim.done),
+                  hashed_extra=extra)
 
 
-def _verify(out: Path) -> None:
+def _check_apart(out: Path, ck: Checkpoint) -> None:
+    """The source is read-only to the tool: the output may be neither inside it nor around it."""
+    o = Path(os.path.realpath(out))
+    roots = {Path(os.path.realpath(ck.root))}
+    roots |= {Path(os.path.realpath(p)).parent for p in (*ck.shards, *ck.extra_files)}
+    for r in sorted(roots):
+        if o == r:
+            raise OutputError(f"{out}: the output directory is the source directory")
+        if r in o.parents:
+            raise OutputError(f"{out}: the output directory is inside the source directory {r}; "
+                              "choose an output outside it")
+        if o in r.parents:
+            raise OutputError(f"{out}: the source directory {r} is inside this output directory; "
+                              "choose an output that does not contain the source")
+
+
+def _verify(od: OutputDir) -> None:
     """--verify: the contract check on our own output before success is declared. A failure takes
-    the index away, so the output is not mistaken for a finished checkpoint."""
+    the index away, so the output is not mistaken for a finished checkpoint. (File hashes were
+    computed as the files were written; the contract check needs no second read of them.)"""
     from .verify import verify_contract
 
-    bad = verify_contract(out)
+    bad = verify_contract(od.path, hashes=False)
     if bad:
-        (out / INDEX_NAME).unlink(missing_ok=True)
+        od.remove(INDEX_NAME)
+        od.sync()
         rules = sorted({v.rule for v in bad})
-        raise OutputError(f"{out}: the output fails verification: {len(bad)} violation(s) of {', '.join(rules)} "
-                          f"(first: {bad[0].name}: {bad[0].detail}); run `shardquant verify {out}` for all")
-
-
-def _prepare_output(out: Path, plan: Plan, force: bool) -> tuple[Journal, set[str]]:
-    """Check the output directory; return its journal and the shards a previous run finished.
-    A non-empty directory is only touched when it holds a shardquant output of the same plan
-    (then it resumes) or with --force (then what a previous conversion wrote is removed)."""
-    root = plan.checkpoint.root.resolve()
-    if out.resolve() == root:
-        raise OutputError(f"{out}: output directory is the source directory")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory")
-    fp = fingerprint(plan)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            journal = Journal.load(out)
-            if journal is None:
-                raise OutputError(f"{out}: output directory is not empty and holds no shardquant conversion "
-                                  "(use --force to overwrite)")
-            if journal.fingerprint != fp:
-                raise OutputError(f"{out}: holds a conversion made by a different command, version or source; "
-                                  "refusing to resume (use --force to start over)")
-            return journal, journal.valid_shards(out)
-        # --force: remove what a previous conversion wrote; leave anything else alone.
-        for p in out.iterdir():
-            if p.is_file() and (p.name.startswith("model-") and p.name.endswith(".safetensors")
-                                or p.name.endswith(".partial") or p.name in (INDEX_NAME, JOURNAL_NAME)):
-                p.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    journal = Journal(out / JOURNAL_NAME, fp)
-    try:
-        journal.save()
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write ({e.strerror or e})") from None
-    return journal, set()
+        raise OutputError(f"{od.path}: the output fails verification: {len(bad)} violation(s) of {', '.join(rules)} "
+                          f"(first: {bad[0].name}: {bad[0].detail}); run `shardquant verify {od.path}` for all")
 
 
 def _check_space(out: Path, plan: Plan, done: set[str]) -> None:
@@ -182,31 +176,60 @@ def _check_space(out: Path, plan: Plan, done: set[str]) -> None:
         raise OutputError(f"{out}: needs {need / 1e9:.2f} GB for the output but only {free / 1e9:.2f} GB are free")
 
 
-def _finish(plan: Plan, out: Path, scales: dict, backend: str) -> None:
-    """Configs, manifest, copied files, and last the index: its presence marks a finished output."""
+def finish_names(plan: Plan) -> list[str]:
+    """Every file the finish step writes, in order; the index comes last."""
     ck: Checkpoint = plan.checkpoint
+    names = [p.name for p in ck.extra_files if p.name != "config.json"]
+    if ck.config is not None:
+        names.append("config.json")
+    names += list(flavors.config_files(plan.flavor, plan.format, plan.exclude_modules))
+    return names + [manifest.MANIFEST_NAME, INDEX_NAME]
+
+
+def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: dict, backend: str) -> None:
+    """Copied files, configs, the manifest (with every other file's size and SHA-256), then the
+    index, whose presence marks a finished output; files of an earlier conversion that this one
+    does not write are removed, and last the journal."""
+    ck: Checkpoint = plan.checkpoint
+    names = finish_names(plan)
+    journal.intend(names)
+    files = {fname: journal.files[fname] for fname, _ in plan.shards}
     for p in ck.extra_files:
-        if p.name == "config.json":
-            continue
-        shutil.copyfile(p, out / p.name)
+        if p.name != "config.json":
+            files[p.name] = _copy(p, od)
     if ck.config is not None:
         cfg = dict(ck.config)
         cfg["quantization_config"] = flavors.quantization_config(plan.flavor, plan.format, plan.exclude_modules)
-        _write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
+        files["config.json"] = od.write_file("config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     for name, obj in flavors.config_files(plan.flavor, plan.format, plan.exclude_modules).items():
-        _write_text(out / name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    _write_text(out / manifest.MANIFEST_NAME, manifest.dumps(manifest.build(plan, scales, backend)))
+        files[name] = od.write_file(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
     index = {
         "metadata": {"total_size": plan.output_bytes},
         "weight_map": {t.name: fname for fname, ts in plan.shards for t in ts},
     }
-    _write_text(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    index_bytes = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    files[INDEX_NAME] = {"sha256": hashlib.sha256(index_bytes).hexdigest(), "size": len(index_bytes)}
+    keep = set(files) | {manifest.MANIFEST_NAME, JOURNAL_NAME}
+    for stale in sorted(set(journal.files) - keep):
+        od.remove(stale)  # written by an earlier conversion into this directory (its own record says so)
+    doc = manifest.build(plan, scales, backend, files, sources, recipe=recipe(plan))
+    od.write_file(manifest.MANIFEST_NAME, manifest.dumps(doc).encode(), )
+    od.write_file(INDEX_NAME, index_bytes)
+    od.remove(JOURNAL_NAME)
+    od.sync()
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def _copy(p: Path, od: OutputDir) -> dict:
+    """Stream one source file into the output (it may be large: a tokenizer, custom code)."""
+    f = od.create(p.name)
+    try:
+        try:
+            with open(p, "rb", buffering=0) as src:
+                while chunk := src.read(16 << 20):
+                    f.write(chunk)
+        except OSError as e:
+            raise SourceError(f"{p}: cannot read ({e.strerror or e})") from None
+        return f.commit(sync_dir=False)
+    except BaseException:
+        f.abort()
+        raise

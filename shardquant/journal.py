@@ -1,35 +1,43 @@
-"""A small journal beside the output so that a killed conversion resumes where it stopped.
+"""The resume journal, `.shardquant-journal.json`, kept in the output while a run is unfinished and
+removed when it completes (the finished output's record is then scale_manifest.json).
 
-It records the plan's fingerprint and, for every finished shard, its size, its SHA-256 and the
-scales of the quantizers computed so far. A re-run with the same fingerprint keeps the shards
-that still match their checksums and redoes the rest; the bytes come out as an uninterrupted run
-would write them. The index is written last, so a directory without it is never mistaken for a
-finished checkpoint.
+It holds the plan's fingerprint, every file this conversion wrote or is about to write (so that a
+later run, `--force` included, knows exactly what it may replace or remove), the scales of the
+quantizers computed so far, the SHA-256 of source files hashed completely, and the tokens of the
+runs whose temporary files may lie in the directory. A re-run with the same fingerprint keeps the
+shards that still match their checksums and redoes the rest; the bytes come out as an uninterrupted
+run would write them. The journal is untrusted input when read back: every field is checked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import __version__
 from .errors import OutputError
 from .plan import Plan
 from .st import encode_header
+from .writer import TOKEN_RE, OutputDir
 
 JOURNAL_NAME = ".shardquant-journal.json"
+JOURNAL_VERSION = 2
 SHARD_METADATA = {"format": "pt"}
-_CHUNK = 16 << 20
+MAX_JOURNAL_BYTES = 256 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def fingerprint(plan: Plan) -> str:
-    """Everything that decides the output bytes: tool version, format, flavor, policy, the shard
-    layout (names, dtypes, shapes, order), and the identity of every source file."""
+def recipe(plan: Plan) -> str:
+    """What decides the output bytes and can be known without reading weights: tool version,
+    format, flavor, policy, the shard layout (names, dtypes, shapes, order), the source config, and
+    each source file's name and size (and, from a hub cache, its content hash)."""
+    from .provenance import hub_sha256, source_files
+
     ck = plan.checkpoint
-    files = sorted({*ck.shards, *(p for p in ck.extra_files)}, key=lambda p: p.name)
+    files = source_files(ck)
     doc = {
         "tool": __version__,
         "format": plan.format,
@@ -37,78 +45,142 @@ def fingerprint(plan: Plan) -> str:
         "expert_policy": plan.expert_policy,
         "exclude_modules": plan.exclude_modules,
         "shards": [[fname, hashlib.sha256(encode_header(ts, SHARD_METADATA)).hexdigest()] for fname, ts in plan.shards],
-        "source": [[p.name, *_identity(p)] for p in files],
+        "source": [[p.name, p.stat().st_size, hub_sha256(p, ck)] for p in files],
         "config": hashlib.sha256(json.dumps(ck.config, sort_keys=True).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _identity(p: Path) -> list[int]:
+def fingerprint(plan: Plan) -> str:
+    """The recipe plus the identity of every source file on this machine (size, mtime and ctime:
+    ctime changes on any write and cannot be set back, so a source rewritten in place with its
+    size and mtime kept is still noticed)."""
+    from .provenance import source_files
+
+    ids = [[p.name, *identity(p)] for p in source_files(plan.checkpoint)]
+    return hashlib.sha256(json.dumps([recipe(plan), ids]).encode()).hexdigest()
+
+
+def identity(p) -> list[int]:
     st = p.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 @dataclass
 class Journal:
-    path: Path
+    od: OutputDir
     fingerprint: str
-    shards: dict[str, dict] = field(default_factory=dict)  # fname -> {"size", "sha256"}
+    files: dict[str, dict | None] = field(default_factory=dict)  # name -> {"sha256", "size"}, or None while written
     scales: dict[str, list[float]] = field(default_factory=dict)  # quantizer -> [amax, global scale]
-    complete: bool = False
+    sources: dict[str, dict] = field(default_factory=dict)  # source file -> {"sha256", "size"}
+    runs: list[str] = field(default_factory=list)  # tokens of runs whose temporary files may remain
 
     @classmethod
-    def load(cls, out: Path) -> "Journal | None":
-        path = out / JOURNAL_NAME
-        if not path.exists():
+    def load(cls, od: OutputDir) -> "Journal | None":
+        raw = od.read_bytes(JOURNAL_NAME, MAX_JOURNAL_BYTES)
+        if raw is None:
             return None
+        where = od.path / JOURNAL_NAME
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            return cls(path, str(d["fingerprint"]), dict(d["shards"]), dict(d["scales"]), bool(d["complete"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            raise OutputError(f"{path}: unreadable resume journal (use --force to start over)") from None
+            d = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise OutputError(f"{where}: unreadable resume journal (not JSON); use --force to start over") from None
+        try:
+            return cls(od, *_validate(d))
+        except _Bad as e:
+            raise OutputError(f"{where}: invalid resume journal ({e}); use --force to start over") from None
 
     def save(self) -> None:
-        doc = {"fingerprint": self.fingerprint, "shards": self.shards, "scales": self.scales,
-               "complete": self.complete, "tool": __version__}
-        tmp = self.path.with_name(self.path.name + ".partial")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        doc = {"version": JOURNAL_VERSION, "tool": __version__, "fingerprint": self.fingerprint,
+               "files": self.files, "scales": self.scales, "sources": self.sources, "runs": self.runs}
+        self.od.write_file(JOURNAL_NAME, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
-    def record(self, fname: str, size: int, digest: str, scales: dict) -> None:
-        self.shards[fname] = {"sha256": digest, "size": size}
-        self.scales.update({k: list(v) for k, v in scales.items()})
+    def intend(self, names) -> None:
+        """Record that these files are about to be written (so they are ours if a kill lands
+        between their rename and their record)."""
+        changed = False
+        for n in names:
+            if self.files.get(n, 0) is not None:
+                self.files[n] = None
+                changed = True
+        if changed:
+            self.save()
+
+    def record(self, name: str, info: dict, scales: dict | None = None) -> None:
+        self.files[name] = {"sha256": info["sha256"], "size": info["size"]}
+        if scales:
+            self.scales.update({k: [float(v[0]), float(v[1])] for k, v in scales.items()})
         self.save()
 
-    def valid_shards(self, out: Path) -> set[str]:
-        """Recorded shards still on disk with their recorded size and checksum."""
+    def valid(self, names) -> set[str]:
+        """Recorded files, of these names, still on disk with their recorded size and checksum."""
         ok = set()
-        for fname, rec in self.shards.items():
-            p = out / fname
-            if p.is_file() and p.stat().st_size == rec["size"] and file_digest(p) == rec["sha256"]:
-                ok.add(fname)
+        for n in names:
+            rec = self.files.get(n)
+            if not rec:
+                continue
+            st = self.od.lstat(n)
+            if st is None or not _regular(st) or st.st_size != rec["size"]:
+                continue
+            got = self.od.digest(n)
+            if got is not None and got == (rec["size"], rec["sha256"]):
+                ok.add(n)
         return ok
 
 
-def sync_dir(path: Path) -> None:
-    """Make renames in `path` durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _regular(st) -> bool:
+    import stat
+
+    return stat.S_ISREG(st.st_mode)
+
+
+class _Bad(Exception):
+    pass
+
+
+def plain_name(n: object) -> bool:
+    return (isinstance(n, str) and 0 < len(n) <= 255 and n not in (".", "..") and "/" not in n
+            and "\0" not in n and "\\" not in n)
+
+
+def _file_rec(v: object, what: str) -> dict:
+    if not isinstance(v, dict) or set(v) != {"sha256", "size"}:
+        raise _Bad(f"{what}: expected {{sha256, size}}")
+    if not isinstance(v["sha256"], str) or not _HEX64.fullmatch(v["sha256"]):
+        raise _Bad(f"{what}: sha256 is not 64 hex digits")
+    if type(v["size"]) is not int or not 0 <= v["size"] < 2**63:
+        raise _Bad(f"{what}: size out of range")
+    return {"sha256": v["sha256"], "size": v["size"]}
+
+
+def _validate(d: object) -> tuple:
+    if not isinstance(d, dict):
+        raise _Bad("not a JSON object")
+    if d.get("version") != JOURNAL_VERSION:
+        raise _Bad(f"version {str(d.get('version'))[:20]!r}, expected {JOURNAL_VERSION}")
+    fp = d.get("fingerprint")
+    if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
+        raise _Bad("fingerprint is not 64 hex digits")
+    files, scales, sources, runs = d.get("files"), d.get("scales"), d.get("sources"), d.get("runs")
+    if not isinstance(files, dict) or not isinstance(scales, dict) or not isinstance(sources, dict) \
+            or not isinstance(runs, list):
+        raise _Bad("files, scales, sources or runs missing or of the wrong type")
+    out_files: dict[str, dict | None] = {}
+    for n, v in files.items():
+        if not plain_name(n):
+            raise _Bad(f"file name {n[:80]!r} is not a plain file name")
+        out_files[n] = None if v is None else _file_rec(v, f"file {n[:80]!r}")
+    out_scales: dict[str, list[float]] = {}
+    for k, v in scales.items():
+        if not (isinstance(v, list) and len(v) == 2 and all(type(x) in (int, float) for x in v)
+                and all(math.isfinite(x) for x in v) and v[0] >= 0 and v[1] > 0):
+            raise _Bad(f"scales of {k[:80]!r}: expected [amax >= 0, global scale > 0], finite")
+        out_scales[k] = [float(v[0]), float(v[1])]
+    out_sources = {}
+    for n, v in sources.items():
+        if not plain_name(n):
+            raise _Bad(f"source file name {n[:80]!r} is not a plain file name")
+        out_sources[n] = _file_rec(v, f"source {n[:80]!r}")
+    if len(runs) > 10_000 or not all(isinstance(t, str) and TOKEN_RE.fullmatch(t) for t in runs):
+        raise _Bad("runs: expected a list of run tokens")
+    return fp, out_files, out_scales, out_sources, list(runs)

@@ -12,12 +12,14 @@ from pathlib import Path
 from . import __version__
 from .plan import Plan
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "scale_manifest.json"
 
 
-def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str) -> dict:
-    """scales: quantizer key -> (amax, global scale)."""
+def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
+          files: dict[str, dict], source_files: dict[str, dict], recipe: str | None = None) -> dict:
+    """scales: quantizer key -> (amax, global scale); files: every other output file's
+    {"sha256", "size"}; source_files: every source file's {"sha256", "size", "checked_against_hub"}."""
     ck = plan.checkpoint
     quantizers = {}
     tensors = {}
@@ -50,9 +52,11 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str) -> d
             "path": None if ck.repo else str(ck.root),
             "repo": ck.repo,
             "revision": ck.revision,
+            "files": {k: dict(v) for k, v in sorted(source_files.items())},
         },
+        "files": {k: dict(v) for k, v in sorted(files.items())},
         "tensors": tensors,
-        "tool": {"name": "shardquant", "version": __version__},
+        "tool": {"name": "shardquant", "version": __version__, **({"recipe": recipe} if recipe else {})},
     }
 
 

@@ -9,31 +9,35 @@ import queue
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from . import flavors, formats
-from .errors import OutputError
-from .journal import SHARD_METADATA, Journal, sync_dir
+from .journal import SHARD_METADATA, Journal
+from .provenance import SourceHasher
 from .plan import PREFETCH_BYTES, WRITE_AHEAD_BYTES, Plan, Unit
-from .st import ShardWriter, encode_header, read_raw
+from .st import encode_header, read_raw
+from .writer import NewFile, OutputDir
 
 READ_THREADS = 4
 
 
 class _Counter:
-    """Bytes read from the source, across threads (the benchmark checks it equals the source size)."""
+    """Bytes read from the source, across threads (the benchmark checks it equals the source size);
+    each first read of a tensor is also handed to the source hasher (shardquant/provenance.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hasher=None) -> None:
         self.n = 0
+        self.hasher = hasher
         self._lock = threading.Lock()
 
-    def read(self, info) -> np.ndarray:
+    def read(self, info, first: bool = True) -> np.ndarray:
         raw = read_raw(info)
         with self._lock:
             self.n += info.nbytes
+        if first and self.hasher is not None:
+            self.hasher.feed(info, raw)
         return raw
 
 
@@ -106,28 +110,23 @@ def _two(u: Unit) -> bool:
 
 
 class _Shards:
-    """Opens each planned shard when its first tensor arrives; when it is full, fsyncs it, renames
-    it into place and records it in the journal. Tensors of shards a previous run finished are
+    """Opens each planned shard (a fresh temporary file, shardquant/writer.py) when its first tensor
+    arrives, header first; when it is full, fsyncs it, records its name in the journal, renames it
+    into place and records its size and SHA-256. Tensors of shards a previous run finished are
     dropped (their bytes are already on disk)."""
 
-    def __init__(self, plan: Plan, out: Path, journal: Journal, done: set[str], scales: dict, lock):
-        self.out = out
+    def __init__(self, plan: Plan, od: OutputDir, journal: Journal, done: set[str], scales: dict, lock,
+                 hasher=None):
+        self.od = od
         self.where = {t.name: i for i, (_, ts) in enumerate(plan.shards) for t in ts}
         self.skip = {i for i, (fname, _) in enumerate(plan.shards) if fname in done}
-        self.plan, self.journal, self.scales, self.lock = plan, journal, scales, lock
-        self.cur: ShardWriter | None = None
-        self.hash = None
+        self.plan, self.journal, self.scales, self.lock, self.hasher = plan, journal, scales, lock, hasher
+        self.cur: NewFile | None = None
+        self.expect: list = []
+        self.pos = 0
         self.idx = -1
 
     def write(self, name: str, data: np.ndarray) -> None:
-        try:
-            self._write(name, data)
-        except OSError as e:
-            where = self.cur.path if self.cur is not None else self.out
-            raise OutputError(f"{where}: write failed ({e.strerror or e}); "
-                              "re-run the same command to resume") from None
-
-    def _write(self, name: str, data: np.ndarray) -> None:
         i = self.where[name]
         if i in self.skip:
             return
@@ -135,27 +134,36 @@ class _Shards:
             self._finish()
             self.idx = i
             fname, tensors = self.plan.shards[i]
-            self.cur = ShardWriter(self.out / (fname + ".partial"), tensors, SHARD_METADATA)
-            self.hash = hashlib.sha256(encode_header(tensors, SHARD_METADATA))
-        self.hash.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
-        self.cur.write(name, data)
-        if self.cur.done:
+            self.cur = self.od.create(fname)
+            self.expect, self.pos = tensors, 0
+            self.cur.write(encode_header(tensors, SHARD_METADATA))
+        t = self.expect[self.pos]
+        if t.name != name or data.nbytes != t.nbytes:
+            raise AssertionError(f"writer out of plan order: got {name!r}, expected {t.name!r}")
+        self.cur.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
+        self.pos += 1
+        if self.pos == len(self.expect):
             self._finish()
 
     def _finish(self) -> None:
-        if self.cur is not None:
-            self.cur.close()
-            final = self.cur.path.with_suffix("")
-            self.cur.path.replace(final)
-            sync_dir(self.out)
-            with self.lock:
-                scales = dict(self.scales)
-            self.journal.record(final.name, final.stat().st_size, self.hash.hexdigest(), scales)
-            self.cur = None
+        if self.cur is None:
+            return
+        f, self.cur = self.cur, None
+        try:
+            self.journal.intend([f.name])
+            info = f.commit()
+        except BaseException:
+            f.abort()
+            raise
+        with self.lock:
+            scales = dict(self.scales)
+        if self.hasher is not None:
+            self.journal.sources.update({k: v for k, v in list(self.hasher.results.items())})
+        self.journal.record(f.name, info, scales)
 
     def abort(self) -> None:
         if self.cur is not None:
-            self.cur.close(sync=False)
+            self.cur.abort()
             self.cur = None
 
 
@@ -273,15 +281,22 @@ class _Devices:
             self.tasks.put(None)
 
 
-def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal, done: set[str]) -> tuple[int, dict]:
-    """Stream every unit through the backends into the shards; return (bytes read, scales by quantizer)."""
+def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Journal,
+        done: set[str]) -> tuple[int, dict, dict, int]:
+    """Stream every unit through the backends into the shards. Returns (bytes read, scales by
+    quantizer, each source file's {"sha256", "size", "checked_against_hub"}, bytes the hasher read
+    on its own: headers, padding, tensors of kept shards)."""
     fmt = formats.get(plan.format)
     scales: dict[str, tuple[float, float]] = {}
     lock = threading.Lock()
     units = _units_to_run(plan, journal, done, scales)
-    shards = _Shards(plan, out, journal, done, scales, lock)
+    todo = {id(u) for u in units}
+    unread = {(t.file.name, t.offset) for u in plan.units if id(u) not in todo
+              for t in ([u.kept] if u.kept is not None else u.group.members)}
+    hasher = SourceHasher(plan.checkpoint, journal.sources, unread)
+    shards = _Shards(plan, od, journal, done, scales, lock, hasher)
     writer = _Writer(shards)
-    counter = _Counter()
+    counter = _Counter(hasher)
     bar = _bar(sum(u.source_bytes for u in units), progress)
     reader = _Reader(units, counter)
     stop = threading.Event()
@@ -315,7 +330,7 @@ def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal,
         gs_arr = flavors.FLAVORS[plan.flavor].scalar(plan.format, gs)
         for i, m in enumerate(g.members):
             h = handles[i]
-            raw = data[i] if data[i] is not None or h is not None else counter.read(m)
+            raw = data[i] if data[i] is not None or h is not None else counter.read(m, first=False)
             if h is None:
                 h = backend.load(raw)
             weight, scale = q.quantize(h, m.dtype, m.name)  # synchronizes: raw's copy is done
@@ -357,8 +372,10 @@ def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal,
         while pending:
             drain_one()
         writer.close()
+        sources = hasher.finish()
     except BaseException:
         stop.set()
+        hasher.abort()
         reader.close()
         writer.abort()
         shards.abort()
@@ -366,7 +383,7 @@ def run(plan: Plan, out: Path, backends: list, progress: bool, journal: Journal,
     finally:
         devices.close()
         bar.close()
-    return counter.n, scales
+    return counter.n, scales, sources, hasher.extra_bytes
 
 
 def _units_to_run(plan: Plan, journal: Journal, done: set[str], scales: dict) -> list[Unit]:

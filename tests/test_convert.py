@@ -125,9 +125,20 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
     man = json.loads((out / MANIFEST).read_text())
 
     # --- manifest: provenance and coverage
-    assert man["schema_version"] == 1
-    assert man["tool"] == {"name": "shardquant", "version": shardquant.__version__}
+    assert man["schema_version"] == 2
+    assert {k: v for k, v in man["tool"].items() if k != "recipe"} == {"name": "shardquant",
+                                                                     "version": shardquant.__version__}
+    assert len(man["tool"]["recipe"]) == 64
+    source_files = man["source"].pop("files")
     assert man["source"] == {"path": str(src.resolve()), "repo": None, "revision": None}
+    # provenance: every source file, hashed while streamed, equals an independent hash of it
+    assert source_files == {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                     "size": p.stat().st_size, "checked_against_hub": False}
+                            for p in src.iterdir() if p.is_file()}
+    # every output file but the manifest is listed with its size and SHA-256, and nothing else is there
+    on_disk = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
+               for p in out.iterdir() if p.name != MANIFEST}
+    assert man["files"] == on_disk
     assert (man["format"], man["flavor"], man["expert_policy"]) == (fmt, "modelopt", policy)
     quantized, kept = set(man["tensors"]), {e["name"] for e in man["excluded"]}
     assert len(kept) == len(man["excluded"])
@@ -483,9 +494,14 @@ def test_hub_cache_snapshot_records_repo_and_revision(sources, converted, tmp_pa
                  tmp_path, _hub_env(home))
     assert p.returncode == 0, p.stdout + p.stderr
     man = json.loads((out / MANIFEST).read_text())
+    hub_files = man["source"].pop("files")
     assert man["source"] == {"path": None, "repo": "org/name", "revision": commit}
+    # each source file's hash was checked against the hub's own (the blob name is its LFS oid)
+    assert hub_files == {f.name: {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size,
+                                  "checked_against_hub": True} for f in sorted(sources["mixtral"].iterdir())}
     ref = converted("mixtral", "fp8", "per-expert")
+    assert set(file_digests(ref)) == set(file_digests(out))
     for f in file_digests(ref):
-        if f not in (MANIFEST, ".shardquant-journal.json"):  # these name the source; the rest is the same bytes
+        if f != MANIFEST:  # it names the source; the rest is the same bytes
             assert (out / f).read_bytes() == (ref / f).read_bytes(), f
     assert not any((out / f).is_symlink() for f in file_digests(out))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import shardquant.convert as conv
+import shardquant.writer as writer
 from shardquant.errors import OutputError
 from shardquant.journal import JOURNAL_NAME
 from shardquant.testing import qwen3_moe, write_checkpoint
@@ -23,8 +24,8 @@ INDEX = "model.safetensors.index.json"
 CHILD = r"""
 import sys, time
 import shardquant.convert as conv
+import shardquant.writer as writer
 import shardquant.pipeline as pipe
-import shardquant.st as st
 stage, count = sys.argv[3], int(sys.argv[4])
 seen = {"SHARD": 0, "MID": 0}
 orig_finish_shard = pipe._Shards._finish
@@ -37,16 +38,15 @@ def finish_shard(self):
         if stage == "after-shard" and seen["SHARD"] == count:
             time.sleep(30)
 pipe._Shards._finish = finish_shard
-orig_write = st.ShardWriter.write
+orig_write = pipe._Shards.write
 def write(self, name, data):
     orig_write(self, name, data)
-    if stage == "mid-shard" and self._i == 2:
-        self._f.flush()
+    if stage == "mid-shard" and self.cur is not None and self.pos == 2:
         print("MID", flush=True)
         seen["MID"] += 1
         if seen["MID"] == count:
             time.sleep(30)
-st.ShardWriter.write = write
+pipe._Shards.write = write
 orig_final = conv._finish
 def final(*a):
     print("FINAL", flush=True)
@@ -145,14 +145,49 @@ def test_changed_command_or_source_is_refused(src, tmp_path):
     assert r.plan.format == "fp8"
 
 
-def test_changed_source_is_refused(tmp_path):
+def test_changed_source_is_refused_on_resume(tmp_path, monkeypatch):
+    """An unfinished output whose source was rewritten in place, size and mtime kept, is not resumed:
+    the ctime in the journal's fingerprint gives it away."""
+    src = write_checkpoint(tmp_path / "src", qwen3_moe(hidden=64, layers=2, experts=4, inter=32), shard_bytes=60_000)
+    out = tmp_path / "out"
+    fail_at_nth(monkeypatch, "rename", 3)  # an unfinished output: some shards done, no index
+    with pytest.raises(OutputError):
+        conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    monkeypatch.setattr(writer, "FAULT", None)
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    time.sleep(0.01)
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(OutputError, match="different command, version or source"):
+        conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+
+
+def test_finished_output_with_same_recipe_is_complete(tmp_path):
+    """A finished output is judged by its recipe (names, sizes, layout) and its own files' hashes:
+    touching the source does not make it unfinished."""
     src = write_checkpoint(tmp_path / "src", qwen3_moe(hidden=64, layers=1, experts=4, inter=32), shard_bytes=100_000)
     out = tmp_path / "out"
     conv.convert(str(src), out, "nvfp4", device="cpu")
     shard = sorted(src.glob("model-*.safetensors"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    with pytest.raises(OutputError, match="different command, version or source"):
-        conv.convert(str(src), out, "nvfp4", device="cpu")
+    assert conv.convert(str(src), out, "nvfp4", device="cpu").complete
+
+
+def fail_at_nth(monkeypatch, op: str, n: int, err: int = errno.EIO) -> None:
+    """The n-th call of system call `op` on the output fails with `err` (shardquant/writer.py FAULT)."""
+    seen = {"n": 0}
+
+    def fault(o, name):
+        if o == op:
+            seen["n"] += 1
+            if seen["n"] == n:
+                raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(writer, "FAULT", fault)
 
 
 def test_not_enough_space_is_an_error_up_front(src, tmp_path, monkeypatch):
@@ -169,22 +204,18 @@ def test_not_enough_space_is_an_error_up_front(src, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 def test_write_failure_mid_way_is_clean_and_resumable(src, clean, tmp_path, monkeypatch, err):
-    import shardquant.st as st
-
-    orig = st.ShardWriter.write
     last = conv.prepare(str(src), "nvfp4", max_shard_size=40_000).shards[-1][0]
 
-    def failing(self, name, data):  # the disk fills up in the last shard
-        if self.path.name.startswith(last):
+    def fault(op, name):  # the disk fills up in the last shard
+        if op == "write" and name == last:
             raise OSError(err, os.strerror(err))
-        orig(self, name, data)
 
-    monkeypatch.setattr(st.ShardWriter, "write", failing)
+    monkeypatch.setattr(writer, "FAULT", fault)
     out = tmp_path / "out"
-    with pytest.raises(OutputError, match=rf"write failed \({os.strerror(err)}\); re-run the same command to resume"):
+    with pytest.raises(OutputError, match=rf"{last}: write failed \({os.strerror(err)}\); re-run the same command to resume"):
         conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
     assert not (out / INDEX).exists()
-    monkeypatch.setattr(st.ShardWriter, "write", orig)
+    monkeypatch.setattr(writer, "FAULT", None)
     r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
     assert r.resumed >= 1
     assert files(out) == files(clean)

@@ -1,0 +1,191 @@
+"""SHA-256 of every source file, computed from the bytes the conversion reads anyway.
+
+The pipeline reads tensors in quantizer order, not file order, and SHA-256 must see a file's bytes
+in order. So each file keeps a cursor: a tensor read at the cursor is hashed at once; one read ahead
+of it is held (bounded by HOLD_BYTES in all) until the gap before it is filled; the header, the
+padding between tensors and the tensors this run does not read (those of shards a resumed run
+keeps) are read by the hasher itself, which is the only extra I/O. A file whose held tensors would
+pass the bound is finished by reading its remainder at the end (counted in `extra_bytes`).
+Hashing runs on its own thread; hashlib releases the GIL while it hashes.
+
+For a hub source the expected value is known before reading: the hub cache names each large
+file's blob by its LFS object id, which is the file's SHA-256. A mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SourceError
+
+HOLD_BYTES = 1 << 30
+_CHUNK = 16 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def hub_sha256(p: Path, ck) -> str | None:
+    """The hub's SHA-256 of a source file, where the hub cache holds it as a blob named by it."""
+    if getattr(ck, "repo", None) is None:
+        return None
+    target = Path(os.path.realpath(p))
+    if target.parent.name == "blobs" and _HEX64.fullmatch(target.name):
+        return target.name
+    return None
+
+
+def source_files(ck) -> list[Path]:
+    """Every file of the source that the conversion reads: shards, index, config and copied files."""
+    index = ck.root / "model.safetensors.index.json"
+    files = {*ck.shards, *ck.extra_files, *([index] if index.is_file() else [])}
+    return sorted(files, key=lambda p: p.name)
+
+
+class _File:
+    def __init__(self, path: Path, spans: list[tuple[int, int]], self_read: set[int]):
+        self.path = path
+        self.size = path.stat().st_size
+        self.spans = spans  # tensors' (offset, nbytes), sorted
+        self.self_read = self_read  # offsets of tensors the conversion will not read
+        self.i = 0
+        self.cursor = 0
+        self.h = hashlib.sha256()
+        self.pending: dict[int, np.ndarray] = {}
+        self.deferred = False
+        self.digest: str | None = None
+
+
+class SourceHasher:
+    """feed() from the reader threads; finish() once every conversion read is done."""
+
+    def __init__(self, ck, skip_files: dict[str, dict], unread: set[tuple[str, int]]):
+        """skip_files: source files already hashed by an earlier run of this conversion (same
+        identity), by name; unread: (file name, offset) of tensors this run will not read."""
+        self.ck = ck
+        self.results: dict[str, dict] = {}
+        self.extra_bytes = 0
+        self._lock = threading.Lock()
+        self._held = 0
+        self._q: queue.Queue = queue.Queue()
+        self.files: dict[Path, _File] = {}
+        spans: dict[Path, list[tuple[int, int]]] = {}
+        for t in ck.tensors.values():
+            spans.setdefault(t.file, []).append((t.offset, t.nbytes))
+        for p in source_files(ck):
+            if p.name in skip_files:
+                self.results[p.name] = dict(skip_files[p.name])
+                continue
+            sp = sorted(spans.get(p, []))
+            self.files[p] = _File(p, sp, {o for o, _ in sp if (p.name, o) in unread or p not in ck.shards})
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._work, name="shardquant-hash", daemon=True)
+        self._t.start()
+
+    def feed(self, info, raw: np.ndarray) -> None:
+        f = self.files.get(info.file)
+        if f is None:
+            return
+        with self._lock:
+            if f.deferred:
+                return
+            if self._held + info.nbytes > HOLD_BYTES:
+                f.deferred = True
+                return
+            self._held += info.nbytes
+        self._q.put((f, info.offset, raw))
+
+    def _work(self) -> None:
+        try:
+            for f in self.files.values():
+                self._advance(f)  # headers, and leading tensors this run does not read
+            while (item := self._q.get()) is not None:
+                f, off, raw = item
+                if f.digest is None and not f.deferred and off >= f.cursor:
+                    f.pending[off] = raw
+                    self._advance(f)
+                else:
+                    self._release(raw.nbytes)
+                if f.deferred and f.pending:
+                    for a in f.pending.values():
+                        self._release(a.nbytes)
+                    f.pending.clear()
+        except BaseException as e:  # handed to finish()
+            self.error = e
+            while self._q.get() is not None:
+                pass
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self._held -= n
+
+    def _advance(self, f: _File, to_end: bool = False) -> None:
+        """Hash from the cursor as far as the bytes are at hand (or, to_end, reading what is not)."""
+        while f.cursor < f.size:
+            nxt = f.spans[f.i] if f.i < len(f.spans) else None
+            if nxt is None or f.cursor < nxt[0]:  # header or padding: not a tensor's bytes
+                self._read(f, (nxt[0] if nxt else f.size) - f.cursor)
+                continue
+            off, n = nxt
+            if off in f.pending:
+                raw = f.pending.pop(off)
+                f.h.update(memoryview(raw.reshape(-1).view(np.uint8)))
+                self._release(raw.nbytes)
+                f.cursor += n
+            elif off in f.self_read or to_end:
+                self._read(f, n)
+            else:
+                return
+            f.i += 1
+        f.digest = f.h.hexdigest()
+        self.results[f.path.name] = {"sha256": f.digest, "size": f.size}
+
+    def _read(self, f: _File, n: int) -> None:
+        try:
+            with open(f.path, "rb", buffering=0) as fh:
+                fh.seek(f.cursor)
+                left = n
+                while left:
+                    chunk = fh.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise SourceError(f"{f.path}: the file shrank while it was converted")
+                    f.h.update(chunk)
+                    left -= len(chunk)
+        except OSError as e:
+            raise SourceError(f"{f.path}: cannot read ({e.strerror or e})") from None
+        f.cursor += n
+        with self._lock:
+            self.extra_bytes += n
+        # a span entirely read here advances the span index in the caller
+
+    def abort(self) -> None:
+        """Stop the thread without finishing (the conversion is failing)."""
+        with self._lock:
+            for f in self.files.values():
+                f.deferred = True
+        self._q.put(None)
+
+    def finish(self) -> dict[str, dict]:
+        """Hash what is left, check hub values; {file name: {"sha256", "size", "checked_against_hub"}}."""
+        self._q.put(None)
+        self._t.join()
+        if self.error is not None:
+            raise self.error
+        for f in self.files.values():
+            if f.digest is None:
+                f.pending.clear()
+                self._advance(f, to_end=True)
+        out = {}
+        for p in source_files(self.ck):
+            rec = self.results[p.name]
+            hub = hub_sha256(p, self.ck)
+            if hub is not None and hub != rec["sha256"]:
+                raise SourceError(f"{p}: SHA-256 {rec['sha256']} differs from the hub's {hub}: the cached copy is "
+                                  "damaged; delete it from the hub cache and run again")
+            out[p.name] = {"sha256": rec["sha256"], "size": rec["size"], "checked_against_hub": hub is not None}
+        return out
