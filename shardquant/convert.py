@@ -119,7 +119,7 @@ def convert(
 
 def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force: bool, verify: bool,
                     progress: bool) -> Result:
-    claim = claim_output(od, plan, force, lock.previous_token)
+    claim = claim_output(od, plan, force, lock.previous_tokens)
     plan.warnings += claim.warnings
     name = backends[0].name
     if claim.complete:

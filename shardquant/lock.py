@@ -25,7 +25,7 @@ import threading
 import time
 
 from .errors import OutputError
-from .writer import OutputDir, TOKEN_RE, _sys, tmp_name
+from .writer import TMP_RE, TOKEN_RE, OutputDir, _sys, tmp_name
 
 LOCK_NAME = ".shardquant.lock"
 HEARTBEAT = 10.0
@@ -94,13 +94,13 @@ def _who(d: dict | None) -> str:
 
 
 class Lock:
-    """`with Lock(od) as lk:` holds the output's lock; `lk.previous_token` is the token of a stale
-    holder taken over (its temporary files are this run's to remove), else None."""
+    """`with Lock(od) as lk:` holds the output's lock; `lk.previous_tokens` are the tokens of dead runs
+    found in stale locks (their temporary files are this run's to remove)."""
 
     def __init__(self, od: OutputDir):
         self.od = od
         self.fd = -1
-        self.previous_token: str | None = None
+        self.previous_tokens: set[str] = set()  # runs that died holding (or taking) this lock
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -108,8 +108,8 @@ class Lock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *_) -> None:
+        self.release(report=exc_type is None)
 
     def _fresh(self) -> tuple[int, str]:
         """A new lock file under a temporary name: created, flocked, holder written, fsynced."""
@@ -166,8 +166,33 @@ class Lock:
             _unlink(od, tmp)
         else:
             raise OutputError(f"{od.path / LOCK_NAME}: the lock keeps changing; is another run starting?")
+        self._dead_takers()
         self._beat = threading.Thread(target=self._heartbeat, name="shardquant-lock", daemon=True)
         self._beat.start()
+
+    def _dead_takers(self) -> None:
+        """Lock files a run prepared but never linked (it died in between): its token is in the
+        name, and in the content once written. Unlocked ones are dead runs'; they are removed."""
+        od = self.od
+        for name in od.entries():
+            m = TMP_RE.fullmatch(name)
+            if not m or m["name"] != LOCK_NAME.lstrip(".") or m["token"] == od.token:
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=od.fd)
+            except OSError:
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode) or _try_flock(fd) is not True:
+                    continue  # a run taking the lock right now, or not a file of ours
+                raw = os.read(fd, _MAX_LOCK_BYTES + 1)
+                rec = _parse(raw) if raw else None
+                if raw and (rec is None or rec["token"] != m["token"]):
+                    continue
+                self.previous_tokens.add(m["token"])
+                od.remove(name)
+            finally:
+                os.close(fd)
 
     def _take_over(self, fd: int, tmp: str) -> bool:
         """The lock name exists. Refuse if held; replace it (True) if stale; False to retry."""
@@ -202,7 +227,8 @@ class Lock:
                                   f"{STALE_AFTER:.0f} s ago; wait, or remove it if no run uses this output")
             od.rename(tmp, LOCK_NAME)  # the stale lock is replaced while we still hold it
             od.sync()
-            self.previous_token = holder["token"] if holder else None
+            if holder:
+                self.previous_tokens.add(holder["token"])
             return True
         finally:
             os.close(old)
@@ -212,6 +238,8 @@ class Lock:
         """Whether the recorded holder may still be running, although its flock is free (or flock
         is unsupported)."""
         if holder["host"] == socket.gethostname():
+            if flock and holder["pid"] == os.getpid():
+                return False  # left by an earlier run of this process: a live one would hold the flock
             same_boot = holder.get("boot") is None or _boot_id() is None or holder.get("boot") == _boot_id()
             return same_boot and _alive(holder["pid"], holder.get("start"))
         if flock:  # the flock is free and the file system enforces it across hosts (NFSv4, Lustre)
@@ -225,7 +253,9 @@ class Lock:
             except OSError:
                 pass
 
-    def release(self) -> None:
+    def release(self, report: bool = False) -> None:
+        """Remove the lock (when it is still ours) and unlock. A failure is raised only with
+        `report` (nothing else is failing): a lock left behind is stale once this process ends."""
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=1)
@@ -237,8 +267,10 @@ class Lock:
             if now is not None and now.st_ino == os.fstat(self.fd).st_ino:
                 od.remove(LOCK_NAME)
                 od.sync()
-        except OutputError:
-            pass  # a lock left behind is stale once this process ends: the next run takes it over
+        except OutputError as e:
+            if report:
+                raise OutputError(f"{e}; the run itself completed, and the next run on this output "
+                                  "removes the stale lock") from None
         finally:
             os.close(self.fd)
             self.fd = -1

@@ -64,7 +64,7 @@ def _previous_manifest(od: OutputDir) -> dict | None:
     return {"files": recs, "recipe": rc if isinstance(rc, str) else None}
 
 
-def claim_output(od: OutputDir, plan: Plan, force: bool, previous_token: str | None) -> Claim:
+def claim_output(od: OutputDir, plan: Plan, force: bool, previous_tokens: set[str]) -> Claim:
     """Decide, before writing anything but the lock, whether this run starts, resumes, has nothing to
     do, or must stop; then write its journal and clear its own leftovers."""
     entries = {n: st for n, st in od.entries().items() if n != LOCK_NAME}
@@ -77,7 +77,7 @@ def claim_output(od: OutputDir, plan: Plan, force: bool, previous_token: str | N
             if not force:
                 raise
             bad_journal = e  # --force: its name is ours, its list of files is not to be trusted
-    tokens = {od.token} | ({previous_token} if previous_token else set()) | set(journal.runs if journal else ())
+    tokens = {od.token} | set(previous_tokens) | set(journal.runs if journal else ())
     temps = {n for n, st in entries.items()
              if (m := TMP_RE.fullmatch(n)) and m["token"] in tokens and stat.S_ISREG(st.st_mode)}
     prev = None if journal is not None or bad_journal is not None else _previous_manifest(od)
