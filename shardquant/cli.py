@@ -165,10 +165,13 @@ def inspect(directory) -> None:
 @click.option("--min-sqnr", type=float, default=None,
               help="With --source: a tensor below this SQNR (dB) is a violation [nvfp4 10, fp8 20].")
 @click.option("--top", default=10, show_default=True, help="Worst tensors listed.")
+@click.option("--no-hashes", is_flag=True,
+              help="Check file sizes against the scale manifest but skip reading every file for its SHA-256.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing; the exit status says it all.")
-def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, quiet) -> None:
+def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_hashes, quiet) -> None:
     """Check that DIRECTORY is a well-formed NVFP4/FP8 checkpoint (modelopt or compressed-tensors
-    flavor, from any producer); exit status 1 on any violation."""
+    flavor, from any producer) and that every file matches the scale manifest's sizes and SHA-256
+    (when it has one); exit status 1 on any violation."""
     import json
 
     from .report import render, write_heatmap
@@ -176,7 +179,7 @@ def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, quie
 
     if plot and source is None:
         raise click.UsageError("--plot needs --source")
-    rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr))
+    rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr, hashes=not no_hashes))
     if not quiet:
         click.echo(render(rep, top=top))
     try:

@@ -14,12 +14,14 @@ import numpy as np
 
 # Each rule a violation can break, in report order, with what breaking it means.
 RULES: dict[str, str] = {
+    "file-integrity": "file missing, not a regular file, or its size or SHA-256 not the manifest's",
+    "file-unlisted": "file or directory the scale manifest does not list",
     "config": "the checkpoint does not announce a supported quantization",
     "index": "index and shards disagree",
     "tensors": "quantized module missing a tensor, or carrying one that does not belong",
     "dtype-shape": "tensor with the wrong dtype or shape",
-    "global-scale": "global scale NaN, Inf, zero or negative",
-    "block-scale": "NaN block scale (E4M3 0x7F/0xFF)",
+    "global-scale": "global scale NaN, Inf, zero, negative, subnormal or overflowing",
+    "block-scale": "NaN (E4M3 0x7F/0xFF) or negative block scale",
     "fused-scale": "members of a fused set with different global scales",
     "fused-precision": "fused set mixing quantized and high-precision members",
     "excluded-with-scales": "excluded module carrying quantization tensors",
@@ -51,9 +53,15 @@ class Stat:
 
     @property
     def sqnr_db(self) -> float:
-        if self.noise == 0:
+        """NaN when either sum is NaN or both are infinite; -inf when the noise swamps the signal
+        beyond float range (a dequantized Inf), never a math domain error."""
+        s, n = self.signal, self.noise
+        if math.isnan(s) or math.isnan(n) or (math.isinf(s) and math.isinf(n)):
+            return math.nan
+        if n == 0:
             return math.inf
-        return 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        ratio = s / n
+        return 10 * math.log10(ratio) if ratio > 0 else -math.inf
 
     @property
     def rel_rms(self) -> float:
@@ -84,6 +92,8 @@ class Report:
     tensors: list[TensorStat] = field(default_factory=list)  # --source: one per quantized tensor
     min_sqnr: float | None = None
     seconds: float = 0.0
+    files_checked: int | None = None  # files checked against the manifest (None: no manifest files table)
+    hashed: bool = False  # ... SHA-256 included
 
     @property
     def ok(self) -> bool:
@@ -106,7 +116,8 @@ class Report:
         return [(k[0], k[1], s) for k, s in _grouped_keys(self.tensors, lambda t: (t.layer, t.proj))]
 
     def worst(self, n: int = 10) -> list[TensorStat]:
-        return sorted(self.tensors, key=lambda t: (t.sqnr_db, t.name))[:n]
+        return sorted(self.tensors, key=lambda t: (not math.isnan(t.sqnr_db),  # NaN first: the worst
+                                                   0.0 if math.isnan(t.sqnr_db) else t.sqnr_db, t.name))[:n]
 
     def to_dict(self, top: int = 10) -> dict:
         def stat(s: Stat) -> dict:
@@ -119,6 +130,7 @@ class Report:
                                "items": [{"name": v.name, "detail": v.detail} for v in vs]}
                            for r, vs in self.by_rule().items()},
             "warnings": list(self.warnings), "source": self.source,
+            "files_checked": self.files_checked, "sha256_checked": self.hashed and self.files_checked is not None,
         }
         if self.source is not None:
             d["min_sqnr_db"] = self.min_sqnr
@@ -155,6 +167,9 @@ def render(rep: Report, top: int = 10, names: int = _NAMES_SHOWN) -> str:
     SQNR table by layer and projection and the worst tensors."""
     lines = [f"{rep.path}: {rep.flavor or '?'} flavor, {rep.format or '?'}"
              + (f", made by {rep.producer}" if rep.producer else "") + f"; {rep.modules} quantized modules"]
+    if rep.files_checked is not None:
+        lines.append(f"{rep.files_checked} files checked against the manifest (size"
+                     + (" and SHA-256)" if rep.hashed else " only)"))
     lines += [f"warning: {w}" for w in rep.warnings]
     for rule, vs in rep.by_rule().items():
         lines.append(f"FAIL {rule}: {len(vs)} x {RULES.get(rule, rule)}")
@@ -165,7 +180,9 @@ def render(rep: Report, top: int = 10, names: int = _NAMES_SHOWN) -> str:
         lines += _sqnr_table(rep, top)
     lines.append("OK: no violations" if rep.ok else f"FAILED: {len(rep.violations)} violation(s) of "
                  f"{len(rep.by_rule())} rule(s)")
-    return "\n".join(lines)
+    # names come from headers, the index and the directory: an unpaired surrogate there has no UTF-8
+    # form and would make printing fail; it is shown escaped instead
+    return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _sqnr_table(rep: Report, top: int) -> list[str]:
@@ -188,7 +205,8 @@ def _sqnr_table(rep: Report, top: int) -> list[str]:
 
 def heatmap_grid(rep: Report) -> tuple[list[int], list[str], list[list[float]]]:
     """(layers, projections, SQNR dB per cell; NaN where a layer has no such projection)."""
-    cells = {(L, p): s.sqnr_db for L, p, s in rep.layers() if L is not None}
+    # a NaN SQNR (NaN in the data) is as bad as it gets: -inf, not the NaN of an empty cell
+    cells = {(L, p): -math.inf if math.isnan(s.sqnr_db) else s.sqnr_db for L, p, s in rep.layers() if L is not None}
     rows = sorted({L for L, _ in cells})
     cols = list(dict.fromkeys(p for _, p in cells))
     return rows, cols, [[cells.get((L, p), math.nan) for p in cols] for L in rows]

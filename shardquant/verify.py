@@ -3,15 +3,22 @@ ModelOpt, llm-compressor), and, given its source, how close it is.
 
 Two levels, one API (the CLI's `shardquant verify DIR [--source SRC]` mirrors `verify()`):
 
-- `verify_contract(path) -> list[Violation]`: the FORMATS.md contract, from the index, the shard
+- `verify_contract(path, hashes=True) -> list[Violation]`: every file of the directory against the
+  scale manifest's `files` table (present, a regular file, its size and, unless hashes=False, its
+  SHA-256; no file the table does not list), and the FORMATS.md contract, from the index, the shard
   headers and the small scale tensors only (never a packed weight): flavor and format announced,
   every quantized module's tensors with the right dtypes and shapes, one global scale and one
   precision per fused set, no NaN/Inf/zero global scale, no NaN block scale, excluded modules without
   scales and every high-precision linear excluded, index and shards in agreement, and the scale
   manifest (when there is one) valid against `manifest.schema.json` and true to the tensors.
-- `verify(path, source=None) -> Report`: the contract, plus with a source every quantized tensor
+- `verify(path, source=None, hashes=True) -> Report`: the same, plus with a source every quantized tensor
   dequantized and compared with its source tensor (SQNR, relative RMS error), one tensor at a time;
   kept tensors are compared byte for byte.
+
+Whatever the directory holds (malformed JSON of any type or depth, absurd scales, truncated or
+swapped files, symlinks, directories), what verify finds is a Violation; the only exception it
+raises is a ShardquantError (the path is not a readable directory; with a source, the source's own
+errors). Every value read from a config, the index or the manifest is type-checked where it is used.
 
 Global-scale convention: s2 is ModelOpt's `weight_scale_2` (W ~ e2m1 * f32(e4m3 block scale) * s2).
 compressed-tensors stores `weight_global_scale` = 1/s2; we dequantize with s2 = fl32(1 / stored), as
@@ -22,10 +29,16 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import json
+import math
+import os
 import re
+import reprlib
+import stat
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +48,9 @@ from . import formats, manifest
 from .errors import HeaderError, SourceError
 from .flavors import FLAVORS, Flavor
 from .formats import fp8, nvfp4
-from .formats.base import to_f32
+from .formats.base import E2M1_MAX, E4M3_MAX, to_f32
 from .rules import BUILTIN_RULES, FLOAT_DTYPES, QUANTIZE, Decision, RuleSet
-from .source import INDEX_NAME, SINGLE_NAME, _inside, _read_json, open_checkpoint
+from .source import INDEX_NAME, SINGLE_NAME, _hub_blob, _inside, _read_json, open_checkpoint
 from .report import Report, TensorStat, Violation
 from .st import TensorInfo, read_header, read_raw
 
@@ -56,6 +69,15 @@ _ROLE = re.compile(r"(?P<base>.+)\.(?P<role>weight_scale_2|weight_global_scale|w
 _LAYER = re.compile(r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<rest>.*)")
 _EXPERT_IDX = re.compile(r"\.experts\.\d+\.")
 _LINEAR_KEEPS = ("head", "router", "shared_expert_gate", "unclaimed")  # kept rows that are linears
+HASH_CHUNK = 16 << 20  # bytes read per hashlib update (hashlib releases the GIL while it hashes)
+HASH_THREADS = 8  # files hashed at once (at most; never more than the CPUs)
+MAX_MANIFEST_DEPTH = 16  # a valid manifest nests 4 deep; deeper is refused before schema validation
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Values from a config, the index or the manifest shown in a message: bounded in length and depth.
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel, _REPR.maxlong = 120, 60, 8, 4, 3, 40
+short_repr = _REPR.repr
+FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,14 +98,25 @@ def announced(root: Path, found: list[Violation], warnings: list[str]) -> Announ
     hf = _json(root / "hf_quant_config.json", found)
     qc = cfg.get("quantization_config")
     qc = qc if isinstance(qc, dict) else {}
+    if "quantization_config" in cfg and not isinstance(cfg["quantization_config"], dict):
+        found.append(Violation("config", "config.json", "quantization_config is not an object"))
     method = qc.get("quant_method")
     if method == "compressed-tensors":
-        return _announced_ct(qc, found)
-    if method == "modelopt" or hf is not None:
-        return _announced_modelopt(qc, hf or {}, found, warnings)
-    why = f"quant_method {method!r}" if method else "no quantization_config and no hf_quant_config.json"
-    found.append(Violation("config", "config.json", f"not a modelopt or compressed-tensors checkpoint ({why})"))
-    return Announced(None, None, None, ())
+        ann = _announced_ct(qc, found)
+    elif method == "modelopt" or hf is not None:
+        if method not in ("modelopt", None):  # engines pick the method from config.json
+            found.append(Violation("config", "config.json", f"quant_method {short_repr(method)}, but "
+                                   "hf_quant_config.json announces ModelOpt"))
+        ann = _announced_modelopt(qc, hf, found, warnings)
+    else:
+        why = f"quant_method {short_repr(method)}" if method else "no quantization_config and no hf_quant_config.json"
+        found.append(Violation("config", "config.json", f"not a modelopt or compressed-tensors checkpoint ({why})"))
+        return Announced(None, None, None, ())
+    for pat in ann.exclude:
+        if pat.startswith("re:") and _regex(pat[3:]) is None:
+            found.append(Violation("config", "config.json", f"exclude pattern {short_repr(pat)} is not a valid "
+                                   "regular expression (it excludes nothing)"))
+    return ann
 
 
 def _json(path: Path, found: list[Violation]) -> dict | None:
@@ -97,37 +130,47 @@ def _json(path: Path, found: list[Violation]) -> dict | None:
 
 
 def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
-    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
-    names = {qc.get("format")} | {g.get("format") for g in groups.values() if isinstance(g, dict)}
-    names = {n for n in names if isinstance(n, str) and n != "mixed-precision"}
+    groups = qc.get("config_groups", {})
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        found.append(Violation("config", "config.json", "quantization_config.config_groups must map names to objects"))
+        groups = groups if isinstance(groups, dict) else {}
+    names = [qc.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, dict)]
+    if any(n is not None and not isinstance(n, str) for n in names):  # engines parse it as a string
+        found.append(Violation("config", "config.json", "a compressed-tensors format that is not a string"))
+    names = {n for n in names if isinstance(n, str) and n != "mixed-precision"}  # a list is unhashable
     fmts = {CT_FORMATS.get(n) for n in names}
     fmt = None
     if len(fmts) != 1 or None in fmts:
-        found.append(Violation("config", "config.json", f"compressed-tensors format(s) {sorted(map(str, names))}: "
-                               f"verify supports one of {', '.join(CT_FORMATS)}"))
+        found.append(Violation("config", "config.json", f"compressed-tensors format(s) "
+                               f"{short_repr(sorted(names))}: verify supports one of {', '.join(CT_FORMATS)}"))
     else:
         fmt = fmts.pop()
     if qc.get("quantization_status") != "compressed":
-        found.append(Violation("config", "config.json", f"quantization_status {qc.get('quantization_status')!r}, "
-                               "expected 'compressed'"))
+        found.append(Violation("config", "config.json", f"quantization_status "
+                               f"{short_repr(qc.get('quantization_status'))}, expected 'compressed'"))
     ignore = qc.get("ignore", [])
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
         found.append(Violation("config", "config.json", "quantization_config.ignore must be a list of names"))
         ignore = []
     version = qc.get("version")  # llm-compressor writes compressed-tensors' version, no producer
-    producer = _producer(qc.get("producer")) or (f"compressed-tensors {version}" if version else None)
+    version = version if isinstance(version, str) and version else None
+    producer = _producer(qc.get("producer")) or (f"compressed-tensors {short_repr(version)[1:-1]}" if version else None)
     return Announced("compressed-tensors", fmt, producer, tuple(ignore))
 
 
-def _announced_modelopt(qc: dict, hf: dict, found: list[Violation], warnings: list[str]) -> Announced:
+def _announced_modelopt(qc: dict, hf: dict | None, found: list[Violation], warnings: list[str]) -> Announced:
+    if hf is not None and not isinstance(hf.get("quantization"), dict):
+        found.append(Violation("config", "hf_quant_config.json", "no quantization object"))
+    hf = hf or {}
     hq = hf.get("quantization") if isinstance(hf.get("quantization"), dict) else {}
-    algos = {str(a) for a in (hq.get("quant_algo"), qc.get("quant_algo")) if a is not None}
+    algos = {a if isinstance(a, str) else short_repr(a) for a in (hq.get("quant_algo"), qc.get("quant_algo"))
+             if a is not None}
     algo = next(iter(algos)) if len(algos) == 1 else None
     if len(algos) > 1:
         found.append(Violation("config", "hf_quant_config.json", f"quant_algo {sorted(algos)} differs between "
                                "hf_quant_config.json and config.json"))
     elif algo not in MODELOPT_ALGOS:  # MIXED_PRECISION (per-layer algorithms) included
-        found.append(Violation("config", "hf_quant_config.json", f"quant_algo {algo}: verify supports "
+        found.append(Violation("config", "hf_quant_config.json", f"quant_algo {short_repr(algo)}: verify supports "
                                f"{', '.join(MODELOPT_ALGOS)}"))
     fmt = MODELOPT_ALGOS.get(algo)
     lists = {}
@@ -149,9 +192,22 @@ def _announced_modelopt(qc: dict, hf: dict, found: list[Violation], warnings: li
 
 
 def _producer(p: object) -> str | None:
+    """`name version` from a producer object whose fields are strings (or numbers)."""
     if isinstance(p, dict):
-        return " ".join(str(p[k]) for k in ("name", "version") if p.get(k) is not None) or None
+        parts = [p[k] for k in ("name", "version") if isinstance(p.get(k), (str, int, float))
+                 and not isinstance(p.get(k), bool)]
+        return " ".join(short_repr(x)[1:-1] if isinstance(x, str) else short_repr(x) for x in parts) or None
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _regex(pattern: str) -> re.Pattern | None:
+    """A `re:` exclude pattern compiled, or None when it is not a regular expression Python accepts
+    (unbalanced, a repeat count too large, nested too deep)."""
+    try:
+        return re.compile(pattern)
+    except (re.error, OverflowError, RecursionError):
+        return None
 
 
 def excluded(module: str, patterns: tuple[str, ...], flavor: str | None) -> bool:
@@ -160,7 +216,8 @@ def excluded(module: str, patterns: tuple[str, ...], flavor: str | None) -> bool
     exact name, a wildcard (fnmatch), or a dotted part of the name (`lm_head`, `mlp.gate`)."""
     for p in patterns:
         if p.startswith("re:"):
-            if re.match(p[3:], module):
+            rx = _regex(p[3:])
+            if rx is not None and rx.match(module):
                 return True
         elif p == module:
             return True
@@ -215,12 +272,16 @@ def read_tensors(root: Path, found: list[Violation], warnings: list[str]) -> dic
             if wm.get(name) != fname:
                 where = f"mapped to {wm[name]}" if name in wm else "missing from the index"
                 found.append(Violation("index", name, f"in shard {fname} but {where}"))
-    total = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
+    meta = index.get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
     actual = sum(t.nbytes for hdr in headers.values() for t in hdr.values())
     if total is None:
         warnings.append(f"{INDEX_NAME}: no metadata.total_size")
+    elif type(total) is not int:
+        found.append(Violation("index", INDEX_NAME, f"metadata.total_size {short_repr(total)} is not an integer"))
     elif total != actual:
-        found.append(Violation("index", INDEX_NAME, f"metadata.total_size {total} != {actual} bytes of tensor data"))
+        found.append(Violation("index", INDEX_NAME, f"metadata.total_size {short_repr(total)} != {actual} bytes "
+                               "of tensor data"))
     stray = sorted(p.name for p in root.glob("*.safetensors") if p.name not in set(wm.values()))
     if stray:
         warnings.append(f"shard file(s) not named by the index (engines ignore them): {', '.join(stray[:5])}")
@@ -334,23 +395,237 @@ def _global_value(m: Module, fl: Flavor, fmt: str) -> np.float32 | None:
     return np.float32(read_raw(t).reshape(-1)[0])
 
 
+def _global_problem(v: np.float32, fl: Flavor, fmt: str) -> str | None:
+    """What is wrong with a stored per-quantizer scale, or None. Beyond NaN, Inf, zero and negative:
+    the scale an engine multiplies by (s2; compressed-tensors' NVFP4 stores 1/s2) must be a normal
+    fp32 (formats/nvfp4.py and formats/fp8.py write 1.0 rather than a subnormal), and the largest
+    code times it (6 x 448 for NVFP4, 448 for FP8) must not overflow fp32."""
+    if not (np.isfinite(v) and v > 0):
+        return f"global scale {float(v)!r}"
+    with np.errstate(over="ignore", divide="ignore"):
+        inverse = fl.inverse_global and fmt == "nvfp4"
+        s2 = np.float32(1) / v if inverse else v
+        top = s2 * np.float32(E2M1_MAX * E4M3_MAX if fmt == "nvfp4" else E4M3_MAX)
+    what = f"global scale {float(v)!r}" + (f" (s2 = 1/it = {float(s2)!r})" if inverse else "")
+    if v < FLT_MIN:
+        return f"{what} is subnormal"
+    if not np.isfinite(s2) or s2 < FLT_MIN:
+        return f"{what}: s2 is {'subnormal' if np.isfinite(s2) else 'not finite'}"
+    if not np.isfinite(top):
+        return f"{what}: the largest code times it overflows fp32"
+    return None
+
+
 def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
-    """Global scale finite and positive; no NaN block scale (E4M3 has no Inf: 0x7F/0xFF are NaN);
-    FP8 per-channel scales finite and positive."""
+    """Global scale finite, positive, normal and not overflowing (see _global_problem); no NaN or
+    negative block scale (E4M3 has no Inf: 0x7F/0xFF are NaN; sign bit set: a block of flipped
+    signs); FP8 per-channel scales finite and positive."""
     out = []
     v = _global_value(m, fl, fmt)
-    if v is not None and not (np.isfinite(v) and v > 0):
-        out.append(Violation("global-scale", m.name, f"global scale {float(v)!r}"))
+    why = _global_problem(v, fl, fmt) if v is not None else None
+    if why:
+        out.append(Violation("global-scale", m.name, why))
     s = m.tensors.get("weight_scale")
     if fmt == "nvfp4" and s is not None and s.dtype == "F8_E4M3":
-        nan = int(np.count_nonzero((read_raw(s) & 0x7F) == 0x7F))
-        if nan:
-            out.append(Violation("block-scale", m.name, f"{nan} of {s.numel} block scales are NaN"))
+        codes = read_raw(s)
+        nan = int(np.count_nonzero((codes & 0x7F) == 0x7F))
+        neg = int(np.count_nonzero((codes > 0x80) & (codes < 0xFF)))
+        bad = [f"{nan} of {s.numel} block scales are NaN"] if nan else []
+        bad += [f"{neg} of {s.numel} block scales are negative"] if neg else []
+        if bad:
+            out.append(Violation("block-scale", m.name, "; ".join(bad)))
     elif fmt == "fp8" and s is not None and s.dtype == "F32" and s.numel > 1:
         vals = read_raw(s)
         bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
         if bad:
             out.append(Violation("global-scale", m.name, f"{bad} of {s.numel} per-channel scales NaN, Inf or <= 0"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# files against the manifest
+
+@dataclass
+class _FileCheck:
+    """The file check of one directory: violations found from names and sizes, and the SHA-256 of
+    every file whose size matched, being computed on a thread pool while the contract is checked."""
+
+    found: list[Violation] = field(default_factory=list)
+    listed: int | None = None  # files the manifest lists; None: no usable files table, nothing checked
+    hashed: bool = False
+    pending: list[tuple[str, str, Future]] = field(default_factory=list)  # (name, manifest sha256, job)
+    pool: ThreadPoolExecutor | None = None
+
+    def finish(self) -> list[Violation]:
+        """Every file violation, in name order (waits for the hashes)."""
+        try:
+            for name, want, job in self.pending:
+                try:
+                    got = job.result()
+                except OSError as e:
+                    self.found.append(Violation("file-integrity", name, f"cannot read ({e.strerror or e})"))
+                    continue
+                if got != want:
+                    self.found.append(Violation("file-integrity", name, "sha256 differs from the manifest"))
+        finally:
+            self.close()
+        return sorted(self.found, key=lambda v: (v.rule, v.name))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _plain_name(name: object) -> bool:
+    """A manifest `files` key naming a file inside the directory: relative, `/`-separated, no empty,
+    `.` or `..` part, no NUL or backslash, and encodable as a file name."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name or name.startswith("/"):
+        return False
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:  # an unpaired surrogate outside the surrogateescape range
+        return False
+    return True
+
+
+def _file_entry(e: object) -> tuple[int, str] | None:
+    """(size, sha256) of a `files` entry as the schema defines it ({"sha256": 64 lowercase hex
+    digits, "size": integer >= 0}; like JSON Schema, 5.0 is an integer), or None."""
+    if not isinstance(e, dict) or set(e) != {"sha256", "size"}:
+        return None
+    size, sha = e["size"], e["sha256"]
+    if isinstance(size, float) and size.is_integer():
+        size = int(size)
+    if type(size) is not int or size < 0 or not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        return None
+    return size, sha
+
+
+def _lstat_file(root: Path, name: str) -> tuple[str | None, os.stat_result | None]:
+    """(what is wrong, None) or (None, lstat) for a listed file: a regular file, reached through real
+    directories (never a symlink, at any level)."""
+    parts = name.split("/")
+    for i in range(1, len(parts)):
+        folder = "/".join(parts[:i])
+        try:
+            st = os.lstat(root / folder)
+        except OSError:
+            return "missing", None
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            return f"missing ({folder} is {kind})", None
+    try:
+        st = os.lstat(root / name)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing", None
+    except OSError as e:
+        return f"cannot stat ({e.strerror or e})", None
+    if stat.S_ISLNK(st.st_mode):
+        target = Path(os.path.realpath(root / name))
+        if not _hub_blob(root, target):
+            return "is a symlink, not a file", None
+        try:  # a hub cache snapshot: its files are links into the repo's own blobs/ folder
+            st = os.stat(target)
+        except OSError as e:
+            return f"cannot stat ({e.strerror or e})", None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file", None
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file", None
+    return None, st
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a regular file, 16 MiB at a time. Opened without following a symlink and without
+    blocking (a FIFO put there since the lstat); raises OSError."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    with open(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        h = hashlib.sha256()
+        buf = bytearray(min(HASH_CHUNK, max(st.st_size, 1)))
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _start_files(root: Path, man: dict | None, hashes: bool, warnings: list[str],
+                 ignore: frozenset[str] = frozenset()) -> _FileCheck:
+    """Check every file of `root` against the manifest's `files` table: names, types and sizes now;
+    the SHA-256 of each file of the right size (unless `hashes` is False) started on a thread pool."""
+    fc = _FileCheck()
+    files = man.get("files") if man is not None else None
+    if man is not None and not isinstance(files, dict):
+        warnings.append(f"{manifest.MANIFEST_NAME} has no valid files table: file sizes and SHA-256 not checked")
+    if not isinstance(files, dict):
+        return fc
+    listed: dict[str, tuple[int, str] | None] = {}
+    for name, e in files.items():
+        if not _plain_name(name):
+            fc.found.append(Violation("file-integrity", short_repr(name), "listed in the manifest, but not a "
+                                      "plain relative path inside the output directory"))
+        elif name == manifest.MANIFEST_NAME:
+            fc.found.append(Violation("file-integrity", name, "the manifest lists itself (it cannot hold its "
+                                      "own hash)"))
+        else:
+            listed[name] = _file_entry(e)
+            if listed[name] is None:
+                fc.found.append(Violation("file-integrity", name, "its manifest entry is not {sha256: 64 hex digits, "
+                                          "size: integer >= 0}: the file cannot be checked"))
+    fc.listed, fc.hashed = len(listed), hashes
+    jobs = []
+    for name, e in sorted(listed.items()):
+        why, st = _lstat_file(root, name)
+        if why is not None:
+            fc.found.append(Violation("file-integrity", name, why))
+        elif e is not None and st.st_size != e[0]:
+            fc.found.append(Violation("file-integrity", name, f"size {st.st_size}, manifest says {e[0]}"))
+        elif e is not None and hashes:
+            jobs.append((st.st_size, name, e[1]))
+    fc.found += _unlisted(root, listed, ignore)
+    if jobs:
+        fc.pool = ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1, len(jobs)), "sha256")
+        for _size, name, want in sorted(jobs, reverse=True):  # the largest first
+            fc.pending.append((name, want, fc.pool.submit(_sha256, root / name)))
+    return fc
+
+
+def _unlisted(root: Path, listed: dict[str, object], ignore: frozenset[str] = frozenset()) -> list[Violation]:
+    """Every entry of `root` the manifest does not list (hidden ones too), descending only into real
+    directories that hold listed files; scale_manifest.json itself (at the top) excepted."""
+    folders = {name.rsplit("/", 1)[0] for name in listed if "/" in name}
+    folders |= {f.rsplit("/", i)[0] for f in folders for i in range(1, f.count("/") + 1)}
+    out: list[Violation] = []
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        try:
+            with os.scandir(root / rel if rel else root) as it:
+                entries = sorted((e.name, e.path) for e in it)
+        except OSError as e:
+            out.append(Violation("file-unlisted", rel or ".", f"cannot list this directory ({e.strerror or e})"))
+            continue
+        for name, path in entries:
+            r = f"{rel}/{name}" if rel else name
+            if r in listed or r == manifest.MANIFEST_NAME or r in ignore:
+                continue
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as e:
+                out.append(Violation("file-unlisted", r, f"not in the manifest, and cannot stat ({e.strerror or e})"))
+                continue
+            if stat.S_ISDIR(mode) and r in folders:
+                todo.append(r)
+                continue
+            kind = ("a symlink" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+                    else "a file" if stat.S_ISREG(mode) else "a special file")
+            out.append(Violation("file-unlisted", r, f"{kind} the manifest does not list"))
     return out
 
 
@@ -367,54 +642,76 @@ class _Checked:
     mods: dict[str, Module]
     good: dict[str, Module]  # quantized modules with every tensor and scale well-formed
     gs: dict[str, np.float32]  # source weight name -> stored global scale
-    man: dict | None
+    man: dict | None  # the manifest, when valid against its schema
     violations: list[Violation]
     warnings: list[str]
+    files_listed: int | None = None  # files the manifest lists (None: no usable files table)
+    hashed: bool = False
 
 
-def verify_contract(path: str | Path) -> list[Violation]:
-    """Check the FORMATS.md contract of a quantized checkpoint from its headers and scale tensors.
-    An empty list means the checkpoint passes. Raises SourceError if `path` is not a directory."""
-    return _contract(Path(path)).violations
+def verify_contract(path: str | Path, *, hashes: bool = True, ignore: frozenset[str] = frozenset()) -> list[Violation]:
+    """Check a quantized checkpoint: every file against the scale manifest's sizes and (unless
+    `hashes` is False) SHA-256, and the FORMATS.md contract from its headers and scale tensors.
+    `ignore` names top-level files that may be present unlisted (`convert --verify` checks its
+    output while still holding the output's lock file). An empty list means the checkpoint passes.
+    Raises SourceError if `path` is not a directory."""
+    return _contract(Path(path), hashes, ignore).violations
 
 
-def _contract(root: Path) -> _Checked:
+def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozenset()) -> _Checked:
     if not root.is_dir():
         raise SourceError(f"{root}: not a directory")
+    try:
+        os.scandir(root).close()
+    except OSError as e:
+        raise SourceError(f"{root}: cannot read the directory ({e.strerror or e})") from None
     found: list[Violation] = []
     warnings: list[str] = []
-    ann = announced(root, found, warnings)
-    tensors = read_tensors(root, found, warnings)
-    mods = modules(tensors)
-    fl = FLAVORS.get(ann.flavor) if ann.flavor else None
-    good: dict[str, Module] = {}
-    gs: dict[str, np.float32] = {}
-    for key, m in mods.items():
-        is_out = excluded(m.base, ann.exclude, ann.flavor)
-        if is_out and m.quantized:
-            found.append(Violation("excluded-with-scales", m.name, f"excluded, yet has {', '.join(sorted(m.tensors))}"
-                                   + (f" ({m.tensors['weight'].dtype} weight)" if "weight" in m.tensors else "")))
-            continue
-        if not m.quantized:
-            w = m.tensors["weight"]
-            if not is_out and fl is not None and len(w.shape) == 2 and w.dtype in FLOAT_DTYPES and _is_linear(key):
-                found.append(Violation("unlisted-high-precision", m.name,
-                                       f"{w.dtype} {list(w.shape)} linear not in the exclude list"))
-            continue
-        if fl is None or ann.format is None:
-            continue
-        problems = _check_module(m, fl, ann.format, ann.quant_algo) + _check_scales(m, fl, ann.format)
-        found += problems
-        v = _global_value(m, fl, ann.format)
-        if v is not None:
-            gs[key] = v
-        if not problems:
-            good[key] = m
-    found += _fused(mods, gs)
-    man = None
-    if (root / manifest.MANIFEST_NAME).exists() and fl is not None and ann.format is not None:
-        man = _check_manifest(root / manifest.MANIFEST_NAME, ann, fl, tensors, mods, gs, found)
-    return _Checked(root, ann, tensors, mods, good, gs, man, found, warnings)
+    raw, man = _read_manifest(root, found, warnings)
+    fc = _start_files(root, raw, hashes, warnings, ignore)
+    try:
+        ann = announced(root, found, warnings)
+        if (ann.producer or "").split(" ")[0] == "shardquant" and not os.path.lexists(root / manifest.MANIFEST_NAME):
+            found.append(Violation("manifest", manifest.MANIFEST_NAME, "missing, yet the config names shardquant as "
+                                   "the producer (it always writes one)"))
+        tensors = read_tensors(root, found, warnings)
+        mods = modules(tensors)
+        fl = FLAVORS.get(ann.flavor) if ann.flavor else None
+        good: dict[str, Module] = {}
+        gs: dict[str, np.float32] = {}
+        for key, m in mods.items():
+            is_out = excluded(m.base, ann.exclude, ann.flavor)
+            if is_out and m.quantized:
+                has = ", ".join(sorted(m.tensors))
+                found.append(Violation("excluded-with-scales", m.name, f"excluded, yet has {has}"
+                                       + (f" ({m.tensors['weight'].dtype} weight)" if "weight" in m.tensors else "")))
+                continue
+            if not m.quantized:
+                w = m.tensors["weight"]
+                if not is_out and fl is not None and len(w.shape) == 2 and w.dtype in FLOAT_DTYPES and _is_linear(key):
+                    found.append(Violation("unlisted-high-precision", m.name,
+                                           f"{w.dtype} {list(w.shape)} linear not in the exclude list"))
+                continue
+            if fl is None or ann.format is None:
+                continue
+            try:
+                problems = _check_module(m, fl, ann.format, ann.quant_algo) + _check_scales(m, fl, ann.format)
+                v = _global_value(m, fl, ann.format)
+            except HeaderError as e:  # a shard shrunk or vanished since its header was read
+                found.append(Violation("index", m.name, str(e)))
+                continue
+            found += problems
+            if v is not None:
+                gs[key] = v
+            if not problems:
+                good[key] = m
+        found += _fused(mods, gs)
+        if man is not None and fl is not None and ann.format is not None:
+            _check_manifest(man, ann, fl, tensors, mods, gs, found)
+        found[:0] = fc.finish()
+    finally:
+        fc.close()
+    return _Checked(root, ann, tensors, mods, good, gs, man, found, warnings, fc.listed, fc.hashed)
 
 
 _RULES = RuleSet(expert_policy="per-expert")  # per-expert keys: gate == up within each expert
@@ -465,32 +762,89 @@ def _fused(mods: dict[str, Module], gs: dict[str, np.float32]) -> list[Violation
     return out
 
 
-def _check_manifest(path: Path, ann: Announced, fl: Flavor, tensors: dict[str, TensorInfo],
-                    mods: dict[str, Module], gs: dict[str, np.float32], found: list[Violation]) -> dict | None:
+def _read_manifest(root: Path, found: list[Violation], warnings: list[str]) -> tuple[dict | None, dict | None]:
+    """(the manifest as read, for its files table, or None; the manifest if it is valid against
+    manifest.schema.json, else None). No manifest: a warning (another producer's checkpoint)."""
     import jsonschema
 
-    name = path.name
+    name = manifest.MANIFEST_NAME
+    path = root / name
+    unchecked = "file sizes and SHA-256 not checked"
     try:
-        man = manifest.load(path)
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        warnings.append(f"no {name} (not a shardquant output?): {unchecked}")
+        return None, None
+    except OSError as e:
+        found.append(Violation("manifest", name, f"cannot stat ({e.strerror or e})"))
+        warnings.append(f"{name} unreadable: {unchecked}")
+        return None, None
+    if stat.S_ISLNK(mode):
+        found.append(Violation("manifest", name, "is a symlink, not a file"))
+        warnings.append(f"{name} is a symlink: {unchecked}")
+        return None, None
+    try:
+        raw = manifest.load(path)
     except HeaderError as e:
         found.append(Violation("manifest", name, str(e)))
-        return None
-    errors = sorted(jsonschema.Draft202012Validator(load_schema()).iter_errors(man), key=lambda e: list(e.path))
+        warnings.append(f"{name} unreadable: {unchecked}")
+        return None, None
+    if _depth(raw, MAX_MANIFEST_DEPTH) > MAX_MANIFEST_DEPTH:
+        found.append(Violation("manifest", name, f"nested more than {MAX_MANIFEST_DEPTH} deep"))
+        warnings.append(f"{name} unreadable: {unchecked}")
+        return None, None
+    errors = sorted(jsonschema.Draft202012Validator(load_schema()).iter_errors(raw),
+                    key=lambda e: list(map(str, e.path)))
     for e in errors[:20]:
         where = "/".join(map(str, e.absolute_path)) or "(root)"
-        found.append(Violation("manifest", name, f"schema: {where}: {e.message}"))
-    if errors:
-        return None
+        found.append(Violation("manifest", name, f"schema: {_clip(where)}: {_clip(e.message)}"))
+    return raw, None if errors else raw
+
+
+def _depth(obj: object, limit: int) -> int:
+    """How deep lists and objects nest in `obj` (1 for a flat one), counted up to limit + 1 without
+    recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        o, d = todo.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d > limit:
+                return d
+            todo.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def _clip(s: str, n: int = 200) -> str:
+    return s if len(s) <= n else f"{s[:n // 2]}...{s[-n // 2:]}"
+
+
+def _f32(x: float | int) -> np.float32:
+    """A JSON number as fp32: an integer too large for a float is infinite, not an OverflowError."""
+    try:
+        f = float(x)
+    except OverflowError:
+        f = math.inf if x > 0 else -math.inf
+    with np.errstate(over="ignore"):
+        return np.float32(f)
+
+
+def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, TensorInfo],
+                    mods: dict[str, Module], gs: dict[str, np.float32], found: list[Violation]) -> None:
+    """The manifest (valid against its schema) against the tensors and the announced flavor/format."""
+    name = manifest.MANIFEST_NAME
     for k in ("flavor", "format"):
         if man[k] != getattr(ann, k):
             found.append(Violation("manifest", name, f"{k} {man[k]!r}, but the checkpoint is {getattr(ann, k)!r}"))
     fmt = formats.get(man["format"])
     mt, qs = man["tensors"], man["quantizers"]
     for key, q in qs.items():
-        amax, g = np.float32(q["amax"]), np.float32(q["global_scale"])
-        if fmt.global_scale(amax) != g or float(g) != q["global_scale"]:
-            found.append(Violation("manifest", key, f"global_scale {q['global_scale']!r} is not the "
-                                   f"{man['format']} global scale of amax {q['amax']!r}"))
+        amax, g = _f32(q["amax"]), _f32(q["global_scale"])
+        with np.errstate(over="ignore", invalid="ignore"):
+            want_g = fmt.global_scale(amax)
+        if want_g != g or float(g) != q["global_scale"]:
+            found.append(Violation("manifest", key, f"global_scale {short_repr(q['global_scale'])} is not the "
+                                   f"{man['format']} global scale of amax {short_repr(q['amax'])}"))
         for src in q["members"]:
             if mt.get(src, {}).get("quantizer") != key:
                 found.append(Violation("manifest", src, f"member of quantizer {key} without a tensors entry naming it"))
@@ -504,7 +858,8 @@ def _check_manifest(path: Path, ann: Announced, fl: Flavor, tensors: dict[str, T
             found.append(Violation("manifest", src, f"names tensor(s) not in the checkpoint: {', '.join(absent)}"))
             continue
         v = gs.get(src)
-        want = fl.scalar(man["format"], np.float32(q["global_scale"])).reshape(-1)[0]
+        with np.errstate(over="ignore", divide="ignore"):
+            want = fl.scalar(man["format"], _f32(q["global_scale"])).reshape(-1)[0]
         if v is not None and v.tobytes() != want.tobytes():
             conv = " (compressed-tensors stores 1/global_scale)" if fl.inverse_global and ann.format == "nvfp4" else ""
             found.append(Violation("manifest", src, f"{e['global_scale']} holds {float(v):.9g}, manifest quantizer "
@@ -515,7 +870,6 @@ def _check_manifest(path: Path, ann: Announced, fl: Flavor, tensors: dict[str, T
     for e in man["excluded"]:
         if e["name"] not in tensors:
             found.append(Violation("manifest", e["name"], "listed as excluded (kept) but not in the checkpoint"))
-    return man
 
 
 def load_schema() -> dict:
@@ -526,14 +880,18 @@ def load_schema() -> dict:
 # numerics against the source
 
 def verify(path: str | Path, source: str | None = None, *, revision: str | None = None,
-           min_sqnr: float | None = None) -> Report:
-    """The contract of `path`; with `source` (directory or hub repo id) also every quantized tensor
-    dequantized against its source tensor and every kept tensor compared byte for byte. A tensor
-    under `min_sqnr` dB (default DEFAULT_MIN_SQNR of the format) is a violation."""
+           min_sqnr: float | None = None, hashes: bool = True) -> Report:
+    """The files and contract of `path` (as verify_contract); with `source` (directory or hub repo
+    id) also every quantized tensor dequantized against its source tensor and every kept tensor
+    compared byte for byte. A tensor under `min_sqnr` dB (default DEFAULT_MIN_SQNR of the format) is
+    a violation. hashes=False skips reading whole files for their SHA-256 (sizes are still checked)."""
     t0 = time.perf_counter()
-    c = _contract(Path(path))
+    c = _contract(Path(path), hashes)
     rep = Report(str(path), c.ann.flavor, c.ann.format, c.ann.producer,
-                 sum(m.quantized for m in c.mods.values()), c.violations, c.warnings)
+                 sum(m.quantized for m in c.mods.values()), c.violations, c.warnings,
+                 files_checked=c.files_listed, hashed=c.hashed)
+    if c.files_listed is not None and not hashes:
+        rep.warnings.append("file contents not hashed (--no-hashes): sizes checked, SHA-256 not")
     if source is not None and c.ann.format is not None:
         rep.source = source
         rep.min_sqnr = DEFAULT_MIN_SQNR[c.ann.format] if min_sqnr is None else min_sqnr
@@ -545,7 +903,9 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
 def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> None:
     ck = open_checkpoint(source, revision)
     fl, fmt = FLAVORS[c.ann.flavor], c.ann.format
-    quantizer_of = {src: e["quantizer"] for src, e in (c.man or {}).get("tensors", {}).items()}
+    qs = c.man["quantizers"] if c.man is not None else {}
+    quantizer_of = {src: e["quantizer"] for src, e in (c.man or {}).get("tensors", {}).items()
+                    if e["quantizer"] in qs}  # one naming no quantizer is a contract violation already
     amax: dict[str, np.float32] = {}
     for key, m in c.mods.items():
         if not m.quantized:
@@ -557,28 +917,33 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
         if key not in c.good or key not in c.gs:
             continue  # malformed: already reported by the contract
         w = m.tensors[fl.packed_name if fmt == "nvfp4" else "weight"]
-        want = formats.get(fmt).LAYOUT.weight_shape(src.shape) if len(src.shape) == 2 else None
-        if want != w.shape:
+        layout = formats.get(fmt).LAYOUT
+        want = layout.weight_shape(src.shape) if len(src.shape) == 2 else None
+        if src.dtype not in FLOAT_DTYPES:
+            rep.violations.append(Violation("source", m.name, f"source {key} is {src.dtype}, not a float tensor"))
+            continue
+        if want != w.shape or src.shape[1] != w.shape[1] * layout.elems_per_byte:
             rep.violations.append(Violation("source", m.name, f"weight {list(w.shape)} does not fit source "
                                             f"{src.dtype}{list(src.shape)} (expected {list(want or ())})"))
             continue
         ref = to_f32(read_raw(src), src.dtype)
-        deq = _dequantize(m, fl, fmt, c.gs[key])
-        signal, noise = _power(ref, deq)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            deq = _dequantize(m, fl, fmt, c.gs[key])
+            signal, noise = _power(ref, deq)
         qkey = quantizer_of.get(key) or _decide(key).key or m.name
         layer, proj = _layer_proj(key)
         st = TensorStat(key, int(ref.size), signal, noise, qkey, layer, proj)
         rep.tensors.append(st)
         if key in quantizer_of:
             amax[qkey] = max(amax.get(qkey, np.float32(0)), np.float32(np.max(np.abs(ref), initial=0)))
-        if st.sqnr_db < rep.min_sqnr:
+        if not st.sqnr_db >= rep.min_sqnr:  # NaN too
             rep.violations.append(Violation("sqnr", key, f"SQNR {st.sqnr_db:.2f} dB < {rep.min_sqnr:g} dB "
                                             f"(relative RMS error {st.rel_rms:.3g})"))
     for qkey, a in amax.items():
-        q = c.man["quantizers"][qkey]
-        if len([s for s in q["members"] if s in c.good]) == len(q["members"]) and np.float32(q["amax"]) != a:
-            rep.violations.append(Violation("manifest", qkey, f"amax {q['amax']!r}, but max |W| of the source "
-                                            f"members is {float(a)!r}"))
+        q = qs[qkey]
+        if len([s for s in q["members"] if s in c.good]) == len(q["members"]) and _f32(q["amax"]) != a:
+            rep.violations.append(Violation("manifest", qkey, f"amax {short_repr(q['amax'])}, but max |W| of the "
+                                            f"source members is {float(a)!r}"))
     quantized = {k for k, m in c.mods.items() if m.quantized}
     for name, s in ck.tensors.items():
         if name in quantized:

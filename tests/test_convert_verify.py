@@ -30,7 +30,7 @@ def test_verify_flag_passes_our_output(src, tmp_path, fmt, flavor):
 
 def test_verify_failure_is_an_error_and_takes_the_index_away(src, tmp_path, monkeypatch):
     bad = Violation("fused-scale", "model.layers.0.mlp.experts.3", "gate/up global scales differ")
-    monkeypatch.setattr(verify_mod, "verify_contract", lambda path: [bad])
+    monkeypatch.setattr(verify_mod, "verify_contract", lambda path, **kw: [bad])
     out = tmp_path / "out"
     with pytest.raises(OutputError, match=r"fails verification: 1 violation\(s\) of fused-scale .*experts\.3"):
         convert(str(src), out, "nvfp4", device="cpu", verify=True)

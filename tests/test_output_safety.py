@@ -421,7 +421,7 @@ def test_resumed_run_records_the_same_source_hashes(src, clean, tmp_path, monkey
     assert (out / MANIFEST_NAME).read_bytes() == (clean / MANIFEST_NAME).read_bytes()
 
 
-def test_hub_blob_that_does_not_match_its_name_is_refused(src, tmp_path, monkeypatch):
+def test_hub_blob_that_does_not_match_its_name_is_refused(src, tmp_path):
     home = tmp_path / "hf"
     repo = home / "hub" / "models--org--name"
     commit = "a" * 40
@@ -437,9 +437,35 @@ def test_hub_blob_that_does_not_match_its_name_is_refused(src, tmp_path, monkeyp
             data = data[:-1] + bytes([data[-1] ^ 1])  # damaged in the cache, same size
         (blobs / blob).write_bytes(data)
         (snap / f.name).symlink_to(Path("..", "..", "blobs", blob))
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     out = tmp_path / "out"
-    with pytest.raises(Exception, match="differs from the hub's"):
-        conv.convert("org/name", out, "nvfp4", device="cpu")
+    p = subprocess.run([sys.executable, "-m", "shardquant.cli", "convert", "org/name", "--format", "nvfp4",
+                        "-o", str(out), "--device", "cpu", "-q"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "model-00001" in p.stderr and "differs from the hub's" in p.stderr
     assert not (out / INDEX).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. verify proves every byte, also of an output downloaded into a hub cache
+
+def test_verify_accepts_a_hub_snapshot_of_links_into_blobs_only(clean, tmp_path):
+    from shardquant.verify import verify_contract
+
+    repo = tmp_path / "hub" / "models--org--q"
+    snap, blobs = repo / "snapshots" / ("b" * 40), repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in clean.iterdir():
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    assert verify_contract(snap) == []
+    shard = next(snap.glob("model-*.safetensors"))
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(elsewhere)  # same bytes, but from outside the repo's blobs
+    bad = verify_contract(snap)
+    assert [(v.rule, v.name) for v in bad] == [("file-integrity", shard.name)]

@@ -1,13 +1,18 @@
 """`shardquant verify`: our outputs pass; hand-broken copies of them fail, each naming the module and
-the rule; --source measures SQNR in the band the formats allow and finds a corrupted tensor; the
-checkpoints of llm-compressor (gate/up scales that differ per expert) and ModelOpt are judged right."""
+the rule; one flipped bit in any file, a file missing, resized, replaced by a symlink or a directory,
+or a file the manifest does not list fails, naming the file; --source measures SQNR in the band the
+formats allow and finds a corrupted tensor; the checkpoints of llm-compressor (gate/up scales that
+differ per expert) and ModelOpt are judged right."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import shutil
 import struct
+import sys
 import zlib
 from collections import defaultdict
 from importlib import resources
@@ -27,6 +32,7 @@ from shardquant.flavors import FLAVORS
 from shardquant.rules import EXPERT_POLICIES
 from shardquant.st import read_header
 from shardquant.report import write_heatmap, write_png
+from shardquant import verify as verify_mod
 from shardquant.verify import excluded, load_schema, verify, verify_contract
 
 DATA = Path(__file__).parent / "data"
@@ -42,6 +48,20 @@ MODELS = {  # small shards, so that fused sets straddle shard boundaries
 CT = "compressed-tensors"
 GLOBAL = {"modelopt": "weight_scale_2", CT: "weight_global_scale"}
 O_PROJ = "model.layers.0.self_attn.o_proj"
+
+
+def _tool():
+    """tools/fuzz_verify.py (not a package): its `seal` recomputes a manifest's files table."""
+    name = "fuzz_verify"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / "fuzz_verify.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+seal = _tool().seal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +106,8 @@ def broken(converted, tmp_path):
 
 def rewrite(d: Path, changes: dict[str, torch.Tensor | None], near: str | None = None) -> None:
     """Replace (tensor), delete (None) or add (into the shard holding `near`) tensors, saving the
-    shards with safetensors and keeping the index true (weight_map and total_size)."""
+    shards with safetensors and keeping the index true (weight_map and total_size) and the
+    manifest's files table too: these tests break the contract, not the files."""
     index = json.loads((d / INDEX).read_text())
     wm = index["weight_map"]
     by_file: dict[str, dict] = defaultdict(dict)
@@ -102,6 +123,7 @@ def rewrite(d: Path, changes: dict[str, torch.Tensor | None], near: str | None =
         save_file(tensors, d / fname, metadata={"format": "pt"})
     index["metadata"]["total_size"] = sum(t.nbytes for f in set(wm.values()) for t in read_header(d / f).values())
     (d / INDEX).write_text(json.dumps(index, indent=2))
+    seal(d)
 
 
 def tensor(d: Path, name: str) -> torch.Tensor:
@@ -110,9 +132,11 @@ def tensor(d: Path, name: str) -> torch.Tensor:
 
 
 def edit_json(path: Path, fn) -> None:
+    """Edit a JSON file of an output, its manifest's files table kept true (see rewrite)."""
     obj = json.loads(path.read_text())
     fn(obj)
     path.write_text(json.dumps(obj, indent=2))
+    seal(path.parent)
 
 
 def rules_of(violations) -> set[str]:
@@ -142,9 +166,13 @@ def test_our_outputs_pass(converted, model, fmt, flavor):
     man = json.loads((out / manifest.MANIFEST_NAME).read_text())
     assert (rep.flavor, rep.format, rep.modules) == (flavor, fmt, len(man["tensors"]))
     assert rep.producer.startswith("shardquant")
+    # every file but the manifest is listed, and verify checked each
+    assert set(man["files"]) == {p.name for p in out.iterdir()} - {manifest.MANIFEST_NAME}
+    assert (rep.files_checked, rep.hashed, rep.warnings) == (len(man["files"]), True, [])
     r = cli("verify", out)
     assert r.exit_code == 0, r.output
     assert "OK: no violations" in r.output
+    assert f"{len(man['files'])} files checked against the manifest (size and SHA-256)" in r.output
 
 
 @pytest.mark.parametrize("flavor", ["modelopt", CT])
@@ -183,7 +211,10 @@ def test_schema_is_draft_2020_12_package_data_and_matches_the_registries():
 
 BREAK_MANIFEST = {
     "no tool": lambda m: m.pop("tool"),
-    "schema_version 2": lambda m: m.update(schema_version=2),
+    "schema_version 1": lambda m: m.update(schema_version=1),
+    "schema_version 3": lambda m: m.update(schema_version=3),
+    "no source files": lambda m: m["source"].pop("files"),
+    "source file not checked_against_hub": lambda m: m["source"]["files"].update(x={"sha256": "0" * 64, "size": 1}),
     "unknown format": lambda m: m.update(format="int4"),
     "negative amax": lambda m: next(iter(m["quantizers"].values())).update(amax=-1.0),
     "zero global scale": lambda m: next(iter(m["quantizers"].values())).update(global_scale=0.0),
@@ -197,6 +228,7 @@ BREAK_MANIFEST = {
 
 @pytest.mark.parametrize("how", list(BREAK_MANIFEST))
 def test_broken_manifest_fails_schema_and_verify(broken, how):
+    """The files table left intact: the schema alone fails."""
     d = broken("qwen3_moe", "nvfp4")
     man = json.loads((d / manifest.MANIFEST_NAME).read_text())
     jsonschema.validate(man, load_schema())  # the unbroken one passes
@@ -401,6 +433,182 @@ def test_manifest_quantizer_not_matching_its_amax(broken):
     edit_json(d / manifest.MANIFEST_NAME, fix)
     vs = verify_contract(d)
     assert names_of(vs, "manifest") == ["decoder.layers.0.self_attention.linear_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# files against the manifest: one flipped bit anywhere names its file
+
+def _data_byte(shard: Path) -> int:
+    """Offset of a byte in the middle of a packed weight's data (not a scale: the contract cannot
+    see a change there, only the hash can)."""
+    hdr = read_header(shard)
+    t = next(t for t in hdr.values() if t.name.endswith((".weight", ".weight_packed")) and t.dtype in ("U8", "F8_E4M3"))
+    return t.offset + t.nbytes // 2
+
+
+def _flip(path: Path, offset: int, bit: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("what", ["shard data", "config.json", "hf_quant_config.json", INDEX])
+def test_one_flipped_bit_names_the_file(broken, what):
+    d = broken("qwen3_moe", "nvfp4")
+    if what == "shard data":
+        path = sorted(d.glob("*.safetensors"))[1]
+        offset = _data_byte(path)
+    else:
+        path = d / what
+        offset = path.read_bytes().index(b"\n  ") + 4  # the first letter of the first key
+    _flip(path, offset, bit=1)  # a letter stays a letter: the JSON stays valid
+    vs = verify_contract(d)
+    assert [(v.rule, v.name, v.detail) for v in vs if v.rule.startswith("file-")] == [
+        ("file-integrity", path.name, "sha256 differs from the manifest")]
+    if what == "shard data":
+        assert len(vs) == 1  # packed codes: nothing else can tell
+        assert verify_contract(d, hashes=False) == []  # same size: only the hash sees it
+    r = cli("verify", d)
+    assert r.exit_code == 1 and "FAIL file-integrity: 1 x" in r.output and f"  {path.name}: sha256 differs" in r.output
+
+
+def test_hashing_in_small_chunks_reads_every_byte(broken, monkeypatch):
+    """The hash loop over many chunks (the last one short) gives the same digest as one read."""
+    d = broken("qwen3_moe", "fp8")
+    monkeypatch.setattr(verify_mod, "HASH_CHUNK", 1000)
+    assert verify_contract(d) == []
+    last = sorted(d.glob("*.safetensors"))[-1]
+    _flip(last, last.stat().st_size - 1, bit=7)
+    assert [(v.rule, v.name) for v in verify_contract(d) if v.rule.startswith("file-")] == [
+        ("file-integrity", last.name)]
+
+
+def test_size_checked_without_hashes(broken):
+    d = broken("mixtral", "fp8", CT)
+    with open(d / "tokenizer_config.json", "ab") as f:
+        f.write(b" ")
+    size = (d / "tokenizer_config.json").stat().st_size
+    for hashes in (True, False):
+        assert [(v.rule, v.name, v.detail) for v in verify_contract(d, hashes=hashes)] == [
+            ("file-integrity", "tokenizer_config.json", f"size {size}, manifest says {size - 1}")]
+
+
+@pytest.mark.parametrize("how,detail", [
+    ("delete", "missing"),
+    ("symlink", "is a symlink, not a file"),
+    ("directory", "is a directory, not a file"),
+    ("fifo", "is not a regular file"),
+])
+def test_listed_file_not_a_regular_file(broken, tmp_path, how, detail):
+    d = broken("qwen3_moe", "fp8")
+    victim = d / "special_tokens_map.json"
+    data = victim.read_bytes()
+    victim.unlink()
+    if how == "symlink":  # to a file of the very same bytes: the link itself is the fault
+        (tmp_path / "elsewhere.json").write_bytes(data)
+        victim.symlink_to(tmp_path / "elsewhere.json")
+    elif how == "directory":
+        victim.mkdir()
+    elif how == "fifo":
+        os.mkfifo(victim)
+    for hashes in (True, False):
+        assert [(v.rule, v.name, v.detail) for v in verify_contract(d, hashes=hashes)] == [
+            ("file-integrity", "special_tokens_map.json", detail)]
+
+
+def test_a_symlinked_shard_is_named(broken, tmp_path):
+    d = broken("qwen3_moe", "nvfp4", CT)
+    shard = sorted(d.glob("*.safetensors"))[0]
+    shutil.move(shard, tmp_path / shard.name)
+    shard.symlink_to(tmp_path / shard.name)
+    vs = verify_contract(d)
+    assert [(v.name, v.detail) for v in vs if v.rule == "file-integrity"] == [(shard.name, "is a symlink, not a file")]
+    assert any("leaving the source directory" in v.detail for v in vs if v.rule == "index")  # not read either
+
+
+def test_unlisted_files_are_violations(broken):
+    d = broken("qwen3_moe", "nvfp4")
+    (d / ".hidden").write_text("x")
+    (d / "notes.txt").write_text("x")
+    (d / "sub").mkdir()
+    (d / "sub" / "x.json").write_text("{}")
+    (d / "link.json").symlink_to("config.json")
+    vs = verify_contract(d, hashes=False)
+    assert rules_of(vs) == {"file-unlisted"}
+    assert {v.name: v.detail for v in vs} == {
+        ".hidden": "a file the manifest does not list", "notes.txt": "a file the manifest does not list",
+        "sub": "a directory the manifest does not list", "link.json": "a symlink the manifest does not list"}
+
+
+def test_files_in_subdirectories_are_checked(broken):
+    """A listed `sub/x.json` is checked like any file; an unlisted one beside it is named."""
+    d = broken("qwen3_moe", "fp8")
+    (d / "sub").mkdir()
+    (d / "sub" / "x.json").write_text("{}")
+    seal(d)
+    assert verify_contract(d) == []
+    (d / "sub" / "x.json").write_text("[]")
+    (d / "sub" / "y.json").write_text("{}")
+    assert [(v.rule, v.name) for v in verify_contract(d)] == [("file-integrity", "sub/x.json"),
+                                                             ("file-unlisted", "sub/y.json")]
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "/etc/hostname", "a//b", "./config.json", "a\\b",
+                                  manifest.MANIFEST_NAME])
+def test_manifest_listing_a_path_outside_or_itself(broken, name):
+    d = broken("qwen3_moe", "fp8")
+    man = json.loads((d / manifest.MANIFEST_NAME).read_text())
+    man["files"][name] = {"sha256": "0" * 64, "size": 0}
+    (d / manifest.MANIFEST_NAME).write_text(json.dumps(man))
+    vs = verify_contract(d)
+    assert [v.rule for v in vs] == ["file-integrity"]
+    assert "plain relative path" in vs[0].detail or "lists itself" in vs[0].detail
+
+
+def test_manifest_file_entry_malformed_is_not_silently_skipped(broken):
+    d = broken("qwen3_moe", "fp8")
+    man = json.loads((d / manifest.MANIFEST_NAME).read_text())
+    man["files"]["config.json"]["size"] = "12"
+    (d / manifest.MANIFEST_NAME).write_text(json.dumps(man))
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"file-integrity", "manifest"}
+    assert names_of(vs, "file-integrity") == ["config.json"]
+
+
+def test_integral_float_size_is_an_integer(broken):
+    """JSON Schema counts 5.0 as an integer; so does the file check (the size is still compared)."""
+    d = broken("qwen3_moe", "fp8")
+    man = json.loads((d / manifest.MANIFEST_NAME).read_text())
+    size = man["files"]["config.json"]["size"]
+    man["files"]["config.json"]["size"] = float(size)
+    (d / manifest.MANIFEST_NAME).write_text(json.dumps(man))
+    assert verify_contract(d) == []
+    man["files"]["config.json"]["size"] = float(size + 1)
+    (d / manifest.MANIFEST_NAME).write_text(json.dumps(man))
+    assert [(v.rule, v.name) for v in verify_contract(d)] == [("file-integrity", "config.json")]
+
+
+def test_no_manifest_is_not_hash_checked_and_says_so(broken):
+    rep = verify(MODELOPT)
+    assert rep.ok and rep.files_checked is None
+    assert any("no scale_manifest.json" in w and "not checked" in w for w in rep.warnings)
+    r = cli("verify", MODELOPT)
+    assert r.exit_code == 0 and "warning: no scale_manifest.json" in r.output
+    # ours always has one: without it, the config's producer gives it away
+    d = broken("qwen3_moe", "nvfp4")
+    (d / manifest.MANIFEST_NAME).unlink()
+    assert [(v.rule, v.name) for v in verify_contract(d)] == [("manifest", manifest.MANIFEST_NAME)]
+
+
+def test_cli_no_hashes(broken):
+    d = broken("qwen3_moe", "nvfp4", CT)
+    shard = sorted(d.glob("*.safetensors"))[1]  # [0] holds only the embedding
+    _flip(shard, _data_byte(shard))
+    r = cli("verify", d, "--no-hashes")
+    assert r.exit_code == 0, r.output
+    assert "checked against the manifest (size only)" in r.output and "SHA-256 not" in r.output
+    r = cli("verify", d)
+    assert r.exit_code == 1 and shard.name in r.output
 
 
 # ---------------------------------------------------------------------------------------------

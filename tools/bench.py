@@ -105,13 +105,16 @@ print(json.dumps({"seconds": r.seconds, "bytes_read": r.bytes_read, "source_byte
 """
 
 
-def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool) -> dict:
-    """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS."""
+def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, pythonpath: str | None = None) -> dict:
+    """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS. With
+    `pythonpath`, the shardquant package found there runs (an earlier release, for --vs)."""
     shutil.rmtree(out, ignore_errors=True)
     if cold:
         drop_cache(sorted(src.glob("*.safetensors")))
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device], capture_output=True, text=True,
+                       env=env)
     wall = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"conversion failed:\n{p.stderr}")
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="evict the source from the page cache before each read")
     ap.add_argument("--workdir", default=os.environ.get("SHARDQUANT_BENCH_DIR", "/tmp/shardquant-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the built checkpoints for the next run")
+    ap.add_argument("--vs", metavar="PYTHONPATH", default=None,
+                    help="also run the shardquant package found under this path (e.g. an earlier release "
+                         "unpacked with `git archive`), alternating with this one; report the time ratio")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -141,6 +147,10 @@ def main() -> None:
                 rt, nread = read_all(src, args.cold)
                 info = convert_once(src, work / "out", fmt, args.device, args.cold)
                 wt = write_baseline(work, info["output_bytes"])
+                if args.vs:
+                    base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs)
+                    info["vs_seconds"], info["vs_wall"] = base["seconds"], base["wall"]
+                    info["ratio_seconds"], info["ratio_wall"] = info["seconds"] / base["seconds"], info["wall"] / base["wall"]
                 rows.append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
             med = {k: statistics.median(r[k] for r in rows) for k in ("read_s", "write_s", "seconds", "wall", "rss")}
             src_b, out_b = rows[0]["source_bytes"], rows[0]["output_bytes"]
@@ -159,6 +169,9 @@ def main() -> None:
                 "peak_rss_mib": med["rss"] / 2**20,
                 "peak_bound_mib": rows[0]["peak_estimate"] / 2**20,
             }
+            if args.vs:  # pairwise ratios (this / --vs), each pair run back to back
+                for k in ("ratio_seconds", "ratio_wall", "vs_seconds", "vs_wall"):
+                    res[k] = statistics.median(r[k] for r in rows)
             results.append(res)
             print(json.dumps(res), flush=True)
         if not args.keep:
