@@ -779,7 +779,7 @@ def _read_manifest(root: Path, found: list[Violation], warnings: list[str]) -> t
         found.append(Violation("manifest", name, f"cannot stat ({e.strerror or e})"))
         warnings.append(f"{name} unreadable: {unchecked}")
         return None, None
-    if stat.S_ISLNK(mode):
+    if stat.S_ISLNK(mode) and not _hub_blob(root, Path(os.path.realpath(path))):
         found.append(Violation("manifest", name, "is a symlink, not a file"))
         warnings.append(f"{name} is a symlink: {unchecked}")
         return None, None
