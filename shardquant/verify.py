@@ -538,6 +538,17 @@ def _lstat_file(root: Path, name: str) -> tuple[str | None, os.stat_result | Non
     return None, st
 
 
+def _blob_or_self(root: Path, name: str) -> Path:
+    """The file to hash: a hub snapshot's link into its repo's blobs/ is read at its target (checked
+    in _lstat_file); anything else as named, never through a link."""
+    p = root / name
+    if p.is_symlink():
+        target = Path(os.path.realpath(p))
+        if _hub_blob(root, target):
+            return target
+    return p
+
+
 def _sha256(path: Path) -> str:
     """SHA-256 of a regular file, 16 MiB at a time. Opened without following a symlink and without
     blocking (a FIFO put there since the lstat); raises OSError."""
@@ -592,7 +603,7 @@ def _start_files(root: Path, man: dict | None, hashes: bool, warnings: list[str]
     if jobs:
         fc.pool = ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1, len(jobs)), "sha256")
         for _size, name, want in sorted(jobs, reverse=True):  # the largest first
-            fc.pending.append((name, want, fc.pool.submit(_sha256, root / name)))
+            fc.pending.append((name, want, fc.pool.submit(_sha256, _blob_or_self(root, name))))
     return fc
 
 
