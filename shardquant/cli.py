@@ -11,6 +11,7 @@ from . import __version__, formats
 from .errors import ShardquantError
 from .flavors import FLAVORS
 from .plan import Plan
+from .text import show
 from .rules import EXPERT_POLICIES
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -143,12 +144,12 @@ def inspect(directory) -> None:
         rows = sorted(qs.items(), key=lambda kv: -len(kv[1]["members"]))
         click.echo(f"{'quantizer':60s} {'members':>7s} {'amax':>12s} {'global scale':>14s}")
         for k, q in rows[:40]:
-            click.echo(f"{k[:60]:60s} {len(q['members']):7d} {q['amax']:12.6g} {q['global_scale']:14.6g}")
+            click.echo(f"{show(k, quote=False)[:60]:60s} {len(q['members']):7d} {q['amax']:12.6g} {q['global_scale']:14.6g}")
         reasons: dict[str, int] = {}
         for e in m["excluded"]:
             reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
         for r, n in sorted(reasons.items()):
-            click.echo(f"kept: {n:6d}  {r}")
+            click.echo(f"kept: {n:6d}  {show(r, quote=False)}")
     except (KeyError, TypeError, AttributeError):
         _fail(f"{path}: malformed scale manifest")
 
@@ -200,7 +201,7 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
         shapes = {m.shape for m in g.members}
         shape = "x".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else "mixed"
         flag = " (2 passes)" if g.two_pass else ""
-        click.echo(f"{g.key[:64]:64s} {len(g.members):7d} {shape:>14s} {g.source_bytes / 1e6:10.2f} {out / 1e6:10.2f}{flag}")
+        click.echo(f"{show(g.key, quote=False)[:64]:64s} {len(g.members):7d} {shape:>14s} {g.source_bytes / 1e6:10.2f} {out / 1e6:10.2f}{flag}")
     if limit is not None and len(rows) > limit:
         click.echo(f"... {len(rows) - limit} more (use --verbose)")
     kept = sum(u.source_bytes for u in p.units if u.kept is not None)

@@ -13,6 +13,7 @@ from .flavors import FLAVORS
 from .rules import FLOAT_DTYPES, KEEP, TE_WEIGHT, Decision, RuleSet, module_name
 from .source import Checkpoint
 from .st import OutTensor, TensorInfo
+from .text import show
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
@@ -101,14 +102,15 @@ def make_plan(
 ) -> Plan:
     layout = formats.get(fmt).LAYOUT
     if flavor not in FLAVORS:
-        raise PlanError(f"unknown flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
+        raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")
     fl = FLAVORS[flavor]
-    warnings: list[str] = []
+    warnings: list[str] = list(ck.warnings)
     decisions = {n: rules.classify(n, t.dtype, t.shape) for n, t in ck.tensors.items()}
 
     unclaimed = [n for n, d in decisions.items() if d.rule == "unclaimed"]
     if unclaimed and strict:
-        raise PlanError(f"--strict: no rule claims {len(unclaimed)} weight tensor(s): {', '.join(unclaimed[:8])}")
+        raise PlanError(f"--strict: no rule claims {len(unclaimed)} weight tensor(s): "
+                        f"{', '.join(show(n, quote=False) for n in unclaimed[:8])}")
 
     by_key: dict[str, list[str]] = defaultdict(list)
     for n, d in decisions.items():
@@ -118,12 +120,13 @@ def make_plan(
     for key, names in by_key.items():
         rules_used = sorted({decisions[n].rule for n in names})
         if len(rules_used) > 1:
-            raise RuleError(f"quantizer {key} is claimed by rules {', '.join(rules_used)}; give them distinct keys")
+            raise RuleError(f"quantizer {show(key, quote=False)} is claimed by rules "
+                            f"{', '.join(show(r, quote=False) for r in rules_used)}; give them distinct keys")
     # A fused set shares one precision: excluding one member keeps the whole set.
     excluded_from = {d.key: n for n, d in decisions.items() if d.rule == "--exclude" and d.key}
     for key in [k for k in by_key if k in excluded_from]:
-        why = f"fused with {excluded_from[key]}, which --exclude keeps"
-        warnings.append(f"quantizer {key} kept in high precision as a whole: {why}")
+        why = f"fused with {show(excluded_from[key], quote=False)}, which --exclude keeps"
+        warnings.append(f"quantizer {show(key, quote=False)} kept in high precision as a whole: {why}")
         for n in by_key.pop(key):
             kept[n] = Decision(KEEP, "--exclude", reason=why)
 
@@ -134,25 +137,36 @@ def make_plan(
         for m in members:
             if m.dtype not in FLOAT_DTYPES:
                 raise PlanError(
-                    f"tensor {m.name!r} ({m.file.name}): unsupported dtype {m.dtype} for quantization "
-                    f"(inputs must be one of {', '.join(FLOAT_DTYPES)})"
+                    f"tensor {show(m.name)} ({show(m.file.name, quote=False)}): unsupported dtype {m.dtype} for "
+                    f"quantization (inputs must be one of {', '.join(FLOAT_DTYPES)})"
+                )
+            if 0 in m.shape:  # nothing to scale; a GEMM with an empty side is not a real projection
+                raise PlanError(
+                    f"tensor {show(m.name)} ({show(m.file.name, quote=False)}): shape {list(m.shape)} has no "
+                    "elements, so it cannot be quantized; --exclude it to copy it as it is"
                 )
         bad = [m for m in members if not layout.divides(m.shape[1])]
         if bad:
-            why = f"input dim {bad[0].shape[1]} of {bad[0].name} is not a multiple of {layout.block_size or layout.elems_per_byte}"
-            warnings.append(f"quantizer {key} kept in high precision as a whole: {why}")
+            why = (f"input dim {bad[0].shape[1]} of {show(bad[0].name, quote=False)} is not a multiple of "
+                   f"{layout.block_size or layout.elems_per_byte}")
+            warnings.append(f"quantizer {show(key, quote=False)} kept in high precision as a whole: {why}")
             for n in names:
                 kept[n] = Decision(KEEP, decisions[n].rule, reason=f"fused set not quantizable: {why}", warn=True)
             continue
         g = Group(key, decisions[names[0]].rule, members)
         g.two_pass = g.source_bytes > memory_budget
         if g.two_pass:
-            warnings.append(f"quantizer {key} ({g.source_bytes / 2**30:.1f} GiB) exceeds the memory budget: read twice")
+            warnings.append(f"quantizer {show(key, quote=False)} ({g.source_bytes / 2**30:.1f} GiB) exceeds the "
+                            "memory budget: read twice")
         groups.append(g)
 
     for n, d in kept.items():
         if d.warn:
-            warnings.append(f"{n}: kept in high precision ({d.reason})")
+            warnings.append(f"{show(n, quote=False)}: kept in high precision ({d.reason})")
+    if not groups:  # an output that claims a format and holds not one quantized weight is no conversion
+        raise PlanError(f"nothing would be quantized: all {len(kept)} tensor{'s' * (len(kept) != 1)} are kept "
+                        f"({_reasons(kept)}); "
+                        "--include REGEX quantizes 2-D weights no rule claims, --rules FILE adds rules")
 
     # Read order: each unit at the position of its first member in the source.
     pos = {n: i for i, n in enumerate(ck.tensors)}
@@ -177,7 +191,8 @@ def make_plan(
                 order.append(OutTensor(names["global_scale"], "F32", fl.scalar_shape))
     for t in order:
         if t.name in out_tensors:
-            raise PlanError(f"output tensor {t.name!r} would be written twice (a source tensor already has that name)")
+            raise PlanError(f"output tensor {show(t.name)} would be written twice (a source tensor already has "
+                            "that name)")
         out_tensors[t.name] = t
 
     excluded = sorted(({"name": n, "reason": d.reason} for n, d in kept.items()), key=lambda e: e["name"])
@@ -200,11 +215,28 @@ def _check_complete(key: str, ds: list[Decision], names: list[str]) -> None:
     have: dict[str | None, set[str]] = defaultdict(set)
     for d in ds:
         have[d.expert].add(d.proj)
-    for expert, projs in sorted(have.items(), key=lambda kv: int(kv[0]) if kv[0] else -1):
+    for expert, projs in sorted(have.items(), key=lambda kv: _expert_order(kv[0])):
         missing = [p for p in fuse if p not in projs]
         if missing:
-            who = f" expert {expert}" if expert is not None else ""
-            raise RuleError(f"quantizer {key}{who}: missing {', '.join(missing)} (has {', '.join(sorted(projs))})")
+            who = f" expert {show(expert, quote=False)}" if expert is not None else ""
+            raise RuleError(f"quantizer {show(key, quote=False)}{who}: missing "
+                            f"{', '.join(show(p, quote=False) for p in missing)} "
+                            f"(has {', '.join(show(p, quote=False) for p in sorted(projs, key=str))})")
+
+
+def _expert_order(expert: str | None) -> tuple[bool, int, str]:
+    """Experts in numeric order; a user rule's `expert` group may capture more than digits."""
+    return expert is not None, int(expert) if expert and expert.isdecimal() else -1, expert or ""
+
+
+def _reasons(kept: dict[str, Decision], most: int = 4) -> str:
+    """Why tensors are kept, counted: 'norm: 5, embedding: 1, output head: 1'."""
+    counts: dict[str, int] = defaultdict(int)
+    for d in kept.values():
+        counts[d.reason or d.rule] += 1
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = ", ".join(f"{show(r, quote=False, limit=80)}: {n}" for r, n in top[:most])
+    return out + (f", other: {sum(n for _, n in top[most:])}" if len(top) > most else "")
 
 
 def _shard(order: list[OutTensor], max_size: int) -> list[tuple[str, list[OutTensor]]]:

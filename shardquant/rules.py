@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RuleError
+from .text import show, show_path
 
 QUANTIZE, KEEP = "quantize", "keep"
 EXPERT_POLICIES = ("shared", "per-expert")
@@ -36,26 +37,27 @@ class Rule:
         try:
             rx = re.compile(self.pattern)
         except re.error as e:
-            raise RuleError(f"rule {self.name!r}: bad regex {self.pattern!r} ({e})") from None
+            raise RuleError(f"rule {show(self.name)}: bad regex {show(self.pattern)} ({e})") from None
         object.__setattr__(self, "regex", rx)
         if self.action not in (QUANTIZE, KEEP):
-            raise RuleError(f"rule {self.name!r}: action must be 'quantize' or 'keep', not {self.action!r}")
+            raise RuleError(f"rule {show(self.name)}: action must be 'quantize' or 'keep', not {show(self.action)}")
         if self.action == QUANTIZE:
             if not self.key:
-                raise RuleError(f"rule {self.name!r}: a quantize rule needs a key template")
+                raise RuleError(f"rule {show(self.name)}: a quantize rule needs a key template")
             try:
                 fields = {f for _, f, _, _ in string.Formatter().parse(self.key) if f is not None}
             except ValueError as e:  # e.g. an unclosed "{prefix"
-                raise RuleError(f"rule {self.name!r}: bad key template {self.key!r} ({e})") from None
+                raise RuleError(f"rule {show(self.name)}: bad key template {show(self.key)} ({e})") from None
             unknown = fields - set(rx.groupindex)
             if unknown:
-                raise RuleError(f"rule {self.name!r}: key uses {sorted(unknown)} not named in the pattern")
+                raise RuleError(f"rule {show(self.name)}: key uses [{', '.join(show(u) for u in sorted(unknown)[:8])}] "
+                                "not named in the pattern")
             try:  # conversions and format specs ("{proj!x}", "{proj:d}") fail only when formatting
                 self.key.format(**{g: "0" for g in rx.groupindex})
             except ValueError as e:
-                raise RuleError(f"rule {self.name!r}: bad key template {self.key!r} ({e})") from None
+                raise RuleError(f"rule {show(self.name)}: bad key template {show(self.key)} ({e})") from None
             if self.fuse and "proj" not in rx.groupindex:
-                raise RuleError(f"rule {self.name!r}: fuse needs a named group 'proj' in the pattern")
+                raise RuleError(f"rule {show(self.name)}: fuse needs a named group 'proj' in the pattern")
 
 
 _L = r"(?P<prefix>.*\.(?:self_attn|self_attention|attn|attention))"
@@ -134,7 +136,7 @@ class RuleSet:
         num_layers: int | None = None,
     ):
         if expert_policy not in EXPERT_POLICIES:
-            raise RuleError(f"expert policy must be one of {EXPERT_POLICIES}, not {expert_policy!r}")
+            raise RuleError(f"expert policy must be one of {EXPERT_POLICIES}, not {show(expert_policy)}")
         self.rules = tuple(user_rules) + BUILTIN_RULES
         self.include = tuple(_compile(p, "--include") for p in include)
         self.exclude = tuple(_compile(p, "--exclude") for p in exclude)
@@ -193,7 +195,7 @@ def _compile(pattern: str, flag: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise RuleError(f"{flag} {pattern!r}: bad regex ({e})") from None
+        raise RuleError(f"{flag} {show(pattern)}: bad regex ({e})") from None
 
 
 def load_rules(path: Path) -> tuple[Rule, ...]:
@@ -202,7 +204,7 @@ def load_rules(path: Path) -> tuple[Rule, ...]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise RuleError(f"{path}: cannot read rules file ({e})") from None
+        raise RuleError(f"{show_path(path)}: cannot read rules file ({show(str(e), quote=False)})") from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -213,24 +215,26 @@ def load_rules(path: Path) -> tuple[Rule, ...]:
                 import tomli as tomllib
             data = tomllib.loads(text)
     except ValueError as e:
-        raise RuleError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from None
+        raise RuleError(f"{show_path(path)}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} "
+                        f"({show(str(e), quote=False)})") from None
     rows = data.get("rule", data.get("rules")) if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise RuleError(f"{path}: expected a list of rules ([[rule]] tables or a \"rules\" array)")
+        raise RuleError(f"{show_path(path)}: expected a list of rules ([[rule]] tables or a \"rules\" array)")
     out = []
     allowed = {"name", "pattern", "action", "key", "fuse", "reason"}
     for i, r in enumerate(rows):
         extra = set(r) - allowed
         if extra or "pattern" not in r or "action" not in r:
-            raise RuleError(f"{path}: rule {i}: needs pattern and action; unknown fields {sorted(extra)}")
+            raise RuleError(f"{show_path(path)}: rule {i}: needs pattern and action; unknown fields "
+                            f"[{', '.join(show(x) for x in sorted(extra)[:8])}]")
         fuse = r.get("fuse", [])
         if not isinstance(fuse, list) or not all(isinstance(x, str) for x in fuse):
-            raise RuleError(f"{path}: rule {i}: fuse must be a list of strings")
+            raise RuleError(f"{show_path(path)}: rule {i}: fuse must be a list of strings")
         try:
             out.append(Rule(
                 str(r.get("name", f"{path.name}:{i}")), str(r["pattern"]), str(r["action"]),
                 str(r.get("key", "")), tuple(fuse), str(r.get("reason", "user rule")),
             ))
         except RuleError as e:
-            raise RuleError(f"{path}: {e}") from None
+            raise RuleError(f"{show_path(path)}: {e}") from None
     return tuple(out)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HeaderError, SourceError
-from .st import TensorInfo, read_header, short_repr
+from .st import TensorInfo, read_header
+from .text import show, show_path
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -35,6 +36,7 @@ class Checkpoint:
     repo: str | None = None
     revision: str | None = None
     extra_files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the output will lack; the plan repeats them
 
     @property
     def total_bytes(self) -> int:
@@ -46,12 +48,12 @@ def resolve(src: str, revision: str | None = None) -> tuple[Path, str | None, st
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SourceError(f"{src}: not a directory (give the checkpoint's directory)")
+            raise SourceError(f"{show_path(src)}: not a directory (give the checkpoint's directory)")
         if revision:
-            raise SourceError(f"{src}: --revision applies to hub repos, not a local directory")
+            raise SourceError(f"{show_path(src)}: --revision applies to hub repos, not a local directory")
         return path.resolve(), None, None
     if not _REPO_ID.fullmatch(src):
-        raise SourceError(f"{src}: no such directory, and not a hub repo id (org/name)")
+        raise SourceError(f"{show_path(src)}: no such directory, and not a hub repo id (org/name)")
     return _download(src, revision)
 
 
@@ -100,10 +102,11 @@ def scan(root: Path) -> Checkpoint:
     """Read the index (or the single file) and every shard header; check that they agree."""
     index_path = root / INDEX_NAME
     if index_path.exists():
-        _confined(root, index_path, str(index_path))
+        _confined(root, index_path, show_path(index_path))
         weight_map = _read_index(index_path)
-        names = sorted(set(weight_map.values()))
-        shards = [_inside(root, n, index_path) for n in names]
+        # one Path per file: './model-1.safetensors' and 'model-1.safetensors' name the same shard
+        paths = {n: _inside(root, n, index_path) for n in sorted(set(weight_map.values()))}
+        shards = sorted(set(paths.values()))
     elif (root / SINGLE_NAME).exists():
         weight_map, shards = None, [_inside(root, SINGLE_NAME, root)]
     else:
@@ -111,58 +114,97 @@ def scan(root: Path) -> Checkpoint:
         if len(found) == 1:
             weight_map, shards = None, [_inside(root, found[0].name, root)]
         elif found:
-            raise SourceError(f"{root}: {len(found)} .safetensors files but no {INDEX_NAME}")
+            raise SourceError(f"{show_path(root)}: {len(found)} .safetensors files but no {INDEX_NAME}")
         elif any(p.suffix in PICKLE_SUFFIXES for p in root.iterdir()):
             raise SourceError(
-                f"{root}: only pickle checkpoints (.bin/.pt) here; shardquant never unpickles. "
+                f"{show_path(root)}: only pickle checkpoints (.bin/.pt) here; shardquant never unpickles. "
                 "Convert to safetensors first, or use a repo that ships .safetensors"
             )
         else:
-            raise SourceError(f"{root}: no safetensors checkpoint here")
+            raise SourceError(f"{show_path(root)}: no safetensors checkpoint here")
     headers = {}
     for s in shards:
         if not os.path.exists(s):  # unlike Path.exists, never raises (e.g. on a name too long)
-            raise HeaderError(f"{index_path}: names shard {s.name!r}, which does not exist")
+            raise HeaderError(f"{show_path(index_path)}: names shard {show(s.name)}, which does not exist")
+        if os.path.isdir(s):
+            raise HeaderError(f"{show_path(index_path)}: names shard {show(s.name)}, which is a directory"
+                              if weight_map is not None else f"{show_path(s)}: a directory, not a safetensors file")
         headers[s] = read_header(s)
+        for name in headers[s]:
+            _check_name(name, f"{show_path(s)}: header")
     tensors: dict[str, TensorInfo] = {}
     if weight_map is None:
         for s in shards:
             tensors.update(headers[s])
+        if not tensors:
+            raise SourceError(f"{show_path(shards[0])}: holds no tensors: the checkpoint is empty")
     else:
         for name, fname in weight_map.items():
-            shard = _inside(root, fname, index_path)
+            shard = paths[fname]
             info = headers[shard].get(name)
             if info is None:
-                raise HeaderError(f"{shard}: tensor {short_repr(name)} named by the index is missing from this shard")
+                raise HeaderError(
+                    f"{show_path(shard)}: tensor {show(name)} named by the index is missing from this shard")
             tensors[name] = info
         for s in shards:  # engines load every tensor of a listed shard: one the index omits is not droppable
             stray = sorted(n for n in headers[s] if n not in tensors or tensors[n].file != s)
             if stray:
                 more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
                 raise HeaderError(
-                    f"{s}: tensor {short_repr(stray[0])} is in this shard but the index does not map it here{more}"
+                    f"{show_path(s)}: tensor {show(stray[0])} is in this shard but the index does not map it here{more}"
                 )
     order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
+    warnings: list[str] = []
     config, config_path = None, root / "config.json"
     if config_path.exists():
-        _confined(root, config_path, str(config_path))
+        _confined(root, config_path, show_path(config_path))
         config = _read_json(config_path)
+    else:
+        warnings.append(f"{show_path(root)} has no config.json: the output will have none, and engines need one "
+                        "to load it")
     weights = set(shards) | {index_path}
+    # Another weight file beside the checkpoint (e.g. Mistral's consolidated.safetensors) is neither
+    # part of it nor an ordinary file to copy: said once, by name.
+    unused = sorted(p.name for p in root.iterdir()
+                    if p.suffix == ".safetensors" and p not in weights and not p.name.startswith("."))
+    if unused:
+        which = (f"{INDEX_NAME} does not name" if weight_map is not None
+                 else f"only {show(shards[0].name, quote=False)} is read, not")
+        listed = ", ".join(show(n) for n in unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        warnings.append(f"{show_path(root)}: {which} {listed}: not converted and not copied")
     extra = sorted(
         p for p in root.iterdir()
         if p.is_file() and p not in weights and not p.name.startswith(".")
         and p.suffix not in PICKLE_SUFFIXES and p.suffix != ".safetensors"
     )
     for p in extra:  # copied into the output: a symlink must not bring in a file from elsewhere
-        _confined(root, p, str(p))
-    return Checkpoint(root, {t.name: t for t in order}, shards, config, extra_files=extra)
+        _confined(root, p, show_path(p))
+    return Checkpoint(root, {t.name: t for t in order}, shards, config, extra_files=extra, warnings=warnings)
+
+
+def _check_name(name: str, where: str) -> None:
+    """A tensor name is opaque to engines (control characters and all, which messages escape), but it
+    must be a name: not empty, and valid Unicode (JSON allows an unpaired surrogate such as "\\ud800",
+    which has no UTF-8 form and which the safetensors readers of the engines refuse)."""
+    if not name:
+        raise HeaderError(f"{where} has a tensor with an empty name ('')")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HeaderError(f"{where}: tensor name {show(name)} is not valid Unicode (an unpaired surrogate)") from None
 
 
 def _read_index(path: Path) -> dict[str, str]:
     data = _read_json(path)
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-        raise HeaderError(f"{path}: no valid weight_map (name -> file)")
+        raise HeaderError(f"{show_path(path)}: no valid weight_map (name -> file)")
+    if not wm:
+        raise HeaderError(f"{show_path(path)}: weight_map is empty: the checkpoint has no tensors")
+    for name, fname in wm.items():
+        _check_name(name, f"{show_path(path)}: weight_map")
+        if not fname:
+            raise HeaderError(f"{show_path(path)}: weight_map gives tensor {show(name)} an empty shard file name")
     return wm
 
 
@@ -171,9 +213,9 @@ def _inside(root: Path, name: str, named_by: Path) -> Path:
     (symlinks included)."""
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
-        raise HeaderError(f"{named_by}: shard path {short_repr(name)} leaves the source directory")
+        raise HeaderError(f"{show_path(named_by)}: shard path {show(name)} leaves the source directory")
     full = root / p
-    _confined(root, full, f"{named_by}: shard {short_repr(name)}")
+    _confined(root, full, f"{show_path(named_by)}: shard {show(name)}")
     return full
 
 
@@ -199,13 +241,13 @@ def _hub_blob(root: Path, target: Path) -> bool:
 def _read_json(path: Path) -> dict:
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block in open(), a device never end
-            raise HeaderError(f"{path}: not a regular file")
+            raise HeaderError(f"{show_path(path)}: not a regular file")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     # ValueError: bad UTF-8 or JSON, or an integer of over 4300 digits (which Python refuses to convert)
     except (OSError, ValueError, RecursionError) as e:
-        raise HeaderError(f"{path}: unreadable JSON ({type(e).__name__})") from None
+        raise HeaderError(f"{show_path(path)}: unreadable JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
-        raise HeaderError(f"{path}: expected a JSON object")
+        raise HeaderError(f"{show_path(path)}: expected a JSON object")
     return data
 

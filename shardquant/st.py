@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HeaderError
+from .text import show, show_path
 
 # dtype string -> bytes per element (safetensors spec names).
 DTYPE_SIZES: dict[str, int] = {
@@ -80,29 +81,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         fst = path.stat()
         if not stat.S_ISREG(fst.st_mode):  # a FIFO would block in open(), a device never end
-            raise HeaderError(f"{path}: not a regular file")
+            raise HeaderError(f"{show_path(path)}: not a regular file")
         size = fst.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise HeaderError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                raise HeaderError(f"{show_path(path)}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
-                raise HeaderError(f"{path}: absurd header length {n} for a file of {size} bytes")
+                raise HeaderError(f"{show_path(path)}: absurd header length {n} for a file of {size} bytes")
             raw = f.read(n)
     except OSError as e:
-        raise HeaderError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise HeaderError(f"{show_path(path)}: cannot read ({e.strerror or e})") from None
     if len(raw) != n:
-        raise HeaderError(f"{path}: truncated header")
+        raise HeaderError(f"{show_path(path)}: truncated header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:  # one name, two tensors: which one a reader takes is undefined
-        raise HeaderError(f"{path}: header names {short_repr(e.args[0])} twice") from None
+        raise HeaderError(f"{show_path(path)}: header names {short_repr(e.args[0])} twice") from None
     # ValueError also covers an integer of over 4300 digits, which Python refuses to convert
     except (ValueError, RecursionError) as e:
-        raise HeaderError(f"{path}: header is not valid JSON ({type(e).__name__})") from None
+        raise HeaderError(f"{show_path(path)}: header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
-        raise HeaderError(f"{path}: header is not a JSON object")
+        raise HeaderError(f"{show_path(path)}: header is not a JSON object")
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
     spans = []
@@ -111,19 +112,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if not isinstance(entry, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
             ):
-                raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+                raise HeaderError(f"{show_path(path)}: __metadata__ must map strings to strings")
             continue
         infos[name] = _entry(path, name, entry, base, size)
         spans.append((infos[name].offset, infos[name].offset + infos[name].nbytes, name))
     spans.sort()
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise HeaderError(f"{path}: tensors {short_repr(n0)} and {short_repr(n1)} overlap")
+            raise HeaderError(f"{show_path(path)}: tensors {short_repr(n0)} and {short_repr(n1)} overlap")
     return infos
 
 
 def _entry(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
-    where = f"{path}: tensor {short_repr(name)}"
+    where = f"{show_path(path)}: tensor {short_repr(name)}"
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -148,7 +149,7 @@ def _entry(path: Path, name: str, entry: object, base: int, size: int) -> Tensor
             f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs {nbytes}"
         )
     if base + offs[1] > size:
-        raise HeaderError(f"{path}: truncated: tensor {short_repr(name)} ends past the end of the file")
+        raise HeaderError(f"{show_path(path)}: truncated: tensor {short_repr(name)} ends past the end of the file")
     return TensorInfo(name, dtype, tuple(shape), path, base + offs[0], nbytes)
 
 
@@ -166,9 +167,9 @@ def read_raw(info: TensorInfo) -> np.ndarray:
                     break
                 got += k
     except OSError as e:
-        raise HeaderError(f"{info.file}: cannot read tensor {info.name!r} ({e.strerror or e})") from None
+        raise HeaderError(f"{show_path(info.file)}: cannot read tensor {show(info.name)} ({e.strerror or e})") from None
     if got != info.nbytes:
-        raise HeaderError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        raise HeaderError(f"{show_path(info.file)}: truncated while reading tensor {show(info.name)}")
     return out
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import NumericError
+from ..text import show
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 E2M1_MAX = 6.0  # largest FP4 (E2M1) magnitude
@@ -70,7 +71,7 @@ def mag_to_f32(mag: np.ndarray, dtype: str) -> np.ndarray:
 def check_finite(max_mag: np.ndarray | np.integer, dtype: str, name: str) -> None:
     """Given the largest magnitude bit pattern of a tensor, refuse NaN and Inf."""
     if int(np.max(max_mag)) >= _NONFINITE[dtype]:
-        raise NumericError(f"tensor {name!r} holds NaN or Inf; cannot quantize it")
+        raise NumericError(f"tensor {show(name)} holds NaN or Inf; cannot quantize it")
 
 
 def tensor_amax(raw: np.ndarray, dtype: str, name: str) -> np.float32:
