@@ -35,11 +35,12 @@ def _size(_ctx, _param, value: str | int) -> int:
 
 def _common(f):
     opts = [
-        click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS)), required=True,
-                     help="Output number format."),
-        click.option("--flavor", type=click.Choice(sorted(FLAVORS)), default="modelopt", show_default=True,
+        click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS), case_sensitive=False),
+                     required=True, help="Output number format."),
+        click.option("--flavor", type=click.Choice(sorted(FLAVORS)), default=None,
                      help="modelopt (hf_quant_config.json; vLLM, SGLang, TensorRT-LLM) or compressed-tensors "
-                          "(vLLM, transformers)."),
+                          "(vLLM, SGLang, transformers). Default: the first that serves the format (modelopt for "
+                          "nvfp4, compressed-tensors for fp8); a pair that cannot be served is refused."),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
         click.option("--expert-policy", type=click.Choice(EXPERT_POLICIES), default="shared", show_default=True,
                      help="shared: all experts of a layer share one scale per projection set; "

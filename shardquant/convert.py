@@ -50,11 +50,20 @@ def prepare(
     strict: bool = False,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    flavor: str = "modelopt",
+    flavor: str | None = None,
 ) -> Plan:
-    """Open the source (headers only) and plan the conversion."""
+    """Open the source (headers only) and plan the conversion. flavor None: the first flavor that
+    serves the format (modelopt for nvfp4, compressed-tensors for fp8)."""
+    fmt = fmt.lower() if isinstance(fmt, str) else fmt
     if fmt not in formats.FORMATS:
         raise ShardquantError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
+    if flavor is None:
+        flavor = formats.default_flavor(fmt, flavors.FLAVORS)
+    if flavor not in flavors.FLAVORS:
+        raise ShardquantError(f"unknown flavor {flavor!r}; choose one of {', '.join(flavors.FLAVORS)}")
+    why = flavors.refusal(flavor, fmt)
+    if why:
+        raise ShardquantError(f"--format {fmt} --flavor {flavor} is refused: {why}")
     ck = open_checkpoint(src, revision)
     if ck.config and isinstance(ck.config.get("quantization_config"), dict):
         method = ck.config["quantization_config"].get("quant_method", "?")
@@ -85,7 +94,7 @@ def convert(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     gpu_memory: int = DEFAULT_GPU_MEMORY,
-    flavor: str = "modelopt",
+    flavor: str | None = None,
     verify: bool = False,
     progress: bool = False,
 ) -> Result:

@@ -5,9 +5,12 @@ registered in FLAVORS; the CLI's --flavor choices come from it.
 - modelopt (vLLM, SGLang, TensorRT-LLM): `<m>.weight`, `<m>.weight_scale`, NVFP4's
   `<m>.weight_scale_2` = s2 (0-dim); `hf_quant_config.json` plus the same facts as
   `config.json["quantization_config"]` (older TensorRT-LLM reads only the former, vLLM the latter).
-- compressed-tensors (vLLM, transformers): NVFP4 as `nvfp4-pack-quantized` (`<m>.weight_packed`,
-  `<m>.weight_scale`, `<m>.weight_global_scale` [1] = 1/s2), FP8 as `float-quantized`
-  (`<m>.weight`, `<m>.weight_scale` [1]). The same codes and block scales as modelopt.
+- compressed-tensors (vLLM, SGLang, transformers): NVFP4 as `nvfp4-pack-quantized` (`<m>.weight_packed`,
+  `<m>.weight_scale`, `<m>.weight_global_scale` [1] = 1/s2), FP8 as `float-quantized` with the
+  per-quantizer scale written per row (`<m>.weight`, `<m>.weight_scale` [out, 1]) and dynamic
+  per-token activations. The same codes and block scales as modelopt.
+What each format writes, and its spelling in each flavor, is the format's declaration
+(formats/base.py Format); a pair a format does not spell is refused with the format's reason.
 """
 
 from __future__ import annotations
@@ -25,29 +28,38 @@ PRODUCER = {"name": "shardquant", "version": __version__}
 @dataclass(frozen=True)
 class Flavor:
     name: str
-    packed_name: str  # what the NVFP4 weight is called: "weight" or "weight_packed"
-    global_name: str  # NVFP4's per-quantizer scale: "weight_scale_2" or "weight_global_scale"
-    scalar_shape: tuple[int, ...]  # shape of per-quantizer fp32 scales: () or (1,)
+    packed_name: str  # what a packed (two codes a byte) weight is called: "weight" or "weight_packed"
+    global_name: str  # the per-quantizer scale beside block scales: "weight_scale_2" or "weight_global_scale"
+    scalar_shape: tuple[int, ...]  # shape of a per-quantizer fp32 scale: () or (1,)
     inverse_global: bool  # write 1/s2 instead of s2
 
     def output_names(self, fmt: str, name: str) -> dict[str, str]:
         """Source tensor `m.weight` -> its output tensors by role (weight, scale, global_scale).
         TransformerEngine's grouped `m.weight{E}` keeps its index last: `m.weight_scale{E}`."""
+        f = formats.declared(fmt)
         te = TE_WEIGHT.fullmatch(name)
         base, idx = (te["base"], te["idx"]) if te else (name.removesuffix(".weight"), "")
-        nvfp4 = formats.get(fmt).LAYOUT.global_scale
-        names = {"weight": f"{base}.{self.packed_name if nvfp4 else 'weight'}{idx}",
-                 "scale": f"{base}.weight_scale{idx}"}
-        if nvfp4:
+        weight = self.packed_name if f.elems_per_byte > 1 else "weight"
+        names = {"weight": f"{base}.{weight}{idx}", "scale": f"{base}.weight_scale{idx}"}
+        if f.global_scale:
             names["global_scale"] = f"{base}.{self.global_name}{idx}"
         return names
 
-    def scalar(self, fmt: str, gs: np.float32) -> np.ndarray:
+    def tensor_scale_shape(self, fmt: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the per-quantizer scale as written for a member of source `shape`: a scalar, or
+        (compressed-tensors `channel` spelling) the same value once per output row, [out, 1]."""
+        f = formats.declared(fmt)
+        spelled = f.spelling(self.name) or {}
+        if not f.global_scale and spelled.get("tensor_scale") == "row" and len(shape) >= 1:
+            return (shape[0], 1)
+        return self.scalar_shape
+
+    def scalar(self, fmt: str, gs: np.float32, shape: tuple[int, ...] = ()) -> np.ndarray:
         """The per-quantizer scale tensor as written: FP8's weight_scale, NVFP4's global scale."""
         v = np.float32(gs)
-        if self.inverse_global and formats.get(fmt).LAYOUT.global_scale:
+        if self.inverse_global and formats.declared(fmt).global_scale:
             v = np.float32(1.0) / v  # compressed-tensors: weight_global_scale = 1/s2, correctly rounded
-        return np.full(self.scalar_shape, v, dtype=np.float32)
+        return np.full(self.tensor_scale_shape(fmt, shape), v, dtype=np.float32)
 
 
 MODELOPT = Flavor("modelopt", "weight", "weight_scale_2", (), False)
@@ -55,43 +67,46 @@ COMPRESSED_TENSORS = Flavor("compressed-tensors", "weight_packed", "weight_globa
 FLAVORS: dict[str, Flavor] = {f.name: f for f in (MODELOPT, COMPRESSED_TENSORS)}
 
 
+def refusal(flavor: str, fmt: str) -> str | None:
+    """Why this (format, flavor) pair cannot be served data-free, or None when it can."""
+    f = formats.declared(fmt)
+    if f.spelling(flavor) is not None:
+        return None
+    return f.refused.get(flavor, f"format {fmt} has no {flavor} spelling")
+
+
 def hf_quant_config(fmt: str, exclude_modules: list[str]) -> dict:
-    layout = formats.get(fmt).LAYOUT
-    q: dict = {"quant_algo": layout.quant_algo, "kv_cache_quant_algo": None}
-    if layout.block_size:
-        q["group_size"] = layout.block_size
+    spelled = formats.declared(fmt).modelopt
+    q: dict = {"quant_algo": spelled["quant_algo"], "kv_cache_quant_algo": None}
+    if spelled.get("group_size"):
+        q["group_size"] = spelled["group_size"]
     q["exclude_modules"] = list(exclude_modules)
     return {"producer": dict(PRODUCER), "quantization": q}
 
 
 def quantization_config(flavor: str, fmt: str, exclude_modules: list[str]) -> dict:
-    """config.json's quantization_config for a weight-only checkpoint of this flavor."""
-    layout = formats.get(fmt).LAYOUT
+    """config.json's quantization_config, from the format's declared spelling in this flavor."""
+    f = formats.declared(fmt)
+    spelled = f.spelling(flavor)
     if flavor == "modelopt":
-        # input_activations null; NVFP4 says W4A16_NVFP4 (an `NVFP4` checkpoint without input_scale
-        # made older vLLM zero every expert).
-        weights: dict = {"dynamic": False, "num_bits": layout.num_bits, "type": "float"}
-        if layout.block_size:
-            weights["group_size"] = layout.block_size
+        weights: dict = {"dynamic": False, "num_bits": f.num_bits, "type": "float"}
+        if spelled.get("group_size"):
+            weights["group_size"] = spelled["group_size"]
         return {
             "config_groups": {"group_0": {"input_activations": None, "targets": ["Linear"], "weights": weights}},
             "ignore": list(exclude_modules),
             "kv_cache_scheme": None,
             "producer": dict(PRODUCER),
-            "quant_algo": layout.quant_algo,
+            "quant_algo": spelled["quant_algo"],
             "quant_method": "modelopt",
         }
-    if layout.global_scale:  # NVFP4A16: compressed-tensors' tensor_group strategy
-        fmt_name = "nvfp4-pack-quantized"
-        weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": layout.block_size,
-                   "symmetric": True, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"}
-    else:  # FP8 weights, one scale per tensor
-        fmt_name = "float-quantized"
-        weights = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
     return {
-        "config_groups": {"group_0": {"format": fmt_name, "input_activations": None, "output_activations": None,
-                                      "targets": ["Linear"], "weights": weights}},
-        "format": fmt_name,
+        "config_groups": {"group_0": {"format": spelled["format"],
+                                      "input_activations": dict(spelled["input_activations"])
+                                      if spelled["input_activations"] else None,
+                                      "output_activations": None, "targets": ["Linear"],
+                                      "weights": dict(spelled["weights"])}},
+        "format": spelled["format"],
         "ignore": list(exclude_modules),
         "kv_cache_scheme": None,
         "producer": dict(PRODUCER),

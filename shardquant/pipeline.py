@@ -327,7 +327,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         with lock:
             scales[g.key] = (float(amax), float(gs))
         q = backend.quantizer(plan.format, gs)
-        gs_arr = flavors.FLAVORS[plan.flavor].scalar(plan.format, gs)
+        fl = flavors.FLAVORS[plan.flavor]
         for i, m in enumerate(g.members):
             h = handles[i]
             raw = data[i] if data[i] is not None or h is not None else counter.read(m, first=False)
@@ -340,7 +340,8 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             job.put((names["weight"], weight, 0, 0))
             if scale is not None:
                 job.put((names["scale"], scale, 0, 0))
-            job.put((names.get("global_scale", names["scale"]), gs_arr, 0 if two_pass else m.nbytes, m.nbytes))
+            job.put((names.get("global_scale", names["scale"]), fl.scalar(plan.format, gs, m.shape),
+                     0 if two_pass else m.nbytes, m.nbytes))
 
     devices = _Devices(backends, quantize_group)
     pending: deque[_Job] = deque()

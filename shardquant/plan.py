@@ -100,7 +100,7 @@ def make_plan(
     strict: bool = False,
     flavor: str = "modelopt",
 ) -> Plan:
-    layout = formats.get(fmt).LAYOUT
+    layout = formats.declared(fmt)
     if flavor not in FLAVORS:
         raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")
     fl = FLAVORS[flavor]
@@ -185,7 +185,7 @@ def make_plan(
             names = fl.output_names(fmt, m.name)
             outputs[m.name] = names
             order.append(OutTensor(names["weight"], layout.weight_dtype, layout.weight_shape(m.shape)))
-            scale_shape = layout.scale_shape(m.shape) if layout.block_size else fl.scalar_shape
+            scale_shape = layout.scale_shape(m.shape) if layout.block_size else fl.tensor_scale_shape(fmt, m.shape)
             order.append(OutTensor(names["scale"], layout.scale_dtype, scale_shape))
             if layout.global_scale:
                 order.append(OutTensor(names["global_scale"], "F32", fl.scalar_shape))

@@ -227,3 +227,18 @@ def write_checkpoint(
     for k, v in files.items():
         (root / k).write_text(v)
     return root
+
+
+def served() -> list[tuple[str, str]]:
+    """Every (format, flavor) pair the CLI accepts, from the registries: test matrices use it, so a
+    new format or flavor is covered by adding it."""
+    from . import flavors, formats
+
+    return [(f, fl) for f in formats.FORMATS for fl in flavors.FLAVORS if flavors.refusal(fl, f) is None]
+
+
+def refused() -> list[tuple[str, str]]:
+    """Every (format, flavor) pair refused with a reason (formats/base.py Format.refused)."""
+    from . import flavors, formats
+
+    return [(f, fl) for f in formats.FORMATS for fl in flavors.FLAVORS if flavors.refusal(fl, f) is not None]

@@ -55,13 +55,13 @@ from .report import Report, TensorStat, Violation
 from .st import TensorInfo, read_header, read_raw
 
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-# Default --min-sqnr floors (dB). NVFP4 on Gaussian weights gives ~19-20 dB and FP8 ~31 dB (measured
-# in tests/test_verify.py); a floor well below either flags a broken tensor, never a merely hard one.
-DEFAULT_MIN_SQNR = {"nvfp4": 10.0, "fp8": 20.0}
-# compressed-tensors formats and ModelOpt quant_algo values -> our format names.
-CT_FORMATS = {"nvfp4-pack-quantized": "nvfp4", "float-quantized": "fp8", "naive-quantized": "fp8"}
-MODELOPT_ALGOS = {"NVFP4": "nvfp4", "W4A16_NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4", "FP8": "fp8",
-                  "FP8_PER_CHANNEL_PER_TOKEN": "fp8"}
+# Default --min-sqnr floors (dB), and the spellings of each format in each flavor, other producers'
+# included: all from the format declarations (formats/base.py Format).
+DEFAULT_MIN_SQNR = {name: formats.declared(name).min_sqnr for name in formats.FORMATS}
+CT_FORMATS = {spelling: name for name in formats.FORMATS
+              for spelling in formats.declared(name).reads.get("compressed-tensors", ())}
+MODELOPT_ALGOS = {spelling: name for name in formats.FORMATS
+                  for spelling in formats.declared(name).reads.get("modelopt", ())}
 # `<m>.<role>` and TransformerEngine's grouped `<m>.<role>{E}` (roles longest first: weight_scale_20
 # is expert 0's weight_scale_2, weight_scale2 expert 2's weight_scale).
 _ROLE = re.compile(r"(?P<base>.+)\.(?P<role>weight_scale_2|weight_global_scale|weight_scale|weight_packed|"
@@ -90,6 +90,17 @@ class Announced:
     producer: str | None
     exclude: tuple[str, ...]
     quant_algo: str | None = None  # ModelOpt's, e.g. NVFP4 (W4A4: input_scale required)
+    schemes: tuple = ()  # compressed-tensors: (weights strategy, activations "dynamic-token" | "static" | None)
+
+
+def _strategy(w: object) -> str | None:
+    return w.get("strategy") if isinstance(w, dict) and isinstance(w.get("strategy"), str) else None
+
+
+def _act(a: object) -> str | None:
+    if not isinstance(a, dict):
+        return None
+    return f"dynamic-{a.get('strategy')}" if a.get("dynamic") is True else "static"
 
 
 def announced(root: Path, found: list[Violation], warnings: list[str]) -> Announced:
@@ -155,7 +166,9 @@ def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
     version = qc.get("version")  # llm-compressor writes compressed-tensors' version, no producer
     version = version if isinstance(version, str) and version else None
     producer = _producer(qc.get("producer")) or (f"compressed-tensors {short_repr(version)[1:-1]}" if version else None)
-    return Announced("compressed-tensors", fmt, producer, tuple(ignore))
+    schemes = tuple((_strategy(g.get("weights")), _act(g.get("input_activations")))
+                    for g in groups.values() if isinstance(g, dict))
+    return Announced("compressed-tensors", fmt, producer, tuple(ignore), schemes=schemes)
 
 
 def _announced_modelopt(qc: dict, hf: dict | None, found: list[Violation], warnings: list[str]) -> Announced:
@@ -345,6 +358,10 @@ def _roles(fl: Flavor, fmt: str, quant_algo: str | None) -> tuple[dict[str, str]
         if quant_algo == "NVFP4":  # W4A4: without input_scale older vLLM zeroed every expert
             req[inp] = opt.pop(inp)
         return req, opt
+    if fl.name == "modelopt" and quant_algo == "FP8":
+        # docs/formats.md, "fp8": ModelOpt FP8 is static per-tensor activation scales; without
+        # input_scale vLLM and SGLang compute zeros, TensorRT-LLM's MoE reads uninitialised memory.
+        return {"weight": "F8_E4M3", "weight_scale": "F32", "input_scale": "F32"}, {}
     return {"weight": "F8_E4M3", "weight_scale": "F32"}, {"input_scale": "F32"}
 
 
@@ -390,9 +407,12 @@ def _global_value(m: Module, fl: Flavor, fmt: str) -> np.float32 | None:
     """The per-quantizer fp32 scale as stored (NVFP4's weight_scale_2 or weight_global_scale, FP8's
     per-tensor weight_scale), or None if absent or malformed."""
     t = m.tensors.get(fl.global_name if fmt == "nvfp4" else "weight_scale")
-    if t is None or t.dtype != "F32" or t.numel != 1:
+    if t is None or t.dtype != "F32" or t.numel < 1 or t.numel > 1 << 20 or len(t.shape) > 2:
         return None
-    return np.float32(read_raw(t).reshape(-1)[0])
+    vals = read_raw(t).reshape(-1)
+    if t.numel > 1 and not np.all(vals.view(np.uint32) == vals.view(np.uint32)[0]):
+        return None  # truly per-channel: no single per-quantizer value
+    return np.float32(vals[0])  # one value, or one value per row (compressed-tensors `channel` spelling)
 
 
 def _global_problem(v: np.float32, fl: Flavor, fmt: str) -> str | None:
@@ -434,7 +454,7 @@ def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
         bad += [f"{neg} of {s.numel} block scales are negative"] if neg else []
         if bad:
             out.append(Violation("block-scale", m.name, "; ".join(bad)))
-    elif fmt == "fp8" and s is not None and s.dtype == "F32" and s.numel > 1:
+    elif fmt == "fp8" and s is not None and s.dtype == "F32" and s.numel > 1 and not why:
         vals = read_raw(s)
         bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
         if bad:
@@ -717,6 +737,7 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
             if not problems:
                 good[key] = m
         found += _fused(mods, gs)
+        found += _moe_fp8_served(ann, mods)
         if man is not None and fl is not None and ann.format is not None:
             _check_manifest(man, ann, fl, tensors, mods, gs, found)
         found[:0] = fc.finish()
@@ -744,6 +765,29 @@ def _is_linear(name: str) -> bool:
     if d.rule in ("vision", "mtp"):
         d = _decide(name, inner=True)
     return d.action == QUANTIZE or d.rule in _LINEAR_KEEPS
+
+
+# compressed-tensors FP8 schemes the fused-MoE loaders of vLLM and SGLang take (docs/formats.md,
+# "fp8", compressed-tensors): (weights strategy, activations). Anything else is refused at load.
+_CT_FP8_MOE = {("tensor", "static"), ("channel", "dynamic-token"), ("block", "dynamic-group")}
+
+
+def _moe_fp8_served(ann: Announced, mods: dict[str, Module]) -> list[Violation]:
+    """A compressed-tensors FP8 MoE whose scheme the engines' MoE loaders refuse: weight-only FP8
+    ("Unsupported FusedMoe scheme"), or per-tensor weights with dynamic per-token activations."""
+    if ann.flavor != "compressed-tensors" or ann.format != "fp8":
+        return []
+    experts = [m for k, m in mods.items() if m.quantized and _EXPERT_IDX.search(k)]
+    if not experts:
+        return []
+    bad = sorted({f"weights {w} with {a or 'no'} activation quantization" for w, a in ann.schemes
+                  if (w, a) not in _CT_FP8_MOE}, key=str)
+    if not bad:
+        return []
+    return [Violation("engine-moe-fp8", experts[0].name,
+                      f"{'; '.join(bad)}: vLLM and SGLang do not load this FP8 scheme for fused MoE experts "
+                      f"({len(experts)} quantized expert weights); FP8 MoE needs channel weights with dynamic "
+                      "per-token activations, block weights, or calibrated static activation scales")]
 
 
 def _fused(mods: dict[str, Module], gs: dict[str, np.float32]) -> list[Violation]:
@@ -928,7 +972,7 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
         if key not in c.good or key not in c.gs:
             continue  # malformed: already reported by the contract
         w = m.tensors[fl.packed_name if fmt == "nvfp4" else "weight"]
-        layout = formats.get(fmt).LAYOUT
+        layout = formats.declared(fmt)
         want = layout.weight_shape(src.shape) if len(src.shape) == 2 else None
         if src.dtype not in FLOAT_DTYPES:
             rep.violations.append(Violation("source", m.name, f"source {key} is {src.dtype}, not a float tensor"))

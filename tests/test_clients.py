@@ -278,7 +278,9 @@ def test_ct_decompress_nvfp4(converted, model):
 def test_ct_decompress_fp8(converted, model):
     path = converted(model, "fp8")
     qc, scheme = scheme_of(path)
-    assert qc.format == CT_FORMAT["fp8"] and scheme.weights.strategy == "tensor"
+    # formats/fp8.py: channel weights (the quantizer's one scale on every row), dynamic per-token activations
+    assert qc.format == CT_FORMAT["fp8"] and scheme.weights.strategy == "channel"
+    assert scheme.input_activations.dynamic is True and scheme.input_activations.strategy == "token"
     compressor = BaseCompressor.get_value_from_registry(qc.format)
     assert compressor.__name__ == "FloatQuantizationCompressor"
     man, tensors, ours = manifest(path), read(path), our_weights(path, "fp8")
@@ -287,7 +289,9 @@ def test_ct_decompress_fp8(converted, model):
         base = src.removesuffix(".weight")
         state = {k: tensors[f"{base}.{k}"] for k in ("weight", "weight_scale")}
         assert state["weight"].dtype == torch.float8_e4m3fn, src
-        assert state["weight_scale"].shape == (1,) and float(state["weight_scale"]) == float(scale), src
+        rows = state["weight"].shape[0]
+        assert state["weight_scale"].shape == (rows, 1), src
+        assert torch.equal(state["weight_scale"], torch.full((rows, 1), float(scale))), src
         w_ct = compressor.decompress(state, scheme)["weight"]
         # Both compute fl32(e4m3 value * scale): bit-identical.
         assert w_ct.dtype == torch.float32 and torch.equal(w_ct, ours[src]), src
@@ -321,7 +325,9 @@ def test_transformers_dense_compressed_nvfp4(converted, reference):
 def test_transformers_dense_compressed_fp8(converted, reference):
     """The default load of FP8 makes `weight_scale` a parameter of the model dtype (bf16), so the
     fp32 scale is rounded to bf16 (relative 2^-8) before decompression: weights are
-    bf16(q * bf16(s)), within 3 * 2^-8 of bf16(q * s) (three bf16 roundings), not identical."""
+    bf16(q * bf16(s)), within 3 * 2^-8 of bf16(q * s) (three bf16 roundings), not identical. The
+    checkpoint asks for dynamic per-token FP8 activations (formats/fp8.py), which this load applies:
+    logits move by the activations' own E4M3 rounding (relative 2^-4 at most per element)."""
     model = load(converted("dense", "fp8"))
     ref = load(reference("dense", "fp8"))
     got_l, want_l = logits(model), logits(ref)
@@ -329,7 +335,7 @@ def test_transformers_dense_compressed_fp8(converted, reference):
     assert set(want) <= set(got)
     for k, w in want.items():
         assert torch.all((got[k].float() - w.float()).abs() <= 3 * 2.0**-8 * w.float().abs()), k
-    assert rel(got_l, want_l) <= 2.0**-5
+    assert rel(got_l, want_l) <= 2.0**-4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ MANIFEST = "scale_manifest.json"
 COPIED = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json", "README.md",
           "special_tokens_map.json"]
 README = "# tiny\n\nrandom weights\n"
-QUANT_ALGO = {"nvfp4": "W4A16_NVFP4", "fp8": "FP8"}
+QUANT_ALGO = {"nvfp4": "W4A16_NVFP4"}
 # Source shards small enough that fused sets (experts included) straddle shard boundaries.
 MODELS = {
     "qwen3_moe": (testing.qwen3_moe, 20_000),
@@ -139,7 +139,9 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
     on_disk = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
                for p in out.iterdir() if p.name != MANIFEST}
     assert man["files"] == on_disk
-    assert (man["format"], man["flavor"], man["expert_policy"]) == (fmt, "modelopt", policy)
+    # the default flavor is the first that serves the format (formats/base.py Format)
+    default = next(fl for f, fl in testing.served() if f == fmt)
+    assert (man["format"], man["flavor"], man["expert_policy"]) == (fmt, default, policy)
     quantized, kept = set(man["tensors"]), {e["name"] for e in man["excluded"]}
     assert len(kept) == len(man["excluded"])
     assert all(isinstance(e["reason"], str) and e["reason"] for e in man["excluded"])
@@ -189,13 +191,14 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
                 assert e["global_scale"] == e["scale"]
                 ow, osc = out_t[e["weight"]], out_t[e["scale"]]
                 assert ow.dtype == torch.float8_e4m3fn and ow.shape == w.shape, n
-                assert osc.dtype == torch.float32 and osc.shape == (), n
-                assert torch.equal(osc, scale), n
+                # compressed-tensors `channel` spelling: the quantizer's one scale, once per output row
+                assert osc.dtype == torch.float32 and osc.shape == (w.shape[0], 1), n
+                assert torch.equal(osc, scale.expand(w.shape[0], 1)), n
                 ref = (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
                 assert torch.equal(ow.view(torch.uint8), ref.view(torch.uint8)), f"FP8 codes differ: {n}"
             assert not any(k.endswith("weight_scale_2") for k in out_t)
         # one global scale per quantizer, identical in every member's output
-        gs = {raw_bytes(out_t[man["tensors"][n]["global_scale"]]) for n in q["members"]}
+        gs = {v for n in q["members"] for v in out_t[man["tensors"][n]["global_scale"]].reshape(-1).tolist()}
         assert len(gs) == 1, key
 
     # --- gate and up of every expert share one global scale (both policies)
@@ -232,16 +235,25 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg.pop("quantization_config")
     assert cfg == src_cfg
-    hf = json.loads((out / "hf_quant_config.json").read_text())
-    assert hf["quantization"]["quant_algo"] == QUANT_ALGO[fmt]
-    assert hf["quantization"]["exclude_modules"] == qc["ignore"]
-    assert hf["quantization"].get("group_size") == (16 if fmt == "nvfp4" else None)
-    ref = convert_hf_quant_config_format(copy.deepcopy(hf))
-    for k in ("quant_algo", "ignore", "quant_method", "producer"):
-        assert ref[k] == qc[k], k
-    assert ref["config_groups"]["group_0"]["weights"] == qc["config_groups"]["group_0"]["weights"]
-    assert ref["config_groups"]["group_0"]["targets"] == qc["config_groups"]["group_0"]["targets"]
-    assert qc["config_groups"]["group_0"]["input_activations"] is None  # weight-only, by design
+    if default == "modelopt":
+        hf = json.loads((out / "hf_quant_config.json").read_text())
+        assert hf["quantization"]["quant_algo"] == QUANT_ALGO[fmt]
+        assert hf["quantization"]["exclude_modules"] == qc["ignore"]
+        assert hf["quantization"].get("group_size") == (16 if fmt == "nvfp4" else None)
+        ref = convert_hf_quant_config_format(copy.deepcopy(hf))
+        for k in ("quant_algo", "ignore", "quant_method", "producer"):
+            assert ref[k] == qc[k], k
+        assert ref["config_groups"]["group_0"]["weights"] == qc["config_groups"]["group_0"]["weights"]
+        assert ref["config_groups"]["group_0"]["targets"] == qc["config_groups"]["group_0"]["targets"]
+        assert qc["config_groups"]["group_0"]["input_activations"] is None  # weight-only, by design
+    else:  # FP8 in compressed-tensors: channel weights, dynamic per-token activations (formats/fp8.py)
+        assert not (out / "hf_quant_config.json").exists()
+        g = qc["config_groups"]["group_0"]
+        assert (qc["quant_method"], qc["format"], g["format"]) == ("compressed-tensors", "float-quantized",
+                                                                    "float-quantized")
+        assert g["weights"]["strategy"] == "channel" and g["weights"]["dynamic"] is False
+        assert g["input_activations"] == {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                          "dynamic": True}
     assert qc["producer"] == {"name": "shardquant", "version": shardquant.__version__}
     # every module left in high precision is listed and carries no scales; no quantized one is
     ignore = set(qc["ignore"])
@@ -440,7 +452,7 @@ def test_inspect_summarises(converted):
     man = json.loads((out / MANIFEST).read_text())
     r = cli("inspect", out)
     assert r.exit_code == 0, r.output
-    assert "format fp8 (modelopt flavor), expert policy shared" in r.stdout
+    assert "format fp8 (compressed-tensors flavor), expert policy shared" in r.stdout
     assert f"{len(man['quantizers'])} quantizers over {len(man['tensors'])} tensors; " \
            f"{len(man['excluded'])} tensors kept" in r.stdout
     assert "model.layers.0.block_sparse_moe.experts.*.w13" in r.stdout

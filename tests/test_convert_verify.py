@@ -1,6 +1,8 @@
 """`convert --verify`: the contract check runs on the output before success is declared."""
 
 import pytest
+
+from shardquant import testing
 from click.testing import CliRunner
 
 import shardquant.verify as verify_mod
@@ -18,8 +20,7 @@ def src(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("src"), qwen3_moe(), shard_bytes=60_000)
 
 
-@pytest.mark.parametrize("flavor", ["modelopt", "compressed-tensors"])
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt,flavor", testing.served())
 def test_verify_flag_passes_our_output(src, tmp_path, fmt, flavor):
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["convert", str(src), "--format", fmt, "--flavor", flavor, "-o", str(out), "--verify"])

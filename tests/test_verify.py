@@ -44,6 +44,7 @@ MODELS = {  # small shards, so that fused sets straddle shard boundaries
     "deepseek_v3": (testing.deepseek_v3, 14_000),
     "mixtral": (lambda: testing.mixtral(inter=64), 24_000),
     "te_grouped": (testing.te_grouped, 20_000),
+    "llama": (testing.llama, 20_000),  # dense
 }
 CT = "compressed-tensors"
 GLOBAL = {"modelopt": "weight_scale_2", CT: "weight_global_scale"}
@@ -80,10 +81,10 @@ def converted(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("out")
     cache: dict[tuple, Path] = {}
 
-    def get(model: str, fmt: str, flavor: str = "modelopt", policy: str = "shared") -> Path:
+    def get(model: str, fmt: str, flavor: str | None = None, policy: str = "shared") -> Path:
         key = (model, fmt, flavor, policy)
         if key not in cache:
-            out = root / "-".join(key)
+            out = root / "-".join(str(k) for k in key)
             convert(str(sources[model]), out, fmt, flavor=flavor, expert_policy=policy, device="cpu",
                     max_shard_size=30_000)
             cache[key] = out
@@ -154,8 +155,7 @@ def cli(*args):
 # ---------------------------------------------------------------------------------------------
 # our outputs pass
 
-@pytest.mark.parametrize("flavor", ["modelopt", CT])
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt,flavor", testing.served())
 @pytest.mark.parametrize("model", list(MODELS))
 def test_our_outputs_pass(converted, model, fmt, flavor):
     out = converted(model, fmt, flavor)
@@ -190,8 +190,7 @@ def test_not_a_quantized_checkpoint(sources):
 # the manifest schema
 
 @pytest.mark.parametrize("policy", EXPERT_POLICIES)
-@pytest.mark.parametrize("flavor", ["modelopt", CT])
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt,flavor", testing.served())
 def test_manifests_validate(converted, fmt, flavor, policy):
     man = json.loads((converted("deepseek_v3", fmt, flavor, policy) / manifest.MANIFEST_NAME).read_text())
     jsonschema.validate(man, load_schema(), cls=jsonschema.Draft202012Validator)
@@ -307,7 +306,7 @@ def test_nan_block_scale(broken, flavor):
 
 
 @pytest.mark.parametrize("value", [math.nan, 0.0, math.inf, -1.0])
-@pytest.mark.parametrize("flavor,fmt", [("modelopt", "nvfp4"), (CT, "nvfp4"), ("modelopt", "fp8")])
+@pytest.mark.parametrize("fmt,flavor", testing.served())
 def test_bad_global_scale(broken, flavor, fmt, value):
     d = broken("qwen3_moe", fmt, flavor)
     name = f"{O_PROJ}.{GLOBAL[flavor] if fmt == 'nvfp4' else 'weight_scale'}"
@@ -620,8 +619,7 @@ def test_cli_no_hashes(broken):
 BANDS = {"nvfp4": (19.0, 21.5), "fp8": (30.0, 33.0)}
 
 
-@pytest.mark.parametrize("flavor", ["modelopt", CT])
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt,flavor", testing.served())
 def test_sqnr_band(converted, sources, fmt, flavor):
     out = converted("qwen3_moe", fmt, flavor)
     rep = verify(out, str(sources["qwen3_moe"]))
@@ -803,3 +801,69 @@ def test_modelopt_checkpoint_broken_copy_fails(tmp_path):
 ])
 def test_exclude_semantics(module, patterns, flavor, want):
     assert excluded(module, patterns, flavor) is want
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 the engines serve (formats/fp8.py; docs/formats.md): the spellings 0.1.0 wrote are rejected
+
+def _as_ct_weight_only_tensor_fp8(d: Path) -> None:
+    """0.1.0's compressed-tensors FP8: per-tensor [1] scales, no activation quantization."""
+    scales = {n: tensor(d, n)[:1, 0].clone() for n in json.loads((d / INDEX).read_text())["weight_map"]
+              if n.endswith(".weight_scale")}
+    rewrite(d, scales)
+
+    def fix(c):
+        g = c["quantization_config"]["config_groups"]["group_0"]
+        g["weights"]["strategy"], g["input_activations"] = "tensor", None
+    edit_json(d / "config.json", fix)
+    seal(d)
+
+
+def test_weight_only_fp8_moe_in_compressed_tensors_is_rejected(broken):
+    d = broken("qwen3_moe", "fp8", CT)
+    assert verify_contract(d) == []
+    _as_ct_weight_only_tensor_fp8(d)
+    vs = verify_contract(d)
+    assert rules_of(vs) == {"engine-moe-fp8"}
+    assert "weights tensor with no activation quantization" in vs[0].detail and "vLLM and SGLang" in vs[0].detail
+
+
+def test_weight_only_fp8_dense_in_compressed_tensors_passes(broken):
+    d = broken("llama", "fp8", CT)
+    _as_ct_weight_only_tensor_fp8(d)
+    assert verify_contract(d) == []  # dense FP8 weight-only loads (vLLM W8A16); only fused MoE refuses it
+
+
+def test_modelopt_fp8_without_input_scale_is_rejected(broken):
+    """0.1.0's ModelOpt FP8: quant_algo FP8 (static activation scales) with no input_scale, which
+    vLLM and SGLang serve as zeros."""
+    d = broken("llama", "fp8", CT)
+    names = json.loads((d / INDEX).read_text())["weight_map"]
+    rewrite(d, {n: tensor(d, n)[0, 0].clone() for n in names if n.endswith(".weight_scale")})
+
+    def to_modelopt(c):
+        ignore = c["quantization_config"]["ignore"]
+        c["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ignore,
+                                    "producer": {"name": "shardquant", "version": "0.1.0"}}
+    edit_json(d / "config.json", to_modelopt)
+    ignore = json.loads((d / "config.json").read_text())["quantization_config"]["ignore"]
+    (d / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "shardquant", "version": "0.1.0"},
+                                                        "quantization": {"quant_algo": "FP8", "exclude_modules": ignore}}))
+    man = json.loads((d / manifest.MANIFEST_NAME).read_text())
+    man["flavor"] = "modelopt"
+    (d / manifest.MANIFEST_NAME).write_text(json.dumps(man))
+    seal(d)
+    vs = verify_contract(d)
+    assert "tensors" in rules_of(vs)
+    quantized = [v for v in vs if v.rule == "tensors"]
+    assert quantized and all("missing input_scale" in v.detail for v in quantized)
+
+
+@pytest.mark.parametrize("fmt,flavor", testing.refused())
+def test_refused_pairs_are_one_line_with_the_alternatives(sources, tmp_path, fmt, flavor):
+    r = cli("convert", sources["qwen3_moe"], "--format", fmt, "--flavor", flavor, "-o", tmp_path / "o",
+            "--device", "cpu")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    [line] = r.output.strip().splitlines()
+    assert line.startswith(f"error: --format {fmt} --flavor {flavor} is refused: ") and "use --" in line
+    assert not (tmp_path / "o").exists()

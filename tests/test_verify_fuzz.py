@@ -185,7 +185,8 @@ def _scale_shape(shape: list) -> Callable[[dict], None]:
     return fn
 
 
-MO, CT, MO8, CT8 = "nvfp4-modelopt", "nvfp4-compressed-tensors", "fp8-modelopt", "fp8-compressed-tensors"
+MO, CT, CT8 = "nvfp4-modelopt", "nvfp4-compressed-tensors", "fp8-compressed-tensors"
+MO8 = CT8  # FP8 is served in the compressed-tensors flavor only (formats/fp8.py)
 QC = "quantization_config"
 
 # id: (base, mutation, rule that must appear, seal the manifest afterwards)
@@ -210,7 +211,7 @@ CASES = {
                             "config", True),
     "quant_method a list": (MO, edit("config.json", lambda c: c[QC].update(quant_method=["modelopt"])), "config", True),
     "quant_method a list, CT": (CT, edit("config.json", lambda c: c[QC].update(quant_method=["x"])), "config", True),
-    "quant_algo a dict": (MO8, edit("hf_quant_config.json", lambda h: h["quantization"].update(quant_algo={"a": 1})),
+    "quant_algo a dict": (MO, edit("hf_quant_config.json", lambda h: h["quantization"].update(quant_algo={"a": 1})),
                           "config", True),
     "quantization_status a dict": (CT, edit("config.json", lambda c: c[QC].update(quantization_status={})), "config",
                                    True),

@@ -45,12 +45,13 @@ from shardquant import manifest, testing
 from shardquant.cli import main as cli_main
 from shardquant.convert import convert
 from shardquant.errors import ShardquantError
+from shardquant.testing import served
 from shardquant.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "model.safetensors.index.json"
 MANIFEST = manifest.MANIFEST_NAME
-VARIANTS = [(fmt, flavor) for fmt in ("nvfp4", "fp8") for flavor in ("modelopt", "compressed-tensors")]
+VARIANTS = served()  # every (format, flavor) pair the CLI accepts
 OTHER_PRODUCERS = [REPO / "tests" / "data" / "modelopt-qwen3-moe-w4a16-nvfp4",
                    REPO / "tests" / "data" / "llmc-qwen3-moe-nvfp4a16"]
 ITERATION_TIMEOUT_S = 30  # a verify that takes longer is reported as a hang

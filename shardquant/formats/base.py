@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,17 +23,31 @@ _UINT = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32}
 
 
 @dataclass(frozen=True)
-class Layout:
-    """The on-disk shape of a quantized weight: enough to plan output tensors without data."""
+class Format:
+    """One number format, declared: what it writes and how each flavor spells it. Plan, flavors,
+    pipeline, manifest and verify read this record; none of them branches on a format's name.
+    The format's module holds the record (FORMAT) and its arithmetic (Quantizer, global_scale,
+    dequantize). docs/formats.md states each spelling's contract with the engines."""
 
     name: str
-    quant_algo: str  # ModelOpt's name for weight-only use of this format
+    element: str  # "E2M1" | "E4M3"
+    num_bits: int
     weight_dtype: str  # safetensors dtype of the stored weight
     elems_per_byte: int  # 2 for packed FP4
-    block_size: int | None  # elements per block scale along the input dim; None: per-tensor
-    scale_dtype: str  # safetensors dtype of the (block or tensor) scale
-    global_scale: bool  # a second, per-quantizer fp32 scale exists (NVFP4's weight_scale_2)
-    num_bits: int
+    granularity: str  # "group": block scales along the input dim, plus a per-quantizer scale; "tensor"
+    block_size: int | None  # elements per block scale along the input dim (granularity "group")
+    scale_dtype: str  # safetensors dtype of the block scales, or of the per-quantizer scale
+    global_scale: bool  # block scales AND a per-quantizer fp32 scale (NVFP4's weight_scale_2)
+    activations: str  # how engines quantize activations: "none" (weight-only) or "dynamic-token"
+    modelopt: dict | None  # hf_quant_config "quantization" fields (quant_algo, group_size), or refused
+    compressed_tensors: dict | None  # format, weights, input_activations, tensor_scale; or refused
+    refused: dict = field(default_factory=dict)  # flavor -> why it cannot be served data-free, and what to use
+    reads: dict = field(default_factory=dict)  # flavor -> other producers' spellings verify accepts as this format
+    min_sqnr: float = 10.0  # verify --source: a tensor below this SQNR (dB) is a violation
+
+    @property
+    def quant_algo(self) -> str | None:
+        return self.modelopt["quant_algo"] if self.modelopt else None
 
     def weight_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         return (shape[0], shape[1] // self.elems_per_byte)
@@ -44,6 +58,9 @@ class Layout:
     def divides(self, in_features: int) -> bool:
         step = self.block_size or self.elems_per_byte
         return in_features % step == 0
+
+    def spelling(self, flavor: str) -> dict | None:
+        return {"modelopt": self.modelopt, "compressed-tensors": self.compressed_tensors}.get(flavor)
 
 
 def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:

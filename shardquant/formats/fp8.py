@@ -9,11 +9,29 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from .base import E4M3_MAX, Layout, magnitude_bits, check_finite, map_rows, to_f32
+from .base import E4M3_MAX, Format, magnitude_bits, check_finite, map_rows, to_f32
 
-LAYOUT = Layout(
-    name="fp8", quant_algo="FP8", weight_dtype="F8_E4M3", elems_per_byte=1, block_size=None,
-    scale_dtype="F32", global_scale=False, num_bits=8,
+# docs/formats.md, "fp8": engines serve FP8 weights data-free only with dynamic activations. The
+# per-quantizer scale is written once per output row (compressed-tensors `channel` strategy, [out, 1]),
+# the same value in every row: the numbers of a per-tensor scale, in the one spelling vLLM and SGLang
+# load for dense and MoE layers alike. ModelOpt's `FP8` means static activation scales, which only
+# calibration gives (without them vLLM and SGLang compute zeros): refused.
+FORMAT = Format(
+    name="fp8", element="E4M3", num_bits=8, weight_dtype="F8_E4M3", elems_per_byte=1, granularity="tensor",
+    block_size=None, scale_dtype="F32", global_scale=False, activations="dynamic-token",
+    modelopt=None,
+    compressed_tensors={
+        "format": "float-quantized",
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                              "dynamic": True},
+        "tensor_scale": "row",
+    },
+    refused={"modelopt": "ModelOpt's FP8 needs calibrated static activation scales (without them vLLM and SGLang "
+                         "compute zeros and TensorRT-LLM's MoE reads uninitialised memory; docs/formats.md); use "
+                         "--flavor compressed-tensors (FP8 weights, dynamic per-token activations) or --format nvfp4"},
+    reads={"modelopt": ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"), "compressed-tensors": ("float-quantized", "naive-quantized")},
+    min_sqnr=20.0,
 )
 _E4M3 = ml_dtypes.float8_e4m3fn
 

@@ -13,13 +13,25 @@ import numpy as np
 import ml_dtypes
 
 from .base import (
-    E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Layout, check_finite, magnitude_bits, map_rows, mag_to_f32,
+    E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Format, check_finite, magnitude_bits, map_rows, mag_to_f32,
     to_f32,
 )
 
-LAYOUT = Layout(
-    name="nvfp4", quant_algo="W4A16_NVFP4", weight_dtype="U8", elems_per_byte=2, block_size=16,
-    scale_dtype="F8_E4M3", global_scale=True, num_bits=4,
+# docs/formats.md, "nvfp4": weight-only NVFP4 says W4A16_NVFP4 (an `NVFP4` checkpoint without
+# input_scale made older vLLM zero every expert); compressed-tensors' tensor_group strategy.
+FORMAT = Format(
+    name="nvfp4", element="E2M1", num_bits=4, weight_dtype="U8", elems_per_byte=2, granularity="group",
+    block_size=16, scale_dtype="F8_E4M3", global_scale=True, activations="none",
+    modelopt={"quant_algo": "W4A16_NVFP4", "group_size": 16},
+    compressed_tensors={
+        "format": "nvfp4-pack-quantized",
+        "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+                    "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"},
+        "input_activations": None,
+        "tensor_scale": "tensor",
+    },
+    reads={"modelopt": ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ"), "compressed-tensors": ("nvfp4-pack-quantized",)},
+    min_sqnr=10.0,
 )
 BLOCK = 16
 # E2M1 magnitudes by code 0..7; code | 8 is the negative.
