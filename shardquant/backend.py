@@ -58,12 +58,13 @@ class _CupyQuantizer:
         self.dev, self.fmt, self.gs = dev, fmt, np.float32(gs)
 
     def quantize(self, x, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.fmt == "nvfp4":
-            packed, scales = self.dev.to_host(*self.dev.nvfp4(x, dtype, self.gs))
-            return packed, scales
-        if self.fmt == "fp8":
-            return self.dev.to_host(self.dev.fp8(x, dtype, self.gs))[0], None
-        raise ShardquantError(f"format {self.fmt!r} has no GPU kernel")
+        """(weight, block scales or None), on the host; the kernel is the format's declared one."""
+        kernel = formats.declared(self.fmt).kernel
+        if not kernel or not hasattr(self.dev, kernel):
+            raise ShardquantError(f"format {self.fmt!r} has no GPU kernel; use --device cpu")
+        out = getattr(self.dev, kernel)(x, dtype, self.gs)
+        host = self.dev.to_host(*(out if isinstance(out, tuple) else (out,)))
+        return host[0], (host[1] if len(host) > 1 else None)
 
 
 def get_backend(device: str, device_budget: int):

@@ -39,11 +39,27 @@ class Flavor:
         f = formats.declared(fmt)
         te = TE_WEIGHT.fullmatch(name)
         base, idx = (te["base"], te["idx"]) if te else (name.removesuffix(".weight"), "")
-        weight = self.packed_name if f.elems_per_byte > 1 else "weight"
-        names = {"weight": f"{base}.{weight}{idx}", "scale": f"{base}.weight_scale{idx}"}
+        names = {"weight": f"{base}.{self.weight_name(fmt)}{idx}", "scale": f"{base}.weight_scale{idx}"}
         if f.global_scale:
             names["global_scale"] = f"{base}.{self.global_name}{idx}"
         return names
+
+    def weight_name(self, fmt: str) -> str:
+        """The stored weight's role name: packed formats are `weight_packed` in compressed-tensors."""
+        return self.packed_name if formats.declared(fmt).elems_per_byte > 1 else "weight"
+
+    def per_quantizer_name(self, fmt: str) -> str:
+        """The role holding the per-quantizer fp32 scale: the global scale beside block scales, else
+        the weight scale itself."""
+        return self.global_name if formats.declared(fmt).global_scale else "weight_scale"
+
+    def input_name(self, fmt: str) -> str:
+        """The activation scale's role: compressed-tensors' NVFP4 W4A4 calls it input_global_scale."""
+        return "input_global_scale" if self.inverse_global and formats.declared(fmt).global_scale else "input_scale"
+
+    def inverted(self, fmt: str) -> bool:
+        """Whether the stored per-quantizer scale is the inverse (compressed-tensors' global scale)."""
+        return self.inverse_global and formats.declared(fmt).global_scale
 
     def tensor_scale_shape(self, fmt: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the per-quantizer scale as written for a member of source `shape`: a scalar, or
@@ -57,7 +73,7 @@ class Flavor:
     def scalar(self, fmt: str, gs: np.float32, shape: tuple[int, ...] = ()) -> np.ndarray:
         """The per-quantizer scale tensor as written: FP8's weight_scale, NVFP4's global scale."""
         v = np.float32(gs)
-        if self.inverse_global and formats.declared(fmt).global_scale:
+        if self.inverted(fmt):
             v = np.float32(1.0) / v  # compressed-tensors: weight_global_scale = 1/s2, correctly rounded
         return np.full(self.tensor_scale_shape(fmt, shape), v, dtype=np.float32)
 

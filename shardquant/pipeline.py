@@ -4,7 +4,6 @@ first, in plan order, recording finished shards in the journal."""
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections import deque

@@ -47,8 +47,7 @@ import numpy as np
 from . import formats, manifest
 from .errors import HeaderError, SourceError
 from .flavors import FLAVORS, Flavor
-from .formats import fp8, nvfp4
-from .formats.base import E2M1_MAX, E4M3_MAX, to_f32
+from .formats.base import to_f32
 from .rules import BUILTIN_RULES, FLOAT_DTYPES, QUANTIZE, Decision, RuleSet
 from .source import INDEX_NAME, SINGLE_NAME, _hub_blob, _inside, _read_json, open_checkpoint
 from .report import Report, TensorStat, Violation
@@ -349,20 +348,25 @@ def modules(tensors: dict[str, TensorInfo]) -> dict[str, Module]:
     return out
 
 
+# ModelOpt algos that mean static activation scales: without input_scale the engines compute garbage
+# (docs/formats.md: NVFP4 W4A4 zeroed every expert in older vLLM; FP8 gives zeros in vLLM and SGLang).
+_STATIC_INPUT_ALGOS = ("NVFP4", "FP8")
+
+
 def _roles(fl: Flavor, fmt: str, quant_algo: str | None) -> tuple[dict[str, str], dict[str, str]]:
-    """(required role -> dtype, optional role -> dtype) of a quantized module."""
-    if fmt == "nvfp4":
-        req = {fl.packed_name: "U8", "weight_scale": "F8_E4M3", fl.global_name: "F32"}
-        inp = "input_scale" if fl.name == "modelopt" else "input_global_scale"
-        opt = {inp: "F32", "weight_shape": ""}
-        if quant_algo == "NVFP4":  # W4A4: without input_scale older vLLM zeroed every expert
-            req[inp] = opt.pop(inp)
-        return req, opt
-    if fl.name == "modelopt" and quant_algo == "FP8":
-        # docs/formats.md, "fp8": ModelOpt FP8 is static per-tensor activation scales; without
-        # input_scale vLLM and SGLang compute zeros, TensorRT-LLM's MoE reads uninitialised memory.
-        return {"weight": "F8_E4M3", "weight_scale": "F32", "input_scale": "F32"}, {}
-    return {"weight": "F8_E4M3", "weight_scale": "F32"}, {"input_scale": "F32"}
+    """(required role -> dtype, optional role -> dtype) of a quantized module, from the format's
+    declaration (formats/base.py Format) as this flavor names it."""
+    f = formats.declared(fmt)
+    req = {fl.weight_name(fmt): f.weight_dtype, "weight_scale": f.scale_dtype}
+    if f.global_scale:
+        req[fl.global_name] = "F32"
+    opt = {fl.input_name(fmt): "F32"}
+    if f.elems_per_byte > 1:
+        opt["weight_shape"] = ""  # compressed-tensors records the unpacked shape
+    if fl.name == "modelopt" and quant_algo in _STATIC_INPUT_ALGOS:
+        req.update({k: v for k, v in opt.items() if k == fl.input_name(fmt)})
+        opt.pop(fl.input_name(fmt))
+    return req, opt
 
 
 def _check_module(m: Module, fl: Flavor, fmt: str, quant_algo: str | None) -> list[Violation]:
@@ -379,19 +383,21 @@ def _check_module(m: Module, fl: Flavor, fmt: str, quant_algo: str | None) -> li
         t = m.tensors.get(role)
         if t is not None and dtype and t.dtype != dtype:
             bad.append(f"{role} is {t.dtype}, expected {dtype}")
-    w, s = m.tensors.get(fl.packed_name if fmt == "nvfp4" else "weight"), m.tensors.get("weight_scale")
+    f = formats.declared(fmt)
+    w, s = m.tensors.get(fl.weight_name(fmt)), m.tensors.get("weight_scale")
     if w is not None and len(w.shape) != 2:
         bad.append(f"weight shape {list(w.shape)} is not 2-D")
-    elif w is not None and fmt == "nvfp4":
+    elif w is not None and f.block_size:
         rows, cols = w.shape
-        if (2 * cols) % nvfp4.BLOCK:
-            bad.append(f"packed weight {list(w.shape)}: input dim {2 * cols} is not a multiple of {nvfp4.BLOCK}")
-        elif s is not None and s.shape != (rows, 2 * cols // nvfp4.BLOCK):
-            bad.append(f"weight_scale {list(s.shape)} does not fit packed weight {list(w.shape)} "
-                       f"(expected {[rows, 2 * cols // nvfp4.BLOCK]})")
+        width = cols * f.elems_per_byte
+        if width % f.block_size:
+            bad.append(f"weight {list(w.shape)}: input dim {width} is not a multiple of {f.block_size}")
+        elif s is not None and s.shape != (rows, width // f.block_size):
+            bad.append(f"weight_scale {list(s.shape)} does not fit weight {list(w.shape)} "
+                       f"(expected {[rows, width // f.block_size]})")
     elif w is not None and s is not None and s.shape not in ((), (1,), (w.shape[0],), (w.shape[0], 1)):
         bad.append(f"weight_scale {list(s.shape)}: expected [], [1] or per-channel [{w.shape[0]}, 1]")
-    g = m.tensors.get(fl.global_name) if fmt == "nvfp4" else None
+    g = m.tensors.get(fl.global_name) if f.global_scale else None
     if g is not None and g.shape != fl.scalar_shape:
         bad.append(f"{fl.global_name} shape {list(g.shape)}, expected {list(fl.scalar_shape)}")
     for role in ("input_scale", "input_global_scale"):
@@ -406,7 +412,7 @@ def _check_module(m: Module, fl: Flavor, fmt: str, quant_algo: str | None) -> li
 def _global_value(m: Module, fl: Flavor, fmt: str) -> np.float32 | None:
     """The per-quantizer fp32 scale as stored (NVFP4's weight_scale_2 or weight_global_scale, FP8's
     per-tensor weight_scale), or None if absent or malformed."""
-    t = m.tensors.get(fl.global_name if fmt == "nvfp4" else "weight_scale")
+    t = m.tensors.get(fl.per_quantizer_name(fmt))
     if t is None or t.dtype != "F32" or t.numel < 1 or t.numel > 1 << 20 or len(t.shape) > 2:
         return None
     vals = read_raw(t).reshape(-1)
@@ -423,9 +429,9 @@ def _global_problem(v: np.float32, fl: Flavor, fmt: str) -> str | None:
     if not (np.isfinite(v) and v > 0):
         return f"global scale {float(v)!r}"
     with np.errstate(over="ignore", divide="ignore"):
-        inverse = fl.inverse_global and fmt == "nvfp4"
+        inverse = fl.inverted(fmt)
         s2 = np.float32(1) / v if inverse else v
-        top = s2 * np.float32(E2M1_MAX * E4M3_MAX if fmt == "nvfp4" else E4M3_MAX)
+        top = s2 * np.float32(formats.declared(fmt).max_scaled)
     what = f"global scale {float(v)!r}" + (f" (s2 = 1/it = {float(s2)!r})" if inverse else "")
     if v < FLT_MIN:
         return f"{what} is subnormal"
@@ -446,7 +452,8 @@ def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
     if why:
         out.append(Violation("global-scale", m.name, why))
     s = m.tensors.get("weight_scale")
-    if fmt == "nvfp4" and s is not None and s.dtype == "F8_E4M3":
+    f = formats.declared(fmt)
+    if f.block_size and s is not None and s.dtype == "F8_E4M3":
         codes = read_raw(s)
         nan = int(np.count_nonzero((codes & 0x7F) == 0x7F))
         neg = int(np.count_nonzero((codes > 0x80) & (codes < 0xFF)))
@@ -454,7 +461,7 @@ def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
         bad += [f"{neg} of {s.numel} block scales are negative"] if neg else []
         if bad:
             out.append(Violation("block-scale", m.name, "; ".join(bad)))
-    elif fmt == "fp8" and s is not None and s.dtype == "F32" and s.numel > 1 and not why:
+    elif not f.block_size and s is not None and s.dtype == "F32" and s.numel > 1 and not why:
         vals = read_raw(s)
         bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
         if bad:
@@ -775,7 +782,7 @@ _CT_FP8_MOE = {("tensor", "static"), ("channel", "dynamic-token"), ("block", "dy
 def _moe_fp8_served(ann: Announced, mods: dict[str, Module]) -> list[Violation]:
     """A compressed-tensors FP8 MoE whose scheme the engines' MoE loaders refuse: weight-only FP8
     ("Unsupported FusedMoe scheme"), or per-tensor weights with dynamic per-token activations."""
-    if ann.flavor != "compressed-tensors" or ann.format != "fp8":
+    if ann.flavor != "compressed-tensors" or ann.format is None or formats.declared(ann.format).num_bits != 8:
         return []
     experts = [m for k, m in mods.items() if m.quantized and _EXPERT_IDX.search(k)]
     if not experts:
@@ -916,7 +923,7 @@ def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, Te
         with np.errstate(over="ignore", divide="ignore"):
             want = fl.scalar(man["format"], _f32(q["global_scale"])).reshape(-1)[0]
         if v is not None and v.tobytes() != want.tobytes():
-            conv = " (compressed-tensors stores 1/global_scale)" if fl.inverse_global and ann.format == "nvfp4" else ""
+            conv = " (compressed-tensors stores 1/global_scale)" if fl.inverted(ann.format) else ""
             found.append(Violation("manifest", src, f"{e['global_scale']} holds {float(v):.9g}, manifest quantizer "
                                    f"{e['quantizer']} says {float(want):.9g}{conv}"))
     for key, m in mods.items():
@@ -971,7 +978,7 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
             continue
         if key not in c.good or key not in c.gs:
             continue  # malformed: already reported by the contract
-        w = m.tensors[fl.packed_name if fmt == "nvfp4" else "weight"]
+        w = m.tensors[fl.weight_name(fmt)]
         layout = formats.declared(fmt)
         want = layout.weight_shape(src.shape) if len(src.shape) == 2 else None
         if src.dtype not in FLOAT_DTYPES:
@@ -1014,14 +1021,10 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
 
 
 def _dequantize(m: Module, fl: Flavor, fmt: str, gs: np.float32) -> np.ndarray:
-    scale = read_raw(m.tensors["weight_scale"])
-    if fmt == "nvfp4":
-        s2 = np.float32(1) / gs if fl.inverse_global else gs  # compressed-tensors stores 1/s2
-        return nvfp4.dequantize(read_raw(m.tensors[fl.packed_name]), scale, s2)
-    q = read_raw(m.tensors["weight"])
-    if scale.size == 1:
-        return fp8.dequantize(q, scale.reshape(-1)[0])
-    return fp8.dequantize(q, np.float32(1)) * scale.reshape(-1, 1)  # per output channel
+    """fp32 weights of a module from its stored tensors, by the format's own dequantization."""
+    per_quantizer = np.float32(1) / gs if fl.inverted(fmt) else gs  # compressed-tensors stores 1/s2
+    return formats.get(fmt).dequantize_stored(read_raw(m.tensors[fl.weight_name(fmt)]),
+                                              read_raw(m.tensors["weight_scale"]), per_quantizer)
 
 
 def _power(ref: np.ndarray, deq: np.ndarray, rows: int = 4096) -> tuple[float, float]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from shardquant import formats
 from click.testing import CliRunner
 
 from shardquant import testing
@@ -289,7 +291,7 @@ def _poison(target: str, bits: int):
     return data
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 @pytest.mark.parametrize("bits", [BF16_NAN, BF16_INF, BF16_NEG_INF], ids=["nan", "inf", "-inf"])
 def test_nan_inf_in_quantized_weight(tmp_path, out, bits, fmt):
     target = "model.layers.1.mlp.down_proj.weight"  # late in the checkpoint: shards are already written

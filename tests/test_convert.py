@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from shardquant import formats
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
@@ -276,7 +278,7 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
 # the matrix: 4 layouts x 2 formats x 2 expert policies
 
 @pytest.mark.parametrize("policy", ["shared", "per-expert"])
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 @pytest.mark.parametrize("model", list(MODELS))
 def test_convert_matches_reference(sources, converted, model, fmt, policy):
     out = converted(model, fmt, policy)
@@ -382,7 +384,7 @@ def test_two_pass_gives_identical_bytes(sources, converted, tmp_path):
 # input variants
 
 @pytest.mark.parametrize("dtype", ["F16", "F32"])
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 def test_single_file_f16_f32(tmp_path, dtype, fmt):
     model = testing.qwen3_moe(layers=1, experts=4)
     model.specs = [(n, dtype if d == "BF16" else d, s) for n, d, s in model.specs]

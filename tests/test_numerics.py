@@ -17,6 +17,8 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+
+from shardquant import formats
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from modelopt.torch.quantization.qtensor.fp8_tensor import FP8QTensor
@@ -786,7 +788,7 @@ NONFINITE = {
 }
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", range(5), ids=["nan", "-nan", "snan", "inf", "-inf"])
 def test_nonfinite_raises_with_tensor_name(fmt, dtype, k):

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from shardquant import formats
+
 import shardquant.convert as conv
 from shardquant.backend import NumpyBackend
 from shardquant.errors import NumericError
@@ -30,7 +32,7 @@ def src(tmp_path_factory):
                             shard_bytes=60_000)
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 def test_several_workers_write_the_same_bytes(src, tmp_path, monkeypatch, fmt):
     one = conv.convert(str(src), tmp_path / "one", fmt, device="cpu")
     monkeypatch.setattr(conv, "get_backends", lambda *a: [SlowBackend(1), SlowBackend(2), SlowBackend(3)])

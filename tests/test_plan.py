@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from shardquant import formats
+
 from shardquant import testing
 from shardquant.errors import PlanError, RuleError
 from shardquant.plan import FIXED_OVERHEAD, PREFETCH_BYTES, WRITE_AHEAD_BYTES, make_plan, module_name
@@ -320,7 +322,7 @@ def layout_ckpts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", ["shared", "per-expert"])
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_tensor_quantized_or_excluded_once(layout_ckpts, layout, fmt, policy):
     ck = layout_ckpts[layout]

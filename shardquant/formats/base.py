@@ -44,6 +44,8 @@ class Format:
     refused: dict = field(default_factory=dict)  # flavor -> why it cannot be served data-free, and what to use
     reads: dict = field(default_factory=dict)  # flavor -> other producers' spellings verify accepts as this format
     min_sqnr: float = 10.0  # verify --source: a tensor below this SQNR (dB) is a violation
+    max_scaled: float = 0.0  # largest stored magnitude (element x block scale) the per-quantizer scale multiplies
+    kernel: str = ""  # the CuPy device method (shardquant/cuda) that quantizes one tensor
 
     @property
     def quant_algo(self) -> str | None:

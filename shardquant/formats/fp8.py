@@ -32,6 +32,8 @@ FORMAT = Format(
                          "--flavor compressed-tensors (FP8 weights, dynamic per-token activations) or --format nvfp4"},
     reads={"modelopt": ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"), "compressed-tensors": ("float-quantized", "naive-quantized")},
     min_sqnr=20.0,
+    max_scaled=448.0,
+    kernel="fp8",
 )
 _E4M3 = ml_dtypes.float8_e4m3fn
 
@@ -88,3 +90,11 @@ def quantize(raw: np.ndarray, dtype: str, scale: np.float32, name: str = "weight
 
 def dequantize(q: np.ndarray, scale: np.float32) -> np.ndarray:
     return q.view(_E4M3).astype(np.float32) * np.float32(scale)
+
+
+def dequantize_stored(weight: np.ndarray, scale: np.ndarray, per_quantizer: np.float32 | None = None) -> np.ndarray:
+    """fp32 weights from the stored tensors: codes times the stored weight_scale, one value ([] or
+    [1]) or one per output row ([out] or [out, 1]); another producer's per-channel scales included."""
+    if scale.size == 1:
+        return dequantize(weight, scale.reshape(-1)[0])
+    return dequantize(weight, np.float32(1)) * scale.reshape(-1, 1)

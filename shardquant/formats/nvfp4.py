@@ -32,6 +32,8 @@ FORMAT = Format(
     },
     reads={"modelopt": ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ"), "compressed-tensors": ("nvfp4-pack-quantized",)},
     min_sqnr=10.0,
+    max_scaled=6.0 * 448.0,
+    kernel="nvfp4",
 )
 BLOCK = 16
 # E2M1 magnitudes by code 0..7; code | 8 is the negative.
@@ -201,3 +203,8 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, s2: np.float32) -> np.nda
     vals = E2M1_VALUES[codes & 7] * np.where(codes & 8, np.float32(-1), np.float32(1))
     per_block = scale_values(scales) * np.float32(s2)
     return (vals.reshape(*scales.shape, BLOCK) * per_block[..., None]).reshape(codes.shape)
+
+
+def dequantize_stored(weight: np.ndarray, scale: np.ndarray, per_quantizer: np.float32) -> np.ndarray:
+    """fp32 weights from the stored tensors (packed codes, E4M3 block scales) and s2."""
+    return dequantize(weight, scale, per_quantizer)
