@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import __version__
+from . import __version__, formats
 from .plan import Plan
 
 SCHEMA_VERSION = 2
@@ -21,13 +21,14 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
     """scales: quantizer key -> (amax, global scale); files: every other output file's
     {"sha256", "size"}; source_files: every source file's {"sha256", "size", "checked_against_hub"}."""
     ck = plan.checkpoint
+    scaled = formats.declared(plan.format).quantizer_scale  # block scales only: no per-quantizer scale
     quantizers = {}
     tensors = {}
     for g in plan.groups:
         amax, gs = scales[g.key]
         quantizers[g.key] = {
             "amax": float(amax),
-            "global_scale": float(gs),
+            "global_scale": float(gs) if scaled else None,
             "members": [m.name for m in g.members],
             "rule": g.rule,
             "two_pass": g.two_pass,
@@ -35,7 +36,7 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
         for m in g.members:
             names = plan.outputs[m.name]
             tensors[m.name] = {
-                "global_scale": names.get("global_scale", names["scale"]),
+                "global_scale": names.get("global_scale", names["scale"]) if scaled else None,
                 "quantizer": g.key,
                 "scale": names["scale"],
                 "weight": names["weight"],

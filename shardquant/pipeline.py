@@ -286,6 +286,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     quantizer, each source file's {"sha256", "size", "checked_against_hub"}, bytes the hasher read
     on its own: headers, padding, tensors of kept shards)."""
     fmt = formats.get(plan.format)
+    declared = fmt.FORMAT
     scales: dict[str, tuple[float, float]] = {}
     lock = threading.Lock()
     units = _units_to_run(plan, journal, done, scales)
@@ -336,11 +337,12 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             handles[i] = data[i] = None  # release each member once quantized
             del h, raw
             names = plan.outputs[m.name]
-            job.put((names["weight"], weight, 0, 0))
-            if scale is not None:
-                job.put((names["scale"], scale, 0, 0))
-            job.put((names.get("global_scale", names["scale"]), fl.scalar(plan.format, gs, m.shape),
-                     0 if two_pass else m.nbytes, m.nbytes))
+            outs = [(names["weight"], weight)] + ([(names["scale"], scale)] if scale is not None else [])
+            if declared.quantizer_scale:  # the group's one scale: FP8's weight_scale, NVFP4's global scale
+                outs.append((names.get("global_scale", names["scale"]), fl.scalar(plan.format, gs, m.shape)))
+            for j, (name, arr) in enumerate(outs):  # the last output releases the member's read budget
+                last = j == len(outs) - 1
+                job.put((name, arr, (0 if two_pass else m.nbytes) if last else 0, m.nbytes if last else 0))
 
     devices = _Devices(backends, quantize_group)
     pending: deque[_Job] = deque()

@@ -145,10 +145,9 @@ def make_plan(
                     f"tensor {show(m.name)} ({show(m.file.name, quote=False)}): shape {list(m.shape)} has no "
                     "elements, so it cannot be quantized; --exclude it to copy it as it is"
                 )
-        bad = [m for m in members if not layout.divides(m.shape[1])]
+        bad = [why for m in members if (why := layout.fits(m.shape, show(m.name, quote=False)))]
         if bad:
-            why = (f"input dim {bad[0].shape[1]} of {show(bad[0].name, quote=False)} is not a multiple of "
-                   f"{layout.block_size or layout.elems_per_byte}")
+            why = bad[0]
             warnings.append(f"quantizer {show(key, quote=False)} kept in high precision as a whole: {why}")
             for n in names:
                 kept[n] = Decision(KEEP, decisions[n].rule, reason=f"fused set not quantizable: {why}", warn=True)
@@ -185,7 +184,7 @@ def make_plan(
             names = fl.output_names(fmt, m.name)
             outputs[m.name] = names
             order.append(OutTensor(names["weight"], layout.weight_dtype, layout.weight_shape(m.shape)))
-            scale_shape = layout.scale_shape(m.shape) if layout.block_size else fl.tensor_scale_shape(fmt, m.shape)
+            scale_shape = layout.scale_shape(m.shape) if layout.block_scales else fl.tensor_scale_shape(fmt, m.shape)
             order.append(OutTensor(names["scale"], layout.scale_dtype, scale_shape))
             if layout.global_scale:
                 order.append(OutTensor(names["global_scale"], "F32", fl.scalar_shape))

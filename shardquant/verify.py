@@ -900,7 +900,16 @@ def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, Te
             found.append(Violation("manifest", name, f"{k} {man[k]!r}, but the checkpoint is {getattr(ann, k)!r}"))
     fmt = formats.get(man["format"])
     mt, qs = man["tensors"], man["quantizers"]
+    scaled = fmt.FORMAT.quantizer_scale  # else block scales only: no per-quantizer scale (null)
     for key, q in qs.items():
+        if not scaled or q["global_scale"] is None:
+            if scaled or q["global_scale"] is not None:
+                found.append(Violation("manifest", key, f"global_scale {short_repr(q['global_scale'])}: "
+                                       f"{man['format']} {'has' if scaled else 'has no'} per-quantizer scale"))
+            for src in q["members"]:
+                if mt.get(src, {}).get("quantizer") != key:
+                    found.append(Violation("manifest", src, f"member of quantizer {key} without a tensors entry naming it"))
+            continue
         amax, g = _f32(q["amax"]), _f32(q["global_scale"])
         with np.errstate(over="ignore", invalid="ignore"):
             want_g = fmt.global_scale(amax)
@@ -915,9 +924,11 @@ def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, Te
         if q is None or src not in q["members"]:
             found.append(Violation("manifest", src, f"quantizer {e['quantizer']!r} does not list it"))
             continue
-        absent = [e[r] for r in ("weight", "scale", "global_scale") if e[r] not in tensors]
+        absent = [e[r] for r in ("weight", "scale", "global_scale") if e[r] is not None and e[r] not in tensors]
         if absent:
             found.append(Violation("manifest", src, f"names tensor(s) not in the checkpoint: {', '.join(absent)}"))
+            continue
+        if q["global_scale"] is None:
             continue
         v = gs.get(src)
         with np.errstate(over="ignore", divide="ignore"):

@@ -34,7 +34,7 @@ class Format:
     num_bits: int
     weight_dtype: str  # safetensors dtype of the stored weight
     elems_per_byte: int  # 2 for packed FP4
-    granularity: str  # "group": block scales along the input dim, plus a per-quantizer scale; "tensor"
+    granularity: str  # "tensor" | "group" (1-D blocks along the input dim) | "block" (2-D tiles)
     block_size: int | None  # elements per block scale along the input dim (granularity "group")
     scale_dtype: str  # safetensors dtype of the block scales, or of the per-quantizer scale
     global_scale: bool  # block scales AND a per-quantizer fp32 scale (NVFP4's weight_scale_2)
@@ -46,6 +46,8 @@ class Format:
     min_sqnr: float = 10.0  # verify --source: a tensor below this SQNR (dB) is a violation
     max_scaled: float = 0.0  # largest stored magnitude (element x block scale) the per-quantizer scale multiplies
     kernel: str = ""  # the CuPy device method (shardquant/cuda) that quantizes one tensor
+    block: tuple[int, int] | None = None  # rows x columns of a 2-D tile (granularity "block")
+    quantizer_scale: bool = True  # a per-quantizer fp32 scale is written (from the group's shared amax)
 
     @property
     def quant_algo(self) -> str | None:
@@ -55,7 +57,23 @@ class Format:
         return (shape[0], shape[1] // self.elems_per_byte)
 
     def scale_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
+        """Shape of the block scales of a weight of `shape` ([] when the format has none)."""
+        if self.block:
+            return (-(-shape[0] // self.block[0]), -(-shape[1] // self.block[1]))
         return (shape[0], shape[1] // self.block_size) if self.block_size else ()
+
+    @property
+    def block_scales(self) -> bool:
+        return bool(self.block or self.block_size)
+
+    def fits(self, shape: tuple[int, ...], name: str = "the weight") -> str | None:
+        """Why a 2-D weight of this shape cannot take the format (engines need whole blocks), or None."""
+        if self.block:
+            if shape[0] % self.block[0] or shape[1] % self.block[1]:
+                return f"shape {list(shape)} of {name} is not a multiple of {self.block[0]}x{self.block[1]} tiles"
+            return None
+        step = self.block_size or self.elems_per_byte
+        return None if shape[1] % step == 0 else f"input dim {shape[1]} of {name} is not a multiple of {step}"
 
     def divides(self, in_features: int) -> bool:
         step = self.block_size or self.elems_per_byte
