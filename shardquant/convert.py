@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import flavors, formats, manifest
 from .errors import OutputError, ShardquantError, SourceError
-from .backend import get_backends
+from .backend import NumpyBackend, get_backends
 from .pipeline import run
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, load_rules
@@ -109,6 +109,11 @@ def convert(
     )
     out = Path(output).expanduser()
     backends = get_backends(device, devices, gpu_memory)
+    if backends[0].device_budget is not None and not formats.declared(plan.format).kernel:
+        if device != "auto" or devices:
+            raise ShardquantError(f"--format {plan.format} has no GPU kernel yet; use --device cpu (or auto)")
+        backends = [NumpyBackend()]
+        plan.warnings.append(f"--format {plan.format} has no GPU kernel yet: converting on the CPU")
     if backends[0].device_budget is not None:
         for g in plan.groups:
             if not g.two_pass and g.source_bytes > gpu_memory:

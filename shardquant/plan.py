@@ -20,6 +20,9 @@ DEFAULT_MEMORY_BUDGET = 8 * 2**30
 PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
+# Source tensors read ahead of a file's hash cursor, held until the gap before them is read
+# (shardquant/provenance.py); past this, the file's rest is hashed by a second read at the end.
+HASH_HOLD_BYTES = 1 << 30
 
 
 @dataclass
@@ -75,10 +78,11 @@ class Plan:
     @property
     def peak_bytes(self) -> int:
         """Bound on resident memory: the largest group held at once (or, for a two-pass group, its
-        largest member), the read-ahead, the write queue, one member's outputs and a fixed overhead."""
+        largest member), the read-ahead, the write queue, one member's outputs, the source hasher's
+        out-of-order hold and a fixed overhead."""
         held = max((_held(u) for u in self.units), default=0)
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
-        return held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD
+        return held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD + HASH_HOLD_BYTES
 
     def member_out_bytes(self, m: TensorInfo) -> int:
         return sum(self.out_tensors[n].nbytes for n in self.outputs[m.name].values())

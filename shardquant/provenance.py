@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SourceError
+from .plan import HASH_HOLD_BYTES as HOLD_BYTES
 
-HOLD_BYTES = 1 << 30
 _CHUNK = 16 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -12,7 +12,7 @@ from shardquant import formats
 
 from shardquant import testing
 from shardquant.errors import PlanError, RuleError
-from shardquant.plan import FIXED_OVERHEAD, PREFETCH_BYTES, WRITE_AHEAD_BYTES, make_plan, module_name
+from shardquant.plan import FIXED_OVERHEAD, HASH_HOLD_BYTES, PREFETCH_BYTES, WRITE_AHEAD_BYTES, make_plan, module_name
 from shardquant.rules import QUANTIZE, Rule, RuleSet
 from shardquant.source import scan
 from shardquant.st import STORAGE
@@ -318,14 +318,17 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def layout_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    return {k: ckpt(root, f(), k) for k, f in LAYOUTS.items()}
+    out = {k: ckpt(root, f(), k) for k, f in LAYOUTS.items()}
+    # formats with 2-D tiles (formats/base.py Format.block) plan the same layouts in whole tiles
+    out.update({f"{k}@tiled": ckpt(root, f(), f"{k}-tiled") for k, f in testing.TILED.items()})
+    return out
 
 
 @pytest.mark.parametrize("policy", ["shared", "per-expert"])
 @pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_tensor_quantized_or_excluded_once(layout_ckpts, layout, fmt, policy):
-    ck = layout_ckpts[layout]
+    ck = layout_ckpts[f"{layout}@tiled" if formats.declared(fmt).block else layout]
     p = plan(ck, fmt, policy)
     ex = [e["name"] for e in p.excluded]
     assert len(ex) == len(set(ex))
@@ -500,7 +503,7 @@ def test_memory_budget_smaller_than_a_group(tmp_path):
     assert sum("exceeds the memory budget: read twice" in w for w in small.warnings) == 6
     # nvfp4 outputs of the largest member, q_proj [64, 64]: 64*32 + 64*4 + 4 bytes
     out = 64 * 32 + 64 * 4 + 4
-    fixed = PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD
+    fixed = PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD + HASH_HOLD_BYTES
     assert big.peak_bytes == 2 * 8 * 32 * 64 * 2 + fixed  # the whole gate_up group
     # two-pass groups hold one member at a time; the largest then is q_proj, o_proj or the embedding (8192 B)
     assert small.peak_bytes == 8192 + fixed
