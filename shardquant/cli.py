@@ -38,9 +38,10 @@ def _common(f):
         click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS), case_sensitive=False),
                      required=True, help="Output number format."),
         click.option("--flavor", type=click.Choice(sorted(FLAVORS)), default=None,
-                     help="modelopt (hf_quant_config.json; vLLM, SGLang, TensorRT-LLM) or compressed-tensors "
-                          "(vLLM, SGLang, transformers). Default: the first that serves the format (modelopt for "
-                          "nvfp4, compressed-tensors for fp8); a pair that cannot be served is refused."),
+                     help="modelopt (hf_quant_config.json; vLLM, SGLang, TensorRT-LLM), compressed-tensors "
+                          "(vLLM, SGLang, transformers) or block-fp8 (quant_method fp8, 128x128 tiles; all four). "
+                          "Default: the format's own (modelopt for nvfp4, compressed-tensors for fp8, block-fp8 "
+                          "for fp8-block); a pair that cannot be served is refused."),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
         click.option("--expert-policy", type=click.Choice(EXPERT_POLICIES), default="shared", show_default=True,
                      help="shared: all experts of a layer share one scale per projection set; "
@@ -145,7 +146,8 @@ def inspect(directory) -> None:
         rows = sorted(qs.items(), key=lambda kv: -len(kv[1]["members"]))
         click.echo(f"{'quantizer':60s} {'members':>7s} {'amax':>12s} {'global scale':>14s}")
         for k, q in rows[:40]:
-            click.echo(f"{show(k, quote=False)[:60]:60s} {len(q['members']):7d} {q['amax']:12.6g} {q['global_scale']:14.6g}")
+            gs = "-" if q["global_scale"] is None else format(q["global_scale"], "14.6g")  # None: block scales only
+            click.echo(f"{show(k, quote=False)[:60]:60s} {len(q['members']):7d} {q['amax']:12.6g} {gs:>14s}")
         reasons: dict[str, int] = {}
         for e in m["excluded"]:
             reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1

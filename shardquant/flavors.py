@@ -8,7 +8,11 @@ registered in FLAVORS; the CLI's --flavor choices come from it.
 - compressed-tensors (vLLM, SGLang, transformers): NVFP4 as `nvfp4-pack-quantized` (`<m>.weight_packed`,
   `<m>.weight_scale`, `<m>.weight_global_scale` [1] = 1/s2), FP8 as `float-quantized` with the
   per-quantizer scale written per row (`<m>.weight`, `<m>.weight_scale` [out, 1]) and dynamic
-  per-token activations. The same codes and block scales as modelopt.
+  per-token activations, FP8 tiles as `float-quantized` `block` weights (`<m>.weight`, `<m>.weight_scale`
+  [ceil(out/128), ceil(in/128)]) with dynamic group-128 activations. The same codes and block scales as modelopt.
+- block-fp8 (vLLM, SGLang, TensorRT-LLM, transformers; the DeepSeek/Qwen-FP8 form, docs/formats.md 1.3 and
+  5.1): `quant_method: "fp8"` with `weight_block_size: [128, 128]`, `<m>.weight` and `<m>.weight_scale_inv`
+  [ceil(out/128), ceil(in/128)] (multiplied, despite the name); only fp8-block is spelled.
 What each format writes, and its spelling in each flavor, is the format's declaration
 (formats/base.py Format); a pair a format does not spell is refused with the format's reason.
 """
@@ -32,6 +36,7 @@ class Flavor:
     global_name: str  # the per-quantizer scale beside block scales: "weight_scale_2" or "weight_global_scale"
     scalar_shape: tuple[int, ...]  # shape of a per-quantizer fp32 scale: () or (1,)
     inverse_global: bool  # write 1/s2 instead of s2
+    scale_name: str = "weight_scale"  # the block (or FP8 per-quantizer) scale's role: "weight_scale_inv" in block-fp8
 
     def output_names(self, fmt: str, name: str) -> dict[str, str]:
         """Source tensor `m.weight` -> its output tensors by role (weight, scale, global_scale).
@@ -39,7 +44,7 @@ class Flavor:
         f = formats.declared(fmt)
         te = TE_WEIGHT.fullmatch(name)
         base, idx = (te["base"], te["idx"]) if te else (name.removesuffix(".weight"), "")
-        names = {"weight": f"{base}.{self.weight_name(fmt)}{idx}", "scale": f"{base}.weight_scale{idx}"}
+        names = {"weight": f"{base}.{self.weight_name(fmt)}{idx}", "scale": f"{base}.{self.scale_name}{idx}"}
         if f.global_scale:
             names["global_scale"] = f"{base}.{self.global_name}{idx}"
         return names
@@ -48,10 +53,13 @@ class Flavor:
         """The stored weight's role name: packed formats are `weight_packed` in compressed-tensors."""
         return self.packed_name if formats.declared(fmt).elems_per_byte > 1 else "weight"
 
-    def per_quantizer_name(self, fmt: str) -> str:
+    def per_quantizer_name(self, fmt: str) -> str | None:
         """The role holding the per-quantizer fp32 scale: the global scale beside block scales, else
-        the weight scale itself."""
-        return self.global_name if formats.declared(fmt).global_scale else "weight_scale"
+        the weight scale itself; None when the format has block scales only (fp8-block)."""
+        f = formats.declared(fmt)
+        if not f.quantizer_scale:
+            return None
+        return self.global_name if f.global_scale else self.scale_name
 
     def input_name(self, fmt: str) -> str:
         """The activation scale's role: compressed-tensors' NVFP4 W4A4 calls it input_global_scale."""
@@ -80,7 +88,9 @@ class Flavor:
 
 MODELOPT = Flavor("modelopt", "weight", "weight_scale_2", (), False)
 COMPRESSED_TENSORS = Flavor("compressed-tensors", "weight_packed", "weight_global_scale", (1,), True)
-FLAVORS: dict[str, Flavor] = {f.name: f for f in (MODELOPT, COMPRESSED_TENSORS)}
+# global_name and scalar_shape are never used: the flavor spells only fp8-block, which has no global scale.
+BLOCK_FP8 = Flavor("block-fp8", "weight", "weight_scale_2", (), False, scale_name="weight_scale_inv")
+FLAVORS: dict[str, Flavor] = {f.name: f for f in (MODELOPT, COMPRESSED_TENSORS, BLOCK_FP8)}
 
 
 def refusal(flavor: str, fmt: str) -> str | None:
@@ -104,6 +114,14 @@ def quantization_config(flavor: str, fmt: str, exclude_modules: list[str]) -> di
     """config.json's quantization_config, from the format's declared spelling in this flavor."""
     f = formats.declared(fmt)
     spelled = f.spelling(flavor)
+    if flavor == "block-fp8":
+        # docs/formats.md 1.3: vLLM reads ignored_layers (falling back to modules_to_not_convert), SGLang
+        # both, TensorRT-LLM merges both, transformers modules_to_not_convert; weight_block_size always
+        # explicit (a missing key is per-tensor to vLLM and SGLang, 128x128 to transformers).
+        return {**{k: (list(v) if isinstance(v, list) else v) for k, v in spelled.items()},
+                "ignored_layers": list(exclude_modules),
+                "modules_to_not_convert": list(exclude_modules),
+                "producer": dict(PRODUCER)}
     if flavor == "modelopt":
         weights: dict = {"dynamic": False, "num_bits": f.num_bits, "type": "float"}
         if spelled.get("group_size"):

@@ -242,3 +242,23 @@ def refused() -> list[tuple[str, str]]:
     from . import flavors, formats
 
     return [(f, fl) for f in formats.FORMATS for fl in flavors.FLAVORS if flavors.refusal(fl, f) is not None]
+
+
+# The same layouts with every quantized weight a whole number of 128x128 tiles, for formats with 2-D
+# block scales (formats/base.py Format.block): with the small defaults above they would keep everything.
+TILED = {
+    "qwen3_moe": lambda: qwen3_moe(hidden=128, inter=128, heads=2, kv_heads=1, head_dim=128),
+    "llama": lambda: llama(hidden=128, inter=128, heads=1, kv_heads=1),
+    "mixtral": lambda: mixtral(hidden=128, inter=128, heads=1, kv_heads=1),
+    "deepseek_v3": lambda: deepseek_v3(hidden=128, inter=128, dense_inter=128, q_lora=128, kv_lora=128, rope=128,
+                                       nope=128, v_dim=128, heads=1),
+    "te_grouped": lambda: te_grouped(hidden=128, inter=128),
+}
+
+
+def sized_for(fmt: str, name: str, default):
+    """The model constructor a test of format `fmt` should use for layout `name`: `default` unless the
+    format tiles weights in 2-D blocks (then TILED's)."""
+    from . import formats
+
+    return TILED[name] if formats.declared(fmt).block else default

@@ -61,10 +61,12 @@ CT_FORMATS = {spelling: name for name in formats.FORMATS
               for spelling in formats.declared(name).reads.get("compressed-tensors", ())}
 MODELOPT_ALGOS = {spelling: name for name in formats.FORMATS
                   for spelling in formats.declared(name).reads.get("modelopt", ())}
+BLOCK_FP8_METHODS = {spelling: name for name in formats.FORMATS
+                     for spelling in formats.declared(name).reads.get("block-fp8", ())}
 # `<m>.<role>` and TransformerEngine's grouped `<m>.<role>{E}` (roles longest first: weight_scale_20
 # is expert 0's weight_scale_2, weight_scale2 expert 2's weight_scale).
-_ROLE = re.compile(r"(?P<base>.+)\.(?P<role>weight_scale_2|weight_global_scale|weight_scale|weight_packed|"
-                   r"weight_shape|input_global_scale|input_scale|weight)(?P<idx>\d*)")
+_ROLE = re.compile(r"(?P<base>.+)\.(?P<role>weight_scale_2|weight_global_scale|weight_scale_inv|weight_scale|"
+                   r"weight_packed|weight_shape|input_global_scale|input_scale|weight)(?P<idx>\d*)")
 _LAYER = re.compile(r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<rest>.*)")
 _EXPERT_IDX = re.compile(r"\.experts\.\d+\.")
 _LINEAR_KEEPS = ("head", "router", "shared_expert_gate", "unclaimed")  # kept rows that are linears
@@ -113,6 +115,8 @@ def announced(root: Path, found: list[Violation], warnings: list[str]) -> Announ
     method = qc.get("quant_method")
     if method == "compressed-tensors":
         ann = _announced_ct(qc, found)
+    elif isinstance(method, str) and method in BLOCK_FP8_METHODS and hf is None:
+        ann = _announced_block_fp8(qc, found)
     elif method == "modelopt" or hf is not None:
         if method not in ("modelopt", None):  # engines pick the method from config.json
             found.append(Violation("config", "config.json", f"quant_method {short_repr(method)}, but "
@@ -120,7 +124,8 @@ def announced(root: Path, found: list[Violation], warnings: list[str]) -> Announ
         ann = _announced_modelopt(qc, hf, found, warnings)
     else:
         why = f"quant_method {short_repr(method)}" if method else "no quantization_config and no hf_quant_config.json"
-        found.append(Violation("config", "config.json", f"not a modelopt or compressed-tensors checkpoint ({why})"))
+        found.append(Violation("config", "config.json", f"not a modelopt, compressed-tensors or block-fp8 checkpoint "
+                               f"({why})"))
         return Announced(None, None, None, ())
     for pat in ann.exclude:
         if pat.startswith("re:") and _regex(pat[3:]) is None:
@@ -148,7 +153,8 @@ def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
     if any(n is not None and not isinstance(n, str) for n in names):  # engines parse it as a string
         found.append(Violation("config", "config.json", "a compressed-tensors format that is not a string"))
     names = {n for n in names if isinstance(n, str) and n != "mixed-precision"}  # a list is unhashable
-    fmts = {CT_FORMATS.get(n) for n in names}
+    strategies = {_strategy(g.get("weights")) for g in groups.values() if isinstance(g, dict)}
+    fmts = {_ct_format(n, st) for n in names for st in (strategies or {None})}
     fmt = None
     if len(fmts) != 1 or None in fmts:
         found.append(Violation("config", "config.json", f"compressed-tensors format(s) "
@@ -168,6 +174,38 @@ def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
     schemes = tuple((_strategy(g.get("weights")), _act(g.get("input_activations")))
                     for g in groups.values() if isinstance(g, dict))
     return Announced("compressed-tensors", fmt, producer, tuple(ignore), schemes=schemes)
+
+
+def _ct_format(spelling: str, strategy: str | None) -> str | None:
+    """The format a compressed-tensors format name means with this weights strategy: `float-quantized`
+    is fp8 (tensor or channel scales) or fp8-block (strategy `block`), as the declarations read it."""
+    names = [n for n in formats.FORMATS if spelling in formats.declared(n).reads.get("compressed-tensors", ())]
+    for n in names:
+        if bool(formats.declared(n).block) == (strategy == "block"):
+            return n
+    return names[0] if names else None
+
+
+def _announced_block_fp8(qc: dict, found: list[Violation]) -> Announced:
+    """`quant_method: "fp8"` (docs/formats.md 1.3 and 5.1): served data-free only with dynamic activations
+    and an explicit `weight_block_size` equal to the format's tile; exclusions are `ignored_layers`
+    (vLLM's first choice) and `modules_to_not_convert` (transformers'), both read."""
+    fmt = BLOCK_FP8_METHODS[qc["quant_method"]]
+    want = formats.declared(fmt).spelling("block-fp8")
+    for key in ("activation_scheme", "weight_block_size"):
+        if qc.get(key) != want[key]:
+            found.append(Violation("config", "config.json", f"quant_method fp8 with {key} {short_repr(qc.get(key))}: "
+                                   f"verify supports {fmt} ({key} {want[key]!r}; docs/formats.md 5.1)"))
+    exclude: set[str] = set()
+    for key in ("ignored_layers", "modules_to_not_convert"):
+        v = qc.get(key, [])
+        if v is None:
+            continue
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            found.append(Violation("config", "config.json", f"quantization_config.{key} must be a list of names"))
+        else:
+            exclude |= set(v)
+    return Announced("block-fp8", fmt, _producer(qc.get("producer")), tuple(sorted(exclude)))
 
 
 def _announced_modelopt(qc: dict, hf: dict | None, found: list[Violation], warnings: list[str]) -> Announced:
@@ -357,7 +395,7 @@ def _roles(fl: Flavor, fmt: str, quant_algo: str | None) -> tuple[dict[str, str]
     """(required role -> dtype, optional role -> dtype) of a quantized module, from the format's
     declaration (formats/base.py Format) as this flavor names it."""
     f = formats.declared(fmt)
-    req = {fl.weight_name(fmt): f.weight_dtype, "weight_scale": f.scale_dtype}
+    req = {fl.weight_name(fmt): f.weight_dtype, fl.scale_name: f.scale_dtype}
     if f.global_scale:
         req[fl.global_name] = "F32"
     opt = {fl.input_name(fmt): "F32"}
@@ -384,9 +422,13 @@ def _check_module(m: Module, fl: Flavor, fmt: str, quant_algo: str | None) -> li
         if t is not None and dtype and t.dtype != dtype:
             bad.append(f"{role} is {t.dtype}, expected {dtype}")
     f = formats.declared(fmt)
-    w, s = m.tensors.get(fl.weight_name(fmt)), m.tensors.get("weight_scale")
+    w, s = m.tensors.get(fl.weight_name(fmt)), m.tensors.get(fl.scale_name)
     if w is not None and len(w.shape) != 2:
         bad.append(f"weight shape {list(w.shape)} is not 2-D")
+    elif w is not None and f.block:
+        if s is not None and s.shape != f.scale_shape(w.shape):
+            bad.append(f"{fl.scale_name} {list(s.shape)} does not fit weight {list(w.shape)} "
+                       f"(expected {list(f.scale_shape(w.shape))}: one scale per {f.block[0]}x{f.block[1]} tile)")
     elif w is not None and f.block_size:
         rows, cols = w.shape
         width = cols * f.elems_per_byte
@@ -412,7 +454,8 @@ def _check_module(m: Module, fl: Flavor, fmt: str, quant_algo: str | None) -> li
 def _global_value(m: Module, fl: Flavor, fmt: str) -> np.float32 | None:
     """The per-quantizer fp32 scale as stored (NVFP4's weight_scale_2 or weight_global_scale, FP8's
     per-tensor weight_scale), or None if absent or malformed."""
-    t = m.tensors.get(fl.per_quantizer_name(fmt))
+    role = fl.per_quantizer_name(fmt)
+    t = m.tensors.get(role) if role else None  # block scales only: none
     if t is None or t.dtype != "F32" or t.numel < 1 or t.numel > 1 << 20 or len(t.shape) > 2:
         return None
     vals = read_raw(t).reshape(-1)
@@ -451,9 +494,21 @@ def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
     why = _global_problem(v, fl, fmt) if v is not None else None
     if why:
         out.append(Violation("global-scale", m.name, why))
-    s = m.tensors.get("weight_scale")
+    s = m.tensors.get(fl.scale_name)
     f = formats.declared(fmt)
-    if f.block_size and s is not None and s.dtype == "F8_E4M3":
+    if f.block and s is not None and s.dtype == "F32":  # fp32 tile scales: the code is multiplied by each
+        vals = read_raw(s)
+        bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
+        if bad:
+            out.append(Violation("block-scale", m.name, f"{bad} of {s.numel} tile scales NaN, Inf or <= 0"))
+    elif f.block_size and s is not None and s.dtype == "U8":  # E8M0 block scales (docs/formats.md, MX)
+        codes = read_raw(s)
+        nan, zero = int(np.count_nonzero(codes == 0xFF)), int(np.count_nonzero(codes == 0))
+        bad = [f"{nan} of {s.numel} E8M0 block scales are NaN (255)"] if nan else []
+        bad += [f"{zero} of {s.numel} E8M0 block scales are byte 0 (read as 0 by vLLM's upcast)"] if zero else []
+        if bad:
+            out.append(Violation("block-scale", m.name, "; ".join(bad)))
+    elif f.block_size and s is not None and s.dtype == "F8_E4M3":
         codes = read_raw(s)
         nan = int(np.count_nonzero((codes & 0x7F) == 0x7F))
         neg = int(np.count_nonzero((codes > 0x80) & (codes < 0xFF)))
@@ -784,6 +839,8 @@ def _moe_fp8_served(ann: Announced, mods: dict[str, Module]) -> list[Violation]:
     ("Unsupported FusedMoe scheme"), or per-tensor weights with dynamic per-token activations."""
     if ann.flavor != "compressed-tensors" or ann.format is None or formats.declared(ann.format).num_bits != 8:
         return []
+    if formats.declared(ann.format).scale_dtype == "U8":
+        return []  # MXFP8: vLLM's own MX MoE method serves it (docs/formats.md, MX)
     experts = [m for k, m in mods.items() if m.quantized and _EXPERT_IDX.search(k)]
     if not experts:
         return []
@@ -987,7 +1044,7 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
         if src is None:
             rep.violations.append(Violation("source", m.name, f"quantized, but the source has no {key}"))
             continue
-        if key not in c.good or key not in c.gs:
+        if key not in c.good or (formats.declared(fmt).quantizer_scale and key not in c.gs):
             continue  # malformed: already reported by the contract
         w = m.tensors[fl.weight_name(fmt)]
         layout = formats.declared(fmt)
@@ -1001,7 +1058,7 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
             continue
         ref = to_f32(read_raw(src), src.dtype)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            deq = _dequantize(m, fl, fmt, c.gs[key])
+            deq = _dequantize(m, fl, fmt, c.gs.get(key))
             signal, noise = _power(ref, deq)
         qkey = quantizer_of.get(key) or _decide(key).key or m.name
         layer, proj = _layer_proj(key)
@@ -1031,11 +1088,12 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
             rep.violations.append(Violation("source", name, "kept tensor differs from the source, byte for byte"))
 
 
-def _dequantize(m: Module, fl: Flavor, fmt: str, gs: np.float32) -> np.ndarray:
-    """fp32 weights of a module from its stored tensors, by the format's own dequantization."""
-    per_quantizer = np.float32(1) / gs if fl.inverted(fmt) else gs  # compressed-tensors stores 1/s2
+def _dequantize(m: Module, fl: Flavor, fmt: str, gs: np.float32 | None) -> np.ndarray:
+    """fp32 weights of a module from its stored tensors, by the format's own dequantization (gs is
+    None for a format with block scales only)."""
+    per_quantizer = np.float32(1) / gs if gs is not None and fl.inverted(fmt) else gs  # CT stores 1/s2
     return formats.get(fmt).dequantize_stored(read_raw(m.tensors[fl.weight_name(fmt)]),
-                                              read_raw(m.tensors["weight_scale"]), per_quantizer)
+                                              read_raw(m.tensors[fl.scale_name]), per_quantizer)
 
 
 def _power(ref: np.ndarray, deq: np.ndarray, rows: int = 4096) -> tuple[float, float]:

@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shardquant import formats
@@ -60,7 +61,16 @@ def sources(tmp_path_factory):
     for name, (make, shard_bytes) in MODELS.items():
         out[name] = testing.write_checkpoint(root / name, make(), shard_bytes=shard_bytes, seed=7,
                                              extra_files={"README.md": README})
+        # the same layout in whole 128x128 tiles, for formats with 2-D block scales (Format.block);
+        # shards of ~3 tensors, so that fused sets still straddle them
+        out[f"{name}@tiled"] = testing.write_checkpoint(root / f"{name}-tiled", testing.TILED[name](),
+                                                        shard_bytes=shard_bytes * 4, seed=7,
+                                                        extra_files={"README.md": README})
     return out
+
+
+def src_of(sources, model: str, fmt: str) -> Path:
+    return sources[f"{model}@tiled" if formats.declared(fmt).block else model]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +83,7 @@ def converted(sources, tmp_path_factory):
         key = (model, fmt, policy)
         if key not in cache:
             out = root / "-".join(key)
-            res = convert(str(sources[model]), out, fmt, expert_policy=policy)
+            res = convert(str(src_of(sources, model, fmt)), out, fmt, expert_policy=policy)
             assert res.output == out
             cache[key] = out
         return cache[key]
@@ -141,8 +151,9 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
     on_disk = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
                for p in out.iterdir() if p.name != MANIFEST}
     assert man["files"] == on_disk
-    # the default flavor is the first that serves the format (formats/base.py Format)
-    default = next(fl for f, fl in testing.served() if f == fmt)
+    # the default flavor is the format's declared one, else the first that serves it (formats/base.py Format)
+    decl = formats.declared(fmt)
+    default = decl.default_flavor or next(fl for f, fl in testing.served() if f == fmt)
     assert (man["format"], man["flavor"], man["expert_policy"]) == (fmt, default, policy)
     quantized, kept = set(man["tensors"]), {e["name"] for e in man["excluded"]}
     assert len(kept) == len(man["excluded"])
@@ -155,9 +166,13 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
     expected_out = set(kept)
     for n, e in man["tensors"].items():
         assert n in man["quantizers"][e["quantizer"]]["members"]
-        assert e["weight"] == n
-        assert e["weight"] in out_t and e["scale"] in out_t and e["global_scale"] in out_t
-        expected_out |= {e["weight"], e["scale"], e["global_scale"]}
+        assert e["weight"] == shardquant.flavors.FLAVORS[default].output_names(fmt, n)["weight"]  # weight_packed in CT
+        assert e["weight"] in out_t and e["scale"] in out_t
+        if decl.quantizer_scale:
+            assert e["global_scale"] in out_t
+        else:  # block scales only: the manifest records no per-quantizer scale
+            assert e["global_scale"] is None and man["quantizers"][e["quantizer"]]["global_scale"] is None
+        expected_out |= {e["weight"], e["scale"]} | ({e["global_scale"]} if decl.quantizer_scale else set())
     assert set(out_t) == expected_out
 
     # --- kept tensors: byte for byte
@@ -185,6 +200,34 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
                 assert torch.equal(ow, qt._quantized_data), f"packed FP4 codes differ from ModelOpt: {n}"
                 assert torch.equal(osc.view(torch.uint8), sc.view(torch.uint8)), f"block scales differ: {n}"
                 assert torch.equal(ogs, s2), n
+        elif decl.block:  # fp8-block: one fp32 scale per 128x128 tile, from the tile's own amax
+            br, bc = decl.block
+            for n, w in zip(q["members"], ws):
+                e = man["tensors"][n]
+                ow, osc = out_t[e["weight"]], out_t[e["scale"]]
+                r, c = w.shape
+                assert ow.dtype == torch.float8_e4m3fn and ow.shape == w.shape, n
+                assert osc.dtype == torch.float32 and osc.shape == (r // br, c // bc), n
+                tiles = w.float().reshape(r // br, br, c // bc, bc)
+                ts = tiles.abs().amax(dim=(1, 3)) / torch.tensor(448.0)
+                ts = torch.where(ts < torch.finfo(torch.float32).tiny, torch.ones_like(ts), ts)
+                assert torch.equal(osc, ts), n
+                ref = (tiles / ts[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(r, c)
+                assert torch.equal(ow.view(torch.uint8), ref.view(torch.uint8)), f"FP8 codes differ: {n}"
+        elif decl.scale_rule == "ct-round-pow2":  # MX: E8M0 bytes per 32, compressed-tensors' own (tests/test_mx.py)
+            from test_mx import codes_of, ct_quantize
+
+            for n, w in zip(q["members"], ws):
+                e = man["tensors"][n]
+                ow, osc = out_t[e["weight"]], out_t[e["scale"]]
+                assert osc.dtype == torch.uint8 and osc.shape == (w.shape[0], w.shape[1] // 32), n
+                assert ow.shape == (w.shape[0], w.shape[1] // decl.elems_per_byte), n
+                want_q, want_s = ct_quantize(w, fmt)
+                zero = want_s == 0  # amax rounds to zero: compressed-tensors 0, ours 1 (formats/mxfp4.py)
+                assert np.array_equal(osc.numpy(), np.where(zero, 1, want_s)), f"E8M0 scales differ: {n}"
+                keep = ~np.repeat(zero, 32, axis=1)
+                got = codes_of(ow.view(torch.uint8).numpy(), fmt)
+                assert np.array_equal(got[keep], codes_of(want_q, fmt)[keep]), f"MX codes differ: {n}"
         else:
             scale = amax / torch.tensor(448.0, dtype=torch.float32)
             assert q["global_scale"] == scale.item(), key
@@ -200,6 +243,8 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
                 assert torch.equal(ow.view(torch.uint8), ref.view(torch.uint8)), f"FP8 codes differ: {n}"
             assert not any(k.endswith("weight_scale_2") for k in out_t)
         # one global scale per quantizer, identical in every member's output
+        if not decl.quantizer_scale:
+            continue
         gs = {v for n in q["members"] for v in out_t[man["tensors"][n]["global_scale"]].reshape(-1).tolist()}
         assert len(gs) == 1, key
 
@@ -211,7 +256,8 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
             up = m["p"] + {"gate_proj": "up_proj", "w1": "w3"}[m["g"]] + ".weight"
             a, b = man["tensors"][n], man["tensors"][up]
             assert a["quantizer"] == b["quantizer"], n
-            assert torch.equal(out_t[a["global_scale"]], out_t[b["global_scale"]]), n
+            if decl.quantizer_scale:
+                assert torch.equal(out_t[a["global_scale"]], out_t[b["global_scale"]]), n
             pairs += 1
     # --- expert policy: shared -> one quantizer spans every expert of a layer; per-expert -> one expert
     for key, q in man["quantizers"].items():
@@ -237,7 +283,15 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg.pop("quantization_config")
     assert cfg == src_cfg
-    if default == "modelopt":
+    if default == "block-fp8":  # formats/fp8_block.py, docs/formats.md 1.3 and 5.1
+        assert not (out / "hf_quant_config.json").exists()
+        excl = qc.pop("ignored_layers")
+        assert qc.pop("modules_to_not_convert") == excl
+        producer = qc.pop("producer")
+        assert qc == {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                      "weight_block_size": [128, 128]}
+        qc = {"ignore": excl, "producer": producer}
+    elif default == "modelopt":
         hf = json.loads((out / "hf_quant_config.json").read_text())
         assert hf["quantization"]["quant_algo"] == QUANT_ALGO[fmt]
         assert hf["quantization"]["exclude_modules"] == qc["ignore"]
@@ -248,7 +302,7 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
         assert ref["config_groups"]["group_0"]["weights"] == qc["config_groups"]["group_0"]["weights"]
         assert ref["config_groups"]["group_0"]["targets"] == qc["config_groups"]["group_0"]["targets"]
         assert qc["config_groups"]["group_0"]["input_activations"] is None  # weight-only, by design
-    else:  # FP8 in compressed-tensors: channel weights, dynamic per-token activations (formats/fp8.py)
+    elif fmt == "fp8":  # FP8 in compressed-tensors: channel weights, dynamic per-token activations (formats/fp8.py)
         assert not (out / "hf_quant_config.json").exists()
         g = qc["config_groups"]["group_0"]
         assert (qc["quant_method"], qc["format"], g["format"]) == ("compressed-tensors", "float-quantized",
@@ -256,6 +310,12 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
         assert g["weights"]["strategy"] == "channel" and g["weights"]["dynamic"] is False
         assert g["input_activations"] == {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
                                           "dynamic": True}
+    else:  # another format in compressed-tensors (MX): exactly its declared spelling (formats/mxfp4.py, mxfp8.py)
+        assert not (out / "hf_quant_config.json").exists()
+        g, spelled = qc["config_groups"]["group_0"], decl.compressed_tensors
+        assert (qc["quant_method"], qc["format"], g["format"]) == ("compressed-tensors", spelled["format"],
+                                                                    spelled["format"])
+        assert (g["weights"], g["input_activations"]) == (spelled["weights"], spelled["input_activations"])
     assert qc["producer"] == {"name": "shardquant", "version": shardquant.__version__}
     # every module left in high precision is listed and carries no scales; no quantized one is
     ignore = set(qc["ignore"])
@@ -282,10 +342,10 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
 @pytest.mark.parametrize("model", list(MODELS))
 def test_convert_matches_reference(sources, converted, model, fmt, policy):
     out = converted(model, fmt, policy)
-    man = check_output(sources[model], out, fmt, policy)
+    man = check_output(src_of(sources, model, fmt), out, fmt, policy)
     assert all((out / f).exists() for f in COPIED)
     # the fixture really has fused sets straddling source shards
-    wm = json.loads((sources[model] / INDEX).read_text())["weight_map"]
+    wm = json.loads((src_of(sources, model, fmt) / INDEX).read_text())["weight_map"]
     assert len(set(wm.values())) >= 4
     straddling = [k for k, q in man["quantizers"].items() if len({wm[n] for n in q["members"]}) > 1]
     if model == "te_grouped" and policy == "per-expert":  # one tensor per quantizer: nothing to straddle
@@ -386,7 +446,9 @@ def test_two_pass_gives_identical_bytes(sources, converted, tmp_path):
 @pytest.mark.parametrize("dtype", ["F16", "F32"])
 @pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 def test_single_file_f16_f32(tmp_path, dtype, fmt):
-    model = testing.qwen3_moe(layers=1, experts=4)
+    model = (testing.TILED["qwen3_moe"] if formats.declared(fmt).block else testing.qwen3_moe)()
+    model.specs = [s for s in model.specs if not s[0].startswith("model.layers.1.")]
+    model.config["num_hidden_layers"] = 1
     model.specs = [(n, dtype if d == "BF16" else d, s) for n, d, s in model.specs]
     src = testing.write_checkpoint(tmp_path / "src", model, single_file=True, seed=3,
                                    extra_files={"README.md": README})

@@ -71,8 +71,17 @@ seal = _tool().seal
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
-    return {name: testing.write_checkpoint(root / name, make(), shard_bytes=sb, seed=11)
-            for name, (make, sb) in MODELS.items()}
+    out = {name: testing.write_checkpoint(root / name, make(), shard_bytes=sb, seed=11)
+           for name, (make, sb) in MODELS.items()}
+    # formats with 2-D tiles (formats/base.py Format.block) get the same layouts in whole tiles
+    out.update({f"{name}@tiled": testing.write_checkpoint(root / f"{name}-tiled", make(), shard_bytes=sb, seed=11)
+                for name, make in testing.TILED.items() for sb in [MODELS[name][1]]})
+    return out
+
+
+def src_of(sources, model: str, fmt: str) -> Path:
+    """The source a test of `fmt` converts: the tiled layout when the format has 2-D block scales."""
+    return sources[f"{model}@tiled" if formats.declared(fmt).block else model]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +94,7 @@ def converted(sources, tmp_path_factory):
         key = (model, fmt, flavor, policy)
         if key not in cache:
             out = root / "-".join(str(k) for k in key)
-            convert(str(sources[model]), out, fmt, flavor=flavor, expert_policy=policy, device="cpu",
+            convert(str(src_of(sources, model, fmt)), out, fmt, flavor=flavor, expert_policy=policy, device="cpu",
                     max_shard_size=30_000)
             cache[key] = out
         return cache[key]
@@ -309,7 +318,23 @@ def test_nan_block_scale(broken, flavor):
 @pytest.mark.parametrize("fmt,flavor", testing.served())
 def test_bad_global_scale(broken, flavor, fmt, value):
     d = broken("qwen3_moe", fmt, flavor)
-    name = f"{O_PROJ}.{GLOBAL[flavor] if fmt == 'nvfp4' else 'weight_scale'}"
+    f = formats.declared(fmt)
+    if f.scale_dtype == "U8":  # E8M0 bytes (MX): no Inf or negatives; 255 is NaN and one vLLM path reads
+        # byte 0 as 0.0 (docs/formats.md section 8): break o_proj's block scales with those
+        name = f"{O_PROJ}.{FLAVORS[flavor].scale_name}"
+        rewrite(d, {name: torch.full_like(tensor(d, name), 0 if value == 0.0 else 255)})
+        vs = verify_contract(d)
+        assert rules_of(vs) == {"block-scale"}
+        assert names_of(vs, "block-scale") == [O_PROJ]
+        return
+    if not f.quantizer_scale:  # block scales only (fp8-block): break every tile scale of o_proj instead
+        name = f"{O_PROJ}.{FLAVORS[flavor].scale_name}"
+        rewrite(d, {name: torch.full_like(tensor(d, name), value)})
+        vs = verify_contract(d)
+        assert rules_of(vs) == {"block-scale"}
+        assert names_of(vs, "block-scale") == [O_PROJ]
+        return
+    name = f"{O_PROJ}.{FLAVORS[flavor].per_quantizer_name(fmt)}"
     rewrite(d, {name: torch.full_like(tensor(d, name), value)})
     vs = verify_contract(d)
     assert rules_of(vs) == {"global-scale", "manifest"}
@@ -616,13 +641,13 @@ def test_cli_no_hashes(broken):
 # Gaussian weights: NVFP4 (E2M1 elements, 16-element blocks with E4M3 scales) measures 20.4-20.7 dB
 # per tensor here, FP8 (E4M3, 3 mantissa bits: ~31 dB for any well-scaled data) 31.2-31.8 dB; the
 # bands leave room for other seeds and shapes, and neither band reaches the other format.
-BANDS = {"nvfp4": (19.0, 21.5), "fp8": (30.0, 33.0)}
+BANDS = {"nvfp4": (19.0, 21.5), "fp8": (30.0, 33.0), "fp8-block": (30.0, 33.0), "mxfp4": (15.0, 21.0), "mxfp8": (29.0, 33.0)}
 
 
 @pytest.mark.parametrize("fmt,flavor", testing.served())
 def test_sqnr_band(converted, sources, fmt, flavor):
     out = converted("qwen3_moe", fmt, flavor)
-    rep = verify(out, str(sources["qwen3_moe"]))
+    rep = verify(out, str(src_of(sources, "qwen3_moe", fmt)))
     assert rep.ok, rep.violations
     lo, hi = BANDS[fmt]
     assert lo <= rep.overall().sqnr_db <= hi

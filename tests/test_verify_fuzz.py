@@ -259,7 +259,7 @@ CASES = {
        for v in (math.nan, -1.0, 1e38, 1e-45)},
     "negative block scales": (MO, negative_block_scales, "block-scale", True),
     # scale tensors of the wrong dtype or shape
-    "weight_scale 1-d": (MO, header(_scale_shape([256])), "dtype-shape", True),
+    "weight_scale 1-d": (MO, header(_scale_shape([2048])), "dtype-shape", True),  # o_proj [128, 256]: [128, 16]
     "weight_scale huge shape": (MO, header(_scale_shape([2**47, 2**47])), "index", True),
     "weight_global_scale 0-d": (CT, header(lambda h: h[f"{O_PROJ}.weight_global_scale"].update(shape=[])),
                                 "dtype-shape", True),

@@ -88,7 +88,9 @@ def seal(d: Path) -> None:
 def build_bases(root: Path, experts: int = 4) -> tuple[Path, dict[str, Path]]:
     """(source checkpoint, {base name: directory}): the source converted in every VARIANT, in
     several shards, plus the other producers' checkpoints of tests/data that exist."""
-    src = testing.write_checkpoint(root / "src", testing.qwen3_moe(experts=experts), shard_bytes=20_000, seed=11)
+    # whole 128x128 tiles (testing.TILED's shapes), so that formats with 2-D block scales quantize too
+    model = testing.qwen3_moe(experts=experts, hidden=128, inter=128, heads=2, kv_heads=1, head_dim=128)
+    src = testing.write_checkpoint(root / "src", model, shard_bytes=20_000, seed=11)
     bases = {}
     for fmt, flavor in VARIANTS:
         out = root / f"{fmt}-{flavor}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import fp8, nvfp4
+from . import fp8, fp8_block, mxfp4, mxfp8, nvfp4
 
-FORMATS: dict[str, ModuleType] = {m.FORMAT.name: m for m in (nvfp4, fp8)}
+FORMATS: dict[str, ModuleType] = {m.FORMAT.name: m for m in (nvfp4, fp8, fp8_block, mxfp8, mxfp4)}
 
 
 def get(name: str) -> ModuleType:
@@ -19,6 +19,8 @@ def declared(name: str):
 
 
 def default_flavor(name: str, flavors) -> str:
-    """The first flavor (in registry order) that serves this format."""
+    """The format's declared default flavor, else the first flavor (in registry order) that serves it."""
     fmt = declared(name)
+    if fmt.default_flavor is not None:
+        return fmt.default_flavor
     return next(f for f in flavors if fmt.spelling(f) is not None)

@@ -38,7 +38,7 @@ class Format:
     block_size: int | None  # elements per block scale along the input dim (granularity "group")
     scale_dtype: str  # safetensors dtype of the block scales, or of the per-quantizer scale
     global_scale: bool  # block scales AND a per-quantizer fp32 scale (NVFP4's weight_scale_2)
-    activations: str  # how engines quantize activations: "none" (weight-only) or "dynamic-token"
+    activations: str  # how engines quantize activations: "none" (weight-only), "dynamic-token" or "dynamic-group" (1x128)
     modelopt: dict | None  # hf_quant_config "quantization" fields (quant_algo, group_size), or refused
     compressed_tensors: dict | None  # format, weights, input_activations, tensor_scale; or refused
     refused: dict = field(default_factory=dict)  # flavor -> why it cannot be served data-free, and what to use
@@ -48,6 +48,9 @@ class Format:
     kernel: str = ""  # the CuPy device method (shardquant/cuda) that quantizes one tensor
     block: tuple[int, int] | None = None  # rows x columns of a 2-D tile (granularity "block")
     quantizer_scale: bool = True  # a per-quantizer fp32 scale is written (from the group's shared amax)
+    scale_rule: str = ""  # how block scales are chosen, when a producer's rule is followed ("ct-round-pow2": MX)
+    block_fp8: dict | None = None  # config.json quantization_config of the block-fp8 flavor (quant_method "fp8"), or refused
+    default_flavor: str | None = None  # --flavor when none is given; None: the first flavor (registry order) that serves it
 
     @property
     def quant_algo(self) -> str | None:
@@ -80,7 +83,8 @@ class Format:
         return in_features % step == 0
 
     def spelling(self, flavor: str) -> dict | None:
-        return {"modelopt": self.modelopt, "compressed-tensors": self.compressed_tensors}.get(flavor)
+        return {"modelopt": self.modelopt, "compressed-tensors": self.compressed_tensors,
+                "block-fp8": self.block_fp8}.get(flavor)
 
 
 def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -29,7 +29,10 @@ FORMAT = Format(
     },
     refused={"modelopt": "ModelOpt's FP8 needs calibrated static activation scales (without them vLLM and SGLang "
                          "compute zeros and TensorRT-LLM's MoE reads uninitialised memory; docs/formats.md); use "
-                         "--flavor compressed-tensors (FP8 weights, dynamic per-token activations) or --format nvfp4"},
+                         "--flavor compressed-tensors (FP8 weights, dynamic per-token activations) or --format nvfp4",
+             "block-fp8": "quant_method fp8 with one scale per tensor is not recognised by TensorRT-LLM and not "
+                          "loaded by transformers (docs/formats.md 3.3); use --format fp8-block (128x128 tiles, "
+                          "every engine) or --flavor compressed-tensors"},
     reads={"modelopt": ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"), "compressed-tensors": ("float-quantized", "naive-quantized")},
     min_sqnr=20.0,
     max_scaled=448.0,

@@ -30,6 +30,8 @@ FORMAT = Format(
         "input_activations": None,
         "tensor_scale": "tensor",
     },
+    refused={"block-fp8": "the block-fp8 flavor (quant_method fp8) spells only FP8 weights with 128x128 tile "
+                          "scales; use --flavor modelopt or compressed-tensors, or --format fp8-block"},
     reads={"modelopt": ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ"), "compressed-tensors": ("nvfp4-pack-quantized",)},
     min_sqnr=10.0,
     max_scaled=6.0 * 448.0,

@@ -1,0 +1,142 @@
+"""MXFP4 weights: E2M1 elements in 32-element blocks along the input dim and one E8M0 scale byte per
+block (value = element x 2^(byte - 127)); no per-quantizer scale.
+
+Bytes are compressed-tensors 0.20's own (`generate_mx_scales`, docs/formats.md section 8): the block's
+amax rounded to a power of two (up iff its mantissa is >= 1.75), floor(log2), minus emax (2 for
+E2M1), biased by 127, computed on the exponent bits, so exactly. Two deliberate differences, both
+keeping every byte in 1..254 (byte 255 is NaN and one vLLM path reads byte 0 as 0.0, docs/formats.md
+section 8): a block whose amax rounds to zero (all zeros, or fp32 subnormals) gets byte 1 where
+compressed-tensors writes 0 (its codes are 0 either way), and an amax of 1.75 x 2^127 or more, whose
+rounded power of two overflows to Inf there (the byte it then stores is meaningless), gets
+its exact exponent. Elements: x / scale
+(exact: a power of two), clamped to +-6, rounded to E2M1 with compressed-tensors' `cast_to_fp4` ties,
+which are formats/nvfp4.py's (_BOUNDS, _TIE_UP).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Format, check_finite, magnitude_bits, map_rows, mag_to_f32, to_f32
+from .nvfp4 import E2M1_VALUES, fp4_codes
+
+# docs/formats.md section 7: compressed-tensors `mxfp4-pack-quantized`, weights as its MXFP4A16 preset
+# (group 32, uint8 scale_dtype), weight-only (vLLM recognizes the scheme from the weights alone).
+# ModelOpt has no MXFP4 quant_algo that vLLM or SGLang accept.
+FORMAT = Format(
+    name="mxfp4", element="E2M1", num_bits=4, weight_dtype="U8", elems_per_byte=2, granularity="group",
+    block_size=32, scale_dtype="U8", global_scale=False, activations="none",
+    modelopt=None,
+    compressed_tensors={
+        "format": "mxfp4-pack-quantized",
+        "weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True,
+                    "dynamic": False, "scale_dtype": "torch.uint8"},
+        "input_activations": None,
+        "tensor_scale": "none",
+    },
+    refused={"modelopt": "ModelOpt has no MXFP4 quant_algo that vLLM or SGLang load (docs/formats.md section 7); "
+                         "use --flavor compressed-tensors (mxfp4-pack-quantized) or --format nvfp4",
+             "block-fp8": "the block-fp8 flavor (quant_method fp8) spells 128x128 fp32 block scales, not MX "
+                          "E8M0 bytes per 32; use --flavor compressed-tensors (mxfp4-pack-quantized)"},
+    reads={"compressed-tensors": ("mxfp4-pack-quantized",)},
+    min_sqnr=10.0,
+    max_scaled=0.0,  # no per-quantizer scale
+    kernel="",
+    quantizer_scale=False,
+    scale_rule="ct-round-pow2",
+)
+BLOCK = 32
+EMAX = 2  # floor(log2(6)), compressed-tensors' _MX_ELEM_OFFSET for 4 bits
+ROUND_UP = np.uint32(1 << 21)  # fp32 bits: 2^(23 - 1 - 1), adds 0.25 to the mantissa (E2M1's 1 mantissa bit)
+
+
+def e8m0_bytes(bamax: np.ndarray, emax: int) -> np.ndarray:
+    """Scale bytes of fp32 block amaxes: the exponent of amax rounded to a power of two (mantissa
+    >= 1.75 goes up), minus emax, biased, clamped to 1..254. The rounded biased exponent is
+    (bits + 2^21) >> 23 (0 when amax rounds to zero, 255 when it rounds past fp32's largest)."""
+    r = (bamax.astype(np.float32).view(np.uint32) + ROUND_UP) >> np.uint32(23)
+    return np.clip(r.astype(np.int32) - emax, 1, 254).astype(np.uint8)
+
+
+def inverse_scales(scales: np.ndarray) -> np.ndarray:
+    """2^(127 - byte) as fp32, exactly (bytes 1..253: a normal fp32)."""
+    return ((np.int32(254) - scales.astype(np.int32)).astype(np.uint32) << np.uint32(23)).view(np.float32)
+
+
+def scale_values(scales: np.ndarray) -> np.ndarray:
+    """2^(byte - 127) as fp32, every consumer's decoding (docs/formats.md section 8): byte 0 is 2^-127
+    (a subnormal), byte 255 NaN."""
+    out = np.ldexp(np.float32(1), scales.astype(np.int32) - 127).astype(np.float32)
+    out[scales == 255] = np.nan
+    return out
+
+
+def block_amax_bytes(raw: np.ndarray, dtype: str, name: str, emax: int) -> np.ndarray:
+    """E8M0 scale bytes [rows, cols/32] of a raw 2-D tensor, refusing NaN/Inf."""
+    rows, cols = raw.shape
+    nb = cols // BLOCK
+    mags = magnitude_bits(raw, dtype).reshape(rows, nb, BLOCK)
+    scales = np.empty((rows, nb), np.uint8)
+    worst = np.zeros(rows + 1, np.uint64)
+
+    def scale_rows(a: int, b: int) -> None:
+        bm = mags[a:b].max(axis=2)
+        if bm.size:
+            worst[a:b] = bm.max(axis=1)
+        scales[a:b] = e8m0_bytes(mag_to_f32(bm, dtype), emax)
+
+    map_rows(scale_rows, rows, raw.strides[0] if rows else 0)
+    check_finite(worst, dtype, name)
+    return scales
+
+
+def scaled_rows(raw: np.ndarray, dtype: str, scales: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Rows a..b of x / 2^(byte - 127) in fp32, blocked [b - a, nb, 32]: exact (a power of two; a
+    result below fp32's normal range is far below every rounding bound of E2M1 and E4M3)."""
+    nb = scales.shape[1]
+    return to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK) * inverse_scales(scales[a:b])[:, :, None]
+
+
+def global_scale(amax: np.float32) -> np.float32:
+    """Unused (no per-quantizer scale: FORMAT.quantizer_scale is False)."""
+    return np.float32(1.0)
+
+
+class Quantizer:
+    """MXFP4 has no per-quantizer state: gs is ignored."""
+
+    def __init__(self, gs: np.float32 = np.float32(1.0)):
+        self.gs = np.float32(gs)
+
+    def quantize(self, raw: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(packed uint8 [out, in/2], low nibble first; E8M0 scale bytes uint8 [out, in/32])."""
+        rows, cols = raw.shape
+        scales = block_amax_bytes(raw, dtype, name, EMAX)
+        packed = np.empty((rows, cols // 2), np.uint8)
+
+        def code_rows(a: int, b: int) -> None:
+            x = scaled_rows(raw, dtype, scales, a, b)
+            codes = fp4_codes(np.ascontiguousarray(x)).reshape(b - a, cols)  # |x| > 5 saturates to 6
+            packed[a:b] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+        map_rows(code_rows, rows, raw.strides[0] if rows else 0)
+        return packed, scales
+
+
+def quantize(raw: np.ndarray, dtype: str, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    return Quantizer().quantize(raw, dtype, name)
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """fp32 weights back: E2M1 value x 2^(byte - 127)."""
+    codes = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
+    codes[:, 0::2] = packed & 0x0F
+    codes[:, 1::2] = packed >> 4
+    vals = E2M1_VALUES[codes & 7] * np.where(codes & 8, np.float32(-1), np.float32(1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (vals.reshape(*scales.shape, BLOCK) * scale_values(scales)[..., None]).reshape(codes.shape)
+
+
+def dequantize_stored(weight: np.ndarray, scale: np.ndarray, per_quantizer: np.float32 | None = None) -> np.ndarray:
+    """fp32 weights from the stored tensors (packed codes, E8M0 scale bytes); no per-quantizer scale."""
+    return dequantize(weight, scale)
