@@ -14,7 +14,10 @@ from .plan import Plan
 from .text import show
 from .rules import EXPERT_POLICIES
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+# Sizes in the usual spellings: 5G = 5GB = 5e9 bytes (as the hub's max_shard_size), 5GiB = 5Gi = 5 * 2^30.
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 

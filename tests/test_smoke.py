@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from shardquant.cli import main
@@ -25,3 +26,22 @@ def test_cli_size_defaults_are_the_library_defaults():
     assert _size(None, None, defaults["max_shard_size"]) == DEFAULT_SHARD_SIZE
     assert _size(None, None, defaults["memory_budget"]) == DEFAULT_MEMORY_BUDGET
     assert _size(None, None, defaults["gpu_memory"]) == DEFAULT_GPU_MEMORY
+
+
+@pytest.mark.parametrize("text,value", [("5GB", 5 * 10**9), ("5G", 5 * 10**9), ("5 gb", 5 * 10**9),
+                                        ("5GiB", 5 * 2**30), ("5Gi", 5 * 2**30), ("512MiB", 512 * 2**20),
+                                        ("1.5M", 1_500_000), ("40000", 40_000)])
+def test_sizes_in_the_usual_spellings(text, value):
+    from shardquant.cli import _size
+
+    assert _size(None, None, text) == value
+
+
+@pytest.mark.parametrize("text", ["5XB", "G", "-1G", "0", "5GBB"])
+def test_bad_sizes_are_refused(text):
+    import click
+
+    from shardquant.cli import _size
+
+    with pytest.raises(click.BadParameter):
+        _size(None, None, text)
