@@ -48,6 +48,7 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
         "flavor": plan.flavor,
         "format": plan.format,
         "quantizers": quantizers,
+        "scale_rule": formats.declared(plan.format).scale_rule or None,
         "schema_version": SCHEMA_VERSION,
         "source": {
             "path": None if ck.repo else str(ck.root),

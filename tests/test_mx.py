@@ -233,6 +233,7 @@ def test_whole_conversion_verifies(tmp_path, fmt, model):
     assert qc["format"] == MODULES[fmt].FORMAT.compressed_tensors["format"]
     man = json.loads((out / "scale_manifest.json").read_text())
     assert all(q["global_scale"] is None for q in man["quantizers"].values())
+    assert man["scale_rule"] == MODULES[fmt].FORMAT.scale_rule == "ct-round-pow2"
     assert verify_contract(out) == []
     rep = verify(out, source=str(src))
     assert rep.violations == [], rep.violations
