@@ -84,3 +84,36 @@ def test_devices_flag_is_refused_without_a_gpu(src, tmp_path):
         pytest.skip("this check is for machines without a GPU")
     r = CliRunner().invoke(main, ["convert", str(src), "--format", "nvfp4", "-o", str(tmp_path / "o"), "--devices", "all"])
     assert r.exit_code != 0 and r.output.strip() == "error: --devices: no CUDA device visible to cupy"
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+def test_gpu_quantizer_dispatches_to_the_declared_kernel(fmt):
+    """The CuPy backend runs the kernel the format declares (formats/base.py Format.kernel), with no
+    branch on the format's name; a format without one is a clean error (convert falls back to the
+    CPU under --device auto). A stand-in device records the call, so this runs without a GPU."""
+    from shardquant.backend import _CupyQuantizer
+    from shardquant.errors import ShardquantError
+
+    calls = []
+
+    class Dev:
+        def nvfp4(self, x, dtype, gs):
+            calls.append(("nvfp4", dtype, float(gs)))
+            return "packed", "scales"
+
+        def fp8(self, x, dtype, gs):
+            calls.append(("fp8", dtype, float(gs)))
+            return "codes"
+
+        def to_host(self, *xs):
+            return [f"host:{x}" for x in xs]
+
+    q = _CupyQuantizer(Dev(), fmt, 0.5)
+    kernel = formats.declared(fmt).kernel
+    if not kernel:
+        with pytest.raises(ShardquantError, match="no GPU kernel"):
+            q.quantize("x", "BF16", "w")
+        return
+    weight, scale = q.quantize("x", "BF16", "w")
+    assert calls == [(kernel, "BF16", 0.5)]
+    assert weight.startswith("host:") and (scale is None) == (not formats.declared(fmt).block_scales)
