@@ -332,19 +332,18 @@ def test_cleanup_failure_does_not_hide_the_first_error(src, clean, tmp_path, mon
     assert files(out) == files(clean)
 
 
-KILLER = r"""
-import os, signal, sys
-import shardquant.convert as conv
-import shardquant.writer as writer
-n = int(sys.argv[3])
-seen = [0]
-def fault(op, name):
-    seen[0] += 1
-    if seen[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-writer.FAULT = fault
-conv.convert(sys.argv[1], sys.argv[2], "nvfp4", device="cpu", max_shard_size=int(sys.argv[4]))
-"""
+def _sweep_tool():
+    """tools/fault_sweep.py (not a package): its KILLER child is the one both use."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "fault_sweep.py"
+    spec = importlib.util.spec_from_file_location("fault_sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+KILLER = _sweep_tool().KILLER  # SIGKILL just before the N-th system call on the output
 
 
 def test_kill_at_sampled_instants_resumes_without_force(src, clean, tmp_path, monkeypatch):

@@ -146,3 +146,32 @@ def map_rows(fn: Callable[[int, int], None], rows: int, row_bytes: int, chunk_by
         _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardquant")
     for f in [_POOL.submit(fn, a, b) for a, b in spans]:
         f.result()
+
+
+def block_scales_of(raw: np.ndarray, dtype: str, name: str, block: int,
+                    to_scales: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Scales (uint8 codes) [rows, cols/block] of a raw 2-D tensor: `to_scales` of each block's
+    largest magnitude in fp32, row chunks in parallel; NaN/Inf anywhere is refused. Each chunk
+    writes only its own rows of the per-row maximum (a shared running max updated from the pool's
+    threads lost a NaN/Inf now and then)."""
+    rows, cols = raw.shape
+    nb = cols // block
+    mags = magnitude_bits(raw, dtype).reshape(rows, nb, block)
+    scales = np.empty((rows, nb), np.uint8)
+    worst = np.zeros(rows + 1, np.uint64)
+
+    def scale_rows(a: int, b: int) -> None:
+        bm = mags[a:b].max(axis=2)
+        if bm.size:
+            worst[a:b] = bm.max(axis=1)
+        scales[a:b] = to_scales(mag_to_f32(bm, dtype))
+
+    map_rows(scale_rows, rows, raw.strides[0] if rows else 0)
+    check_finite(worst, dtype, name)
+    return scales
+
+
+def no_global_scale(amax: np.float32) -> np.float32:
+    """The per-quantizer scale of a format with block scales only (Format.quantizer_scale False):
+    never written; 1.0 so that the pipeline's one code path runs."""
+    return np.float32(1.0)

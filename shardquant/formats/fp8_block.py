@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from .base import E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, to_f32
+from .base import E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, no_global_scale, to_f32
 from .fp8 import e4m3
 
 # docs/formats.md section 5 and "9. FP8 spellings that serve without calibration": `quant_method: "fp8"`
@@ -46,9 +46,7 @@ _E4M3 = ml_dtypes.float8_e4m3fn
 FLT_MIN = np.finfo(np.float32).tiny
 
 
-def global_scale(amax: np.float32) -> np.float32:
-    """Unused: fp8-block has no per-quantizer scale (the pipeline still asks for one)."""
-    return np.float32(1.0)
+global_scale = no_global_scale
 
 
 def tile_scales(tamax: np.ndarray) -> np.ndarray:

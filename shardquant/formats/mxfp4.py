@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Format, check_finite, magnitude_bits, map_rows, mag_to_f32, to_f32
+from .base import Format, block_scales_of, map_rows, no_global_scale, to_f32
 from .nvfp4 import E2M1_VALUES, fp4_codes
 
 # docs/formats.md section 7: compressed-tensors `mxfp4-pack-quantized`, weights as its MXFP4A16 preset
@@ -73,21 +73,7 @@ def scale_values(scales: np.ndarray) -> np.ndarray:
 
 def block_amax_bytes(raw: np.ndarray, dtype: str, name: str, emax: int) -> np.ndarray:
     """E8M0 scale bytes [rows, cols/32] of a raw 2-D tensor, refusing NaN/Inf."""
-    rows, cols = raw.shape
-    nb = cols // BLOCK
-    mags = magnitude_bits(raw, dtype).reshape(rows, nb, BLOCK)
-    scales = np.empty((rows, nb), np.uint8)
-    worst = np.zeros(rows + 1, np.uint64)
-
-    def scale_rows(a: int, b: int) -> None:
-        bm = mags[a:b].max(axis=2)
-        if bm.size:
-            worst[a:b] = bm.max(axis=1)
-        scales[a:b] = e8m0_bytes(mag_to_f32(bm, dtype), emax)
-
-    map_rows(scale_rows, rows, raw.strides[0] if rows else 0)
-    check_finite(worst, dtype, name)
-    return scales
+    return block_scales_of(raw, dtype, name, BLOCK, lambda bamax: e8m0_bytes(bamax, emax))
 
 
 def scaled_rows(raw: np.ndarray, dtype: str, scales: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -97,9 +83,7 @@ def scaled_rows(raw: np.ndarray, dtype: str, scales: np.ndarray, a: int, b: int)
     return to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK) * inverse_scales(scales[a:b])[:, :, None]
 
 
-def global_scale(amax: np.float32) -> np.float32:
-    """Unused (no per-quantizer scale: FORMAT.quantizer_scale is False)."""
-    return np.float32(1.0)
+global_scale = no_global_scale
 
 
 class Quantizer:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from .base import Format, map_rows
+from .base import Format, map_rows, no_global_scale
 from .fp8 import e4m3
 from .mxfp4 import BLOCK, block_amax_bytes, scale_values, scaled_rows
 
@@ -49,9 +49,7 @@ EMAX = 8  # floor(log2(448)), compressed-tensors' _MX_ELEM_OFFSET for 8 bits
 _E4M3 = ml_dtypes.float8_e4m3fn
 
 
-def global_scale(amax: np.float32) -> np.float32:
-    """Unused (no per-quantizer scale: FORMAT.quantizer_scale is False)."""
-    return np.float32(1.0)
+global_scale = no_global_scale
 
 
 class Quantizer:

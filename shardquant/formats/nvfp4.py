@@ -12,10 +12,7 @@ import threading
 import numpy as np
 import ml_dtypes
 
-from .base import (
-    E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Format, check_finite, magnitude_bits, map_rows, mag_to_f32,
-    to_f32,
-)
+from .base import E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Format, block_scales_of, map_rows, to_f32
 
 # docs/formats.md, "nvfp4": weight-only NVFP4 says W4A16_NVFP4 (an `NVFP4` checkpoint without
 # input_scale made older vLLM zero every expert); compressed-tensors' tensor_group strategy.
@@ -151,20 +148,7 @@ class Quantizer:
         """(packed uint8 [out, in/2], E4M3 block-scale codes uint8 [out, in/16])."""
         rows, cols = raw.shape
         nb = cols // BLOCK
-        mags = magnitude_bits(raw, dtype).reshape(rows, nb, BLOCK)
-        scales = np.empty((rows, nb), np.uint8)
-        # Largest magnitude bits per row: each chunk writes only its own rows (a shared running max
-        # updated read-modify-write from the pool's threads lost a NaN/Inf now and then).
-        worst = np.zeros(rows + 1, np.uint64)
-
-        def scale_rows(a: int, b: int) -> None:
-            bm = mags[a:b].max(axis=2)
-            if bm.size:
-                worst[a:b] = bm.max(axis=1)
-            scales[a:b] = block_scales(mag_to_f32(bm, dtype), self.s2)
-
-        map_rows(scale_rows, rows, raw.strides[0] if rows else 0)
-        check_finite(worst, dtype, name)
+        scales = block_scales_of(raw, dtype, name, BLOCK, lambda bamax: block_scales(bamax, self.s2))
         packed = np.empty((rows, cols // 2), np.uint8)
         needed = np.bincount(scales.reshape(-1), minlength=256) > 0
         lut = None
