@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import fp8, fp8_block, mxfp4, mxfp8, nvfp4
+from . import fp8, fp8_block, fp8_channel, mxfp4, mxfp8, nvfp4
 
-FORMATS: dict[str, ModuleType] = {m.FORMAT.name: m for m in (nvfp4, fp8, fp8_block, mxfp8, mxfp4)}
+FORMATS: dict[str, ModuleType] = {m.FORMAT.name: m for m in (nvfp4, fp8, fp8_channel, fp8_block, mxfp8, mxfp4)}
 
 
 def get(name: str) -> ModuleType:

@@ -34,7 +34,7 @@ class Format:
     num_bits: int
     weight_dtype: str  # safetensors dtype of the stored weight
     elems_per_byte: int  # 2 for packed FP4
-    granularity: str  # "tensor" | "group" (1-D blocks along the input dim) | "block" (2-D tiles)
+    granularity: str  # "tensor" | "row" (one scale per output row) | "group" (1-D blocks along the input dim) | "block" (2-D tiles)
     block_size: int | None  # elements per block scale along the input dim (granularity "group")
     scale_dtype: str  # safetensors dtype of the block scales, or of the per-quantizer scale
     global_scale: bool  # block scales AND a per-quantizer fp32 scale (NVFP4's weight_scale_2)
@@ -61,13 +61,16 @@ class Format:
 
     def scale_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
         """Shape of the block scales of a weight of `shape` ([] when the format has none)."""
+        if self.granularity == "row":
+            return (shape[0], 1)
         if self.block:
             return (-(-shape[0] // self.block[0]), -(-shape[1] // self.block[1]))
         return (shape[0], shape[1] // self.block_size) if self.block_size else ()
 
     @property
     def block_scales(self) -> bool:
-        return bool(self.block or self.block_size)
+        """Scales of the weight's own blocks, rows or tiles (beside or instead of a per-quantizer scale)."""
+        return bool(self.block or self.block_size) or self.granularity == "row"
 
     def fits(self, shape: tuple[int, ...], name: str = "the weight") -> str | None:
         """Why a 2-D weight of this shape cannot take the format (engines need whole blocks), or None."""
@@ -109,9 +112,14 @@ def mag_to_f32(mag: np.ndarray, dtype: str) -> np.ndarray:
     return mag.view(np.float32)
 
 
+def nonfinite(max_mag: np.ndarray | np.integer, dtype: str) -> bool:
+    """Whether the largest magnitude bit pattern of a tensor is Inf or NaN."""
+    return int(np.max(max_mag)) >= _NONFINITE[dtype]
+
+
 def check_finite(max_mag: np.ndarray | np.integer, dtype: str, name: str) -> None:
     """Given the largest magnitude bit pattern of a tensor, refuse NaN and Inf."""
-    if int(np.max(max_mag)) >= _NONFINITE[dtype]:
+    if nonfinite(max_mag, dtype):
         raise NumericError(f"tensor {show(name)} holds NaN or Inf; cannot quantize it")
 
 
