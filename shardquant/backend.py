@@ -62,7 +62,7 @@ class _CupyQuantizer:
         kernel = formats.declared(self.fmt).kernel
         if not kernel or not hasattr(self.dev, kernel):
             raise ShardquantError(f"format {self.fmt!r} has no GPU kernel; use --device cpu")
-        out = getattr(self.dev, kernel)(x, dtype, self.gs)
+        out = getattr(self.dev, kernel)(x, dtype, self.gs, name=name)  # name: a kernel's NaN/Inf refusal names it
         host = self.dev.to_host(*(out if isinstance(out, tuple) else (out,)))
         return host[0], (host[1] if len(host) > 1 else None)
 

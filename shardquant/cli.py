@@ -49,8 +49,13 @@ def _common(f):
         click.option("--expert-policy", type=click.Choice(EXPERT_POLICIES), default="shared", show_default=True,
                      help="shared: all experts of a layer share one scale per projection set; "
                           "per-expert: each expert's gate+up share one, its down another."),
+        click.option("--format-for", "format_for", multiple=True, metavar="SELECTOR=FORMAT",
+                     help="Mixed precision: quantizers SELECTOR picks take FORMAT (or keep: high precision). "
+                          "SELECTOR: attention, experts, shared-experts, mlp, a rule name, or a regex over "
+                          "tensor or module names. E.g. --format nvfp4 --format-for attention=fp8-block."),
         click.option("--rules", "rules_file", type=click.Path(dir_okay=False), default=None,
-                     help="TOML or JSON file of rule rows, tried before the built-in table."),
+                     help="TOML or JSON file of rule rows ([[rule]]), tried before the built-in table, and "
+                          "format choices ([[format]] select, format), tried after --format-for."),
         click.option("--include", multiple=True, metavar="REGEX",
                      help="Quantize 2-D weights no rule claims that match, each as its own quantizer."),
         click.option("--exclude", multiple=True, metavar="REGEX",
@@ -200,14 +205,16 @@ def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_h
 
 
 def _print_plan(p: Plan, limit: int | None = None) -> None:
-    click.echo(f"{'quantizer':64s} {'members':>7s} {'shape':>14s} {'source MB':>10s} {'output MB':>10s}")
+    click.echo(f"{p.flavor} flavor; format{'s' * (len(p.formats) > 1)} {', '.join(p.formats)}")
+    click.echo(f"{'quantizer':64s} {'format':>11s} {'members':>7s} {'shape':>14s} {'source MB':>10s} {'output MB':>10s}")
     rows = sorted(p.groups, key=lambda g: -g.source_bytes)
     for g in rows[:limit]:
         out = sum(p.member_out_bytes(m) for m in g.members)
         shapes = {m.shape for m in g.members}
         shape = "x".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else "mixed"
         flag = " (2 passes)" if g.two_pass else ""
-        click.echo(f"{show(g.key, quote=False)[:64]:64s} {len(g.members):7d} {shape:>14s} {g.source_bytes / 1e6:10.2f} {out / 1e6:10.2f}{flag}")
+        click.echo(f"{show(g.key, quote=False)[:64]:64s} {g.format:>11s} {len(g.members):7d} {shape:>14s} "
+                   f"{g.source_bytes / 1e6:10.2f} {out / 1e6:10.2f}{flag}")
     if limit is not None and len(rows) > limit:
         click.echo(f"... {len(rows) - limit} more (use --verbose)")
     kept = sum(u.source_bytes for u in p.units if u.kept is not None)

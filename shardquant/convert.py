@@ -16,7 +16,7 @@ from .errors import OutputError, ShardquantError, SourceError
 from .backend import NumpyBackend, get_backends
 from .pipeline import run
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
-from .rules import RuleSet, load_rules
+from .rules import RuleSet, format_choice, load_rules_file
 from .source import INDEX_NAME, Checkpoint, open_checkpoint
 from .journal import JOURNAL_NAME, Journal, recipe
 from .lock import LOCK_NAME, Lock
@@ -51,27 +51,33 @@ def prepare(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     flavor: str | None = None,
+    format_for: tuple[str, ...] = (),
 ) -> Plan:
-    """Open the source (headers only) and plan the conversion. flavor None: the first flavor that
-    serves the format (modelopt for nvfp4, compressed-tensors for fp8)."""
+    """Open the source (headers only) and plan the conversion. flavor None: the format's own (modelopt
+    for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
+    format used. format_for: `SELECTOR=FORMAT` choices (rules.FormatChoice), tried before the rules
+    file's."""
     fmt = fmt.lower() if isinstance(fmt, str) else fmt
     if fmt not in formats.FORMATS:
         raise ShardquantError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
-    if flavor is None:
-        flavor = formats.default_flavor(fmt, flavors.FLAVORS)
-    if flavor not in flavors.FLAVORS:
+    if flavor is not None and flavor not in flavors.FLAVORS:
         raise ShardquantError(f"unknown flavor {flavor!r}; choose one of {', '.join(flavors.FLAVORS)}")
-    why = flavors.refusal(flavor, fmt)
-    if why:
-        raise ShardquantError(f"--format {fmt} --flavor {flavor} is refused: {why}")
+    known = tuple(formats.FORMATS)
+    choices = tuple(format_choice(c, known) for c in format_for)
+    user, from_file = load_rules_file(Path(rules_file), known) if rules_file else ((), ())
+    choices += from_file
+    if not choices:  # one format: refuse a pair that cannot be served before reading anything
+        pair_flavor = flavor or formats.default_flavor(fmt, flavors.FLAVORS)
+        why = flavors.refusal(pair_flavor, fmt)
+        if why:
+            raise ShardquantError(f"--format {fmt} --flavor {pair_flavor} is refused: {why}")
     ck = open_checkpoint(src, revision)
     if ck.config and isinstance(ck.config.get("quantization_config"), dict):
         method = ck.config["quantization_config"].get("quant_method", "?")
         raise SourceError(f"{ck.root / 'config.json'}: source is already quantized (quant_method {method!r})")
-    user = load_rules(Path(rules_file)) if rules_file else ()
     num_layers = (ck.config or {}).get("num_hidden_layers")
     rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
-                    num_layers if isinstance(num_layers, int) else None)
+                    num_layers if isinstance(num_layers, int) else None, choices)
     return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
                      flavor=flavor)
 
@@ -95,6 +101,7 @@ def convert(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     gpu_memory: int = DEFAULT_GPU_MEMORY,
     flavor: str | None = None,
+    format_for: tuple[str, ...] = (),
     verify: bool = False,
     progress: bool = False,
 ) -> Result:
@@ -105,15 +112,16 @@ def convert(
     plan = prepare(
         src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
         include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
-        memory_budget=memory_budget, flavor=flavor,
+        memory_budget=memory_budget, flavor=flavor, format_for=format_for,
     )
     out = Path(output).expanduser()
     backends = get_backends(device, devices, gpu_memory)
-    if backends[0].device_budget is not None and not formats.declared(plan.format).kernel:
+    no_kernel = [f for f in plan.formats if not formats.declared(f).kernel]
+    if backends[0].device_budget is not None and no_kernel:
         if device != "auto" or devices:
-            raise ShardquantError(f"--format {plan.format} has no GPU kernel yet; use --device cpu (or auto)")
+            raise ShardquantError(f"--format {no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")
         backends = [NumpyBackend()]
-        plan.warnings.append(f"--format {plan.format} has no GPU kernel yet: converting on the CPU")
+        plan.warnings.append(f"--format {no_kernel[0]} has no GPU kernel yet: converting on the CPU")
     if backends[0].device_budget is not None:
         for g in plan.groups:
             if not g.two_pass and g.source_bytes > gpu_memory:
@@ -213,7 +221,8 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
             files[p.name] = _copy(p, od)
     if ck.config is not None:
         cfg = dict(ck.config)
-        cfg["quantization_config"] = flavors.quantization_config(plan.flavor, plan.format, plan.exclude_modules)
+        cfg["quantization_config"] = flavors.quantization_config(plan.flavor, plan.format, plan.exclude_modules,
+                                                                plan.format_targets())
         files["config.json"] = od.write_file("config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     for name, obj in flavors.config_files(plan.flavor, plan.format, plan.exclude_modules).items():
         files[name] = od.write_file(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

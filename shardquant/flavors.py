@@ -110,8 +110,20 @@ def hf_quant_config(fmt: str, exclude_modules: list[str]) -> dict:
     return {"producer": dict(PRODUCER), "quantization": q}
 
 
-def quantization_config(flavor: str, fmt: str, exclude_modules: list[str]) -> dict:
-    """config.json's quantization_config, from the format's declared spelling in this flavor."""
+def quantization_config(flavor: str, fmt: str, exclude_modules: list[str],
+                        targets: dict[str, list[str]] | None = None) -> dict:
+    """config.json's quantization_config, from the format's declared spelling in this flavor.
+    targets (mixed precision, compressed-tensors only): format -> the `re:` module patterns that take
+    it; one config group per format (docs/formats.md 1.2: targets are matched by exact name or
+    `re:` before the class name, and an MoE layer's scheme is its expert 0's)."""
+    if targets and len(targets) > 1:
+        groups = {}
+        for i, (name, pats) in enumerate(targets.items()):
+            one = quantization_config(flavor, name, exclude_modules)
+            group = dict(one["config_groups"]["group_0"])
+            group["targets"] = list(pats)
+            groups[f"group_{i}"] = group
+        return {**one, "config_groups": groups, "format": "mixed-precision"}
     f = formats.declared(fmt)
     spelled = f.spelling(flavor)
     if flavor == "block-fp8":

@@ -48,6 +48,8 @@ def recipe(plan: Plan) -> str:
         "source": [[p.name, p.stat().st_size, hub_sha256(p, ck)] for p in files],
         "config": hashlib.sha256(json.dumps(ck.config, sort_keys=True).encode()).hexdigest(),
     }
+    if len(plan.formats) > 1:  # mixed precision: which quantizer takes which format
+        doc["formats"] = {g.key: g.format for g in plan.groups}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -21,13 +21,14 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
     """scales: quantizer key -> (amax, global scale); files: every other output file's
     {"sha256", "size"}; source_files: every source file's {"sha256", "size", "checked_against_hub"}."""
     ck = plan.checkpoint
-    scaled = formats.declared(plan.format).quantizer_scale  # block scales only: no per-quantizer scale
     quantizers = {}
     tensors = {}
     for g in plan.groups:
         amax, gs = scales[g.key]
+        scaled = formats.declared(g.format).quantizer_scale  # block scales only: no per-quantizer scale
         quantizers[g.key] = {
             "amax": float(amax),
+            "format": g.format,
             "global_scale": float(gs) if scaled else None,
             "members": [m.name for m in g.members],
             "rule": g.rule,
@@ -48,7 +49,7 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
         "flavor": plan.flavor,
         "format": plan.format,
         "quantizers": quantizers,
-        "scale_rule": formats.declared(plan.format).scale_rule or None,
+        "scale_rule": next((r for f in plan.formats if (r := formats.declared(f).scale_rule)), None),
         "schema_version": SCHEMA_VERSION,
         "source": {
             "path": None if ck.repo else str(ck.root),

@@ -285,8 +285,6 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     """Stream every unit through the backends into the shards. Returns (bytes read, scales by
     quantizer, each source file's {"sha256", "size", "checked_against_hub"}, bytes the hasher read
     on its own: headers, padding, tensors of kept shards)."""
-    fmt = formats.get(plan.format)
-    declared = fmt.FORMAT
     scales: dict[str, tuple[float, float]] = {}
     lock = threading.Lock()
     units = _units_to_run(plan, journal, done, scales)
@@ -302,6 +300,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     stop = threading.Event()
 
     def quantize_group(backend, g, data, job: _Job) -> None:
+        fmt = formats.get(g.format)  # mixed precision: each quantizer its own format
         two_pass = data is None
         if two_pass:  # read each member for the amax, then again to quantize
             amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
@@ -326,7 +325,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         gs = fmt.global_scale(np.float32(amax))
         with lock:
             scales[g.key] = (float(amax), float(gs))
-        q = backend.quantizer(plan.format, gs)
+        q = backend.quantizer(g.format, gs)
         fl = flavors.FLAVORS[plan.flavor]
         for i, m in enumerate(g.members):
             h = handles[i]
@@ -338,8 +337,8 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             del h, raw
             names = plan.outputs[m.name]
             outs = [(names["weight"], weight)] + ([(names["scale"], scale)] if scale is not None else [])
-            if declared.quantizer_scale:  # the group's one scale: FP8's weight_scale, NVFP4's global scale
-                outs.append((names.get("global_scale", names["scale"]), fl.scalar(plan.format, gs, m.shape)))
+            if fmt.FORMAT.quantizer_scale:  # the group's one scale: FP8's weight_scale, NVFP4's global scale
+                outs.append((names.get("global_scale", names["scale"]), fl.scalar(g.format, gs, m.shape)))
             for j, (name, arr) in enumerate(outs):  # the last output releases the member's read budget
                 last = j == len(outs) - 1
                 job.put((name, arr, (0 if two_pass else m.nbytes) if last else 0, m.nbytes if last else 0))

@@ -4,13 +4,15 @@ memory bound."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import formats
 from .errors import PlanError, RuleError
 from .flavors import FLAVORS
-from .rules import FLOAT_DTYPES, KEEP, TE_WEIGHT, Decision, RuleSet, module_name
+from .flavors import refusal
+from .rules import FLOAT_DTYPES, KEEP, KEEP_FORMAT, TE_WEIGHT, Decision, RuleSet, module_name
 from .source import Checkpoint
 from .st import OutTensor, TensorInfo
 from .text import show
@@ -33,6 +35,7 @@ class Group:
     rule: str
     members: list[TensorInfo]
     two_pass: bool = False
+    format: str = ""  # the registered format this quantizer takes (mixed precision: per group)
 
     @property
     def source_bytes(self) -> int:
@@ -72,6 +75,12 @@ class Plan:
         return sum(u.source_bytes for u in self.units)
 
     @property
+    def formats(self) -> list[str]:
+        """Every format some quantizer takes: more than one is mixed precision. --format first."""
+        used = {g.format for g in self.groups}
+        return sorted(used, key=lambda f: (f != self.format, f))
+
+    @property
     def output_bytes(self) -> int:
         return sum(t.nbytes for t in self.out_tensors.values())
 
@@ -84,8 +93,37 @@ class Plan:
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
         return held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD + HASH_HOLD_BYTES
 
+    def format_targets(self) -> dict[str, list[str]]:
+        """Mixed precision: format -> `re:` patterns naming exactly the modules that take it (module
+        names with their numeric parts widened to any number wherever that picks modules of one
+        format only: one pattern per projection kind, not one per expert). {} for one format."""
+        if len(self.formats) < 2:
+            return {}
+        fmt_of = {module_name(m.name): g.format for g in self.groups for m in g.members}
+        widened: dict[str, dict[str, set[str]]] = {}  # how wide -> pattern -> formats of its modules
+        shapes = {}
+        for mod, f in fmt_of.items():
+            parts = mod.split(".")
+            nums = [i for i, p in enumerate(parts) if p.isdecimal()]
+            # all numbers widened; all but the first (layer kept); none
+            cands = [_widen(parts, nums), _widen(parts, nums[1:]), _widen(parts, [])]
+            shapes[mod] = cands
+            for width, pat in enumerate(cands):
+                widened.setdefault(str(width), {}).setdefault(pat, set()).add(f)
+        out: dict[str, list[str]] = {f: [] for f in self.formats}
+        for mod, f in fmt_of.items():
+            pat = next(p for w, p in enumerate(shapes[mod]) if widened[str(w)][p] == {f})
+            if pat not in out[f]:
+                out[f].append(pat)
+        return {f: [f"re:^{p}$" for p in sorted(pats)] for f, pats in out.items()}
+
     def member_out_bytes(self, m: TensorInfo) -> int:
         return sum(self.out_tensors[n].nbytes for n in self.outputs[m.name].values())
+
+
+def _widen(parts: list[str], nums: list[int]) -> str:
+    """A module name as a regex, the numeric parts at `nums` matching any number."""
+    return r"\.".join(r"\d+" if i in nums else re.escape(p) for i, p in enumerate(parts))
 
 
 def _held(u: Unit) -> int:
@@ -102,12 +140,12 @@ def make_plan(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     strict: bool = False,
-    flavor: str = "modelopt",
+    flavor: str | None = None,
 ) -> Plan:
-    layout = formats.declared(fmt)
-    if flavor not in FLAVORS:
+    """flavor None: the format's default flavor if it spells every format the plan uses, else the
+    first flavor that does."""
+    if flavor is not None and flavor not in FLAVORS:
         raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")
-    fl = FLAVORS[flavor]
     warnings: list[str] = list(ck.warnings)
     decisions = {n: rules.classify(n, t.dtype, t.shape) for n, t in ck.tensors.items()}
 
@@ -135,7 +173,15 @@ def make_plan(
             kept[n] = Decision(KEEP, "--exclude", reason=why)
 
     groups: list[Group] = []
-    for key, names in by_key.items():
+    picked: set[str] = set()  # selectors of --format-for choices that picked something
+    for key, names in list(by_key.items()):
+        gfmt = _group_format(key, names, decisions, rules, fmt, picked)
+        if gfmt == KEEP_FORMAT:
+            for n in by_key.pop(key):
+                kept[n] = Decision(KEEP, decisions[n].rule, reason=f"--format-for {rules.format_of(n, decisions[n]).selector}="
+                                   f"{KEEP_FORMAT}")
+            continue
+        layout = formats.declared(gfmt)
         _check_complete(key, [decisions[n] for n in names], names)
         members = [ck.tensors[n] for n in names]
         for m in members:
@@ -156,13 +202,19 @@ def make_plan(
             for n in names:
                 kept[n] = Decision(KEEP, decisions[n].rule, reason=f"fused set not quantizable: {why}", warn=True)
             continue
-        g = Group(key, decisions[names[0]].rule, members)
+        g = Group(key, decisions[names[0]].rule, members, format=gfmt)
         g.two_pass = g.source_bytes > memory_budget
         if g.two_pass:
             warnings.append(f"quantizer {show(key, quote=False)} ({g.source_bytes / 2**30:.1f} GiB) exceeds the "
                             "memory budget: read twice")
         groups.append(g)
 
+    for c in rules.format_for:
+        if c.selector not in picked:
+            warnings.append(f"--format-for {show(c.selector, quote=False)}={c.format} picks no quantized tensor")
+    _check_moe_layers(groups, decisions)
+    flavor = _flavor_for(sorted({g.format for g in groups}, key=lambda f: (f != fmt, f)), fmt, flavor)
+    fl = FLAVORS[flavor]
     for n, d in kept.items():
         if d.warn:
             warnings.append(f"{show(n, quote=False)}: kept in high precision ({d.reason})")
@@ -184,11 +236,13 @@ def make_plan(
             t = OutTensor(u.kept.name, u.kept.dtype, u.kept.shape)
             order.append(t)
             continue
+        gfmt = u.group.format
+        layout = formats.declared(gfmt)
         for m in u.group.members:
-            names = fl.output_names(fmt, m.name)
+            names = fl.output_names(gfmt, m.name)
             outputs[m.name] = names
             order.append(OutTensor(names["weight"], layout.weight_dtype, layout.weight_shape(m.shape)))
-            scale_shape = layout.scale_shape(m.shape) if layout.block_scales else fl.tensor_scale_shape(fmt, m.shape)
+            scale_shape = layout.scale_shape(m.shape) if layout.block_scales else fl.tensor_scale_shape(gfmt, m.shape)
             order.append(OutTensor(names["scale"], layout.scale_dtype, scale_shape))
             if layout.global_scale:
                 order.append(OutTensor(names["global_scale"], "F32", fl.scalar_shape))
@@ -208,6 +262,60 @@ def make_plan(
         ck, fmt, rules.expert_policy, flavor, groups, units, outputs, out_tensors,
         _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget,
     )
+
+
+def _group_format(key: str, names: list[str], decisions: dict[str, Decision], rules: RuleSet, default: str,
+                  picked: set[str]) -> str:
+    """The one format of a quantizer (mixed precision: --format-for choices, else --format). A fused
+    set shares one scale, so all of its members take one format."""
+    chosen = {}
+    for n in names:
+        c = rules.format_of(n, decisions[n])
+        if c is not None:
+            picked.add(c.selector)
+        chosen[n] = c.format if c is not None else default
+    if len(set(chosen.values())) > 1:
+        by = {f: n for n, f in chosen.items()}
+        parts = ", ".join(f"{show(n, quote=False)} takes {f}" for f, n in sorted(by.items()))
+        raise RuleError(f"quantizer {show(key, quote=False)}: the members of a fused set share one format, but {parts}")
+    return next(iter(chosen.values()))
+
+
+_EXPERTS = ".experts."
+
+
+def _check_moe_layers(groups: list[Group], decisions: dict[str, Decision]) -> None:
+    """All expert projections of one MoE layer take one format: engines build one fused-MoE method
+    per layer from expert 0's gate, up and down (docs/formats.md 1.2)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for g in groups:
+        m = g.members[0]
+        if decisions[m.name].expert is None or _EXPERTS not in m.name:
+            continue
+        layer = m.name.split(_EXPERTS, 1)[0]
+        first = seen.setdefault(layer, (g.format, g.key))
+        if first[0] != g.format:
+            raise RuleError(f"MoE layer {show(layer, quote=False)}: quantizer {show(first[1], quote=False)} takes "
+                            f"{first[0]} but {show(g.key, quote=False)} takes {g.format}; engines run one format "
+                            "for all experts of a layer")
+
+
+def _flavor_for(used: list[str], fmt: str, flavor: str | None) -> str:
+    """The flavor that spells every format in `used`: the one asked for (else the refusal), or by default
+    the --format's default flavor, else the first flavor that spells them all."""
+    if flavor is not None:
+        for f in used:
+            why = refusal(flavor, f)
+            if why:
+                lead = f"--format {f}" if f == fmt else f"--format-for ...={f}"
+                raise PlanError(f"{lead} --flavor {flavor} is refused: {why}")
+        return flavor
+    order = [formats.default_flavor(fmt, FLAVORS)] + list(FLAVORS)
+    for cand in order:
+        if all(refusal(cand, f) is None for f in used):
+            return cand
+    raise PlanError(f"no flavor spells all of {', '.join(used)} (mixed precision needs one flavor for every format): "
+                    + "; ".join(f"{f}: {refusal(order[0], f)}" for f in used if refusal(order[0], f)))
 
 
 def _check_complete(key: str, ds: list[Decision], names: list[str]) -> None:

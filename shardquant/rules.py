@@ -95,7 +95,52 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("te_mlp", r"(?P<prefix>.*\.mlp\.(?P<proj>linear_fc1|linear_fc2))\.weight", QUANTIZE, "{prefix}"),
 )
 
+# What `--format-for KIND=FORMAT` names: the built-in rows by the part of the model they claim.
+KINDS: dict[str, tuple[str, ...]] = {
+    "attention": ("attn_qkv", "mla_a", "attn_other", "attn_fused_qkv", "te_attn"),
+    "experts": ("experts_gate_up", "experts_down", "mixtral_w13", "mixtral_w2", "te_experts"),
+    "shared-experts": ("shared_expert_gate_up", "shared_expert_down"),
+    "mlp": ("mlp_gate_up", "mlp_down", "mlp_fused_gate_up", "te_mlp"),
+}
+KEEP_FORMAT = "keep"  # --format-for ...=keep: left in high precision
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """`SELECTOR=FORMAT`: the quantizers a selector picks take FORMAT instead of --format (mixed
+    precision). SELECTOR is a kind (KINDS), a rule name, or else a regex full-matched against the
+    tensor's name or its module's name. FORMAT is a registered format or `keep`."""
+
+    selector: str
+    format: str
+    regex: re.Pattern | None = field(default=None, repr=False, compare=False)
+
+    def picks(self, name: str, rule: str) -> bool:
+        if self.selector in KINDS:
+            return rule in KINDS[self.selector]
+        if self.selector == rule:
+            return True
+        return self.regex is not None and any(self.regex.fullmatch(n) for n in (name, module_name(name)))
+
+
+def format_choice(spec: str, known: tuple[str, ...], where: str = "--format-for") -> FormatChoice:
+    """Parse `SELECTOR=FORMAT` (FORMAT one of `known` or `keep`, any case)."""
+    selector, sep, fmt = spec.rpartition("=")
+    fmt = fmt.strip().lower()
+    if not sep or not selector.strip():
+        raise RuleError(f"{where} {show(spec)}: expected SELECTOR=FORMAT (e.g. attention=fp8-block)")
+    if fmt not in known and fmt != KEEP_FORMAT:
+        raise RuleError(f"{where} {show(spec)}: unknown format {show(fmt)}; choose one of "
+                        f"{', '.join(known)} or {KEEP_FORMAT}")
+    selector = selector.strip()
+    rx = None
+    if selector not in KINDS and selector not in _RULE_NAMES:
+        rx = _compile(selector, f"{where} {show(spec)}:")
+    return FormatChoice(selector, fmt, rx)
+
+
 _LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\..*")
+_RULE_NAMES = frozenset(r.name for r in BUILTIN_RULES) | {"--include"}
 TE_WEIGHT = re.compile(r"(?P<base>.*)\.weight(?P<idx>\d+)")  # TransformerEngine grouped `m.weight{E}`: module m
 
 
@@ -134,6 +179,7 @@ class RuleSet:
         exclude: tuple[str, ...] = (),
         expert_policy: str = "shared",
         num_layers: int | None = None,
+        format_for: tuple[FormatChoice, ...] = (),
     ):
         if expert_policy not in EXPERT_POLICIES:
             raise RuleError(f"expert policy must be one of {EXPERT_POLICIES}, not {show(expert_policy)}")
@@ -142,6 +188,11 @@ class RuleSet:
         self.exclude = tuple(_compile(p, "--exclude") for p in exclude)
         self.expert_policy = expert_policy
         self.num_layers = num_layers
+        self.format_for = tuple(format_for)
+
+    def format_of(self, name: str, d: Decision) -> FormatChoice | None:
+        """The first --format-for / rules-file choice that picks this quantized tensor, or None."""
+        return next((c for c in self.format_for if c.picks(name, d.rule)), None)
 
     def classify(self, name: str, dtype: str, shape: tuple[int, ...]) -> Decision:
         module = name.removesuffix(".weight")  # an --include quantizer's key
@@ -198,28 +249,43 @@ def _compile(pattern: str, flag: str) -> re.Pattern:
         raise RuleError(f"{flag} {show(pattern)}: bad regex ({e})") from None
 
 
-def load_rules(path: Path) -> tuple[Rule, ...]:
-    """User rows from a TOML or JSON file: `[[rule]]` tables (or a "rules" list) with
-    pattern, action, key, fuse, reason, name. They go in front of the built-in table."""
+def _read_table(path: Path) -> object:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RuleError(f"{show_path(path)}: cannot read rules file ({show(str(e), quote=False)})") from None
     try:
         if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
+            return json.loads(text)
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
     except ValueError as e:
         raise RuleError(f"{show_path(path)}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} "
                         f"({show(str(e), quote=False)})") from None
-    rows = data.get("rule", data.get("rules")) if isinstance(data, dict) else data
+
+
+def load_rules(path: Path) -> tuple[Rule, ...]:
+    """User rows from a TOML or JSON file: `[[rule]]` tables (or a "rules" list) with
+    pattern, action, key, fuse, reason, name. They go in front of the built-in table."""
+    return load_rules_file(path, ())[0]
+
+
+def load_rules_file(path: Path, known_formats: tuple[str, ...]) -> tuple[tuple[Rule, ...], tuple[FormatChoice, ...]]:
+    """User rows and format choices from a TOML or JSON file: `[[rule]]` tables (or a "rules" list)
+    with pattern, action, key, fuse, reason, name, in front of the built-in table; `[[format]]`
+    tables (or a "formats" list) with select and format (mixed precision: see FormatChoice)."""
+    data = _read_table(path)
+    rows = data.get("rule", data.get("rules", [])) if isinstance(data, dict) else data
+    picks = data.get("format", data.get("formats", [])) if isinstance(data, dict) else []
+    if isinstance(data, dict) and not set(data) & {"rule", "rules", "format", "formats"}:
+        rows = None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise RuleError(f"{show_path(path)}: expected a list of rules ([[rule]] tables or a \"rules\" array)")
+    if not isinstance(picks, list) or not all(isinstance(r, dict) for r in picks):
+        raise RuleError(f"{show_path(path)}: expected [[format]] tables (or a \"formats\" array) with select and format")
     out = []
     allowed = {"name", "pattern", "action", "key", "fuse", "reason"}
     for i, r in enumerate(rows):
@@ -237,4 +303,10 @@ def load_rules(path: Path) -> tuple[Rule, ...]:
             ))
         except RuleError as e:
             raise RuleError(f"{show_path(path)}: {e}") from None
-    return tuple(out)
+    choices = []
+    for i, r in enumerate(picks):
+        if set(r) != {"select", "format"} or not all(isinstance(v, str) for v in r.values()):
+            raise RuleError(f"{show_path(path)}: format {i}: needs exactly select and format (strings)")
+        choices.append(format_choice(f"{r['select']}={r['format']}", known_formats or (r["format"].lower(),),
+                                     f"{show_path(path)}: format {i}"))
+    return tuple(out), tuple(choices)

@@ -92,6 +92,40 @@ class Announced:
     exclude: tuple[str, ...]
     quant_algo: str | None = None  # ModelOpt's, e.g. NVFP4 (W4A4: input_scale required)
     schemes: tuple = ()  # compressed-tensors: (weights strategy, activations "dynamic-token" | "static" | None)
+    targets: tuple = ()  # compressed-tensors with several config groups: ((format, targets, scheme), ...)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """Every format the checkpoint announces (more than one: mixed precision)."""
+        if self.targets:
+            return tuple(dict.fromkeys(f for f, _, _ in self.targets if f is not None))
+        return (self.format,) if self.format else ()
+
+    def format_of(self, module: str) -> str | None:
+        """The format a module takes, resolved as the engines resolve config groups (docs/formats.md
+        1.2): a target naming the module (exactly or `re:`, matched at its start) before a class-name
+        target (`Linear`: any linear). None: no group targets it."""
+        return self._group_of(module)[0]
+
+    def scheme_of(self, module: str) -> tuple:
+        return self._group_of(module)[1] if self.targets else (self.schemes[0] if self.schemes else (None, None))
+
+    def _group_of(self, module: str) -> tuple:
+        if not self.targets:
+            return self.format, None
+        for by_name in (True, False):
+            for fmt, targets, scheme in self.targets:
+                for t in targets:
+                    if t == "Linear":
+                        hit = not by_name
+                    elif t.startswith("re:"):
+                        rx = _regex(t[3:])
+                        hit = by_name and rx is not None and rx.match(module) is not None
+                    else:
+                        hit = by_name and t == module
+                    if hit:
+                        return fmt, scheme
+        return None, None
 
 
 def _strategy(w: object) -> str | None:
@@ -104,8 +138,10 @@ def _act(a: object) -> str | None:
     return f"dynamic-{a.get('strategy')}" if a.get("dynamic") is True else "static"
 
 
-def announced(root: Path, found: list[Violation], warnings: list[str]) -> Announced:
-    """Flavor, format, producer and exclude list from config.json and hf_quant_config.json."""
+def announced(root: Path, found: list[Violation], warnings: list[str], prefer: frozenset[str] = frozenset()) -> Announced:
+    """Flavor, format, producer and exclude list from config.json and hf_quant_config.json. `prefer`:
+    the formats a scale manifest names, which decide between formats spelled alike (fp8 and
+    fp8-channel are both compressed-tensors `channel` weights)."""
     cfg = _json(root / "config.json", found) or {}
     hf = _json(root / "hf_quant_config.json", found)
     qc = cfg.get("quantization_config")
@@ -114,7 +150,7 @@ def announced(root: Path, found: list[Violation], warnings: list[str]) -> Announ
         found.append(Violation("config", "config.json", "quantization_config is not an object"))
     method = qc.get("quant_method")
     if method == "compressed-tensors":
-        ann = _announced_ct(qc, found)
+        ann = _announced_ct(qc, found, prefer)
     elif isinstance(method, str) and method in BLOCK_FP8_METHODS and hf is None:
         ann = _announced_block_fp8(qc, found)
     elif method == "modelopt" or hf is not None:
@@ -144,23 +180,39 @@ def _json(path: Path, found: list[Violation]) -> dict | None:
         return None
 
 
-def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
+def _announced_ct(qc: dict, found: list[Violation], prefer: frozenset[str] = frozenset()) -> Announced:
     groups = qc.get("config_groups", {})
     if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
         found.append(Violation("config", "config.json", "quantization_config.config_groups must map names to objects"))
         groups = groups if isinstance(groups, dict) else {}
-    names = [qc.get("format")] + [g.get("format") for g in groups.values() if isinstance(g, dict)]
+    groups = {k: g for k, g in groups.items() if isinstance(g, dict)}
+    names = [qc.get("format")] + [g.get("format") for g in groups.values()]
     if any(n is not None and not isinstance(n, str) for n in names):  # engines parse it as a string
         found.append(Violation("config", "config.json", "a compressed-tensors format that is not a string"))
-    names = {n for n in names if isinstance(n, str) and n != "mixed-precision"}  # a list is unhashable
-    strategies = {_strategy(g.get("weights")) for g in groups.values() if isinstance(g, dict)}
-    fmts = {_ct_format(n, st) for n in names for st in (strategies or {None})}
-    fmt = None
-    if len(fmts) != 1 or None in fmts:
-        found.append(Violation("config", "config.json", f"compressed-tensors format(s) "
-                               f"{short_repr(sorted(names))}: verify supports one of {', '.join(CT_FORMATS)}"))
-    else:
-        fmt = fmts.pop()
+    top = qc.get("format") if isinstance(qc.get("format"), str) else None
+    per_group = []  # (format, targets, scheme) of each config group
+    for gname, g in groups.items():
+        spelling = g.get("format") if isinstance(g.get("format"), str) else top
+        strategy = _strategy(g.get("weights"))
+        fmt = _ct_format(spelling, strategy, prefer) if spelling and spelling != "mixed-precision" else None
+        if fmt is None:
+            found.append(Violation("config", "config.json", f"config group {short_repr(gname)}: compressed-tensors "
+                                   f"format {short_repr(spelling)} with weights strategy {short_repr(strategy)}: "
+                                   f"verify supports one of {', '.join(CT_FORMATS)}"))
+        targets = g.get("targets", ["Linear"])
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            found.append(Violation("config", "config.json", f"config group {short_repr(gname)}: targets must be "
+                                   "a list of names"))
+            targets = []
+        per_group.append((fmt, tuple(targets), (strategy, _act(g.get("input_activations")))))
+    if not per_group:
+        fmt = _ct_format(top, None, prefer) if top not in (None, "mixed-precision") else None
+        if fmt is None:
+            found.append(Violation("config", "config.json", f"compressed-tensors format {short_repr(top)} and no "
+                                   f"config groups: verify supports one of {', '.join(CT_FORMATS)}"))
+        per_group.append((fmt, ("Linear",), (None, None)))
+    fmts = {f for f, _, _ in per_group if f is not None}
+    fmt = next(iter(fmts)) if len(fmts) == 1 else None
     if qc.get("quantization_status") != "compressed":
         found.append(Violation("config", "config.json", f"quantization_status "
                                f"{short_repr(qc.get('quantization_status'))}, expected 'compressed'"))
@@ -171,15 +223,22 @@ def _announced_ct(qc: dict, found: list[Violation]) -> Announced:
     version = qc.get("version")  # llm-compressor writes compressed-tensors' version, no producer
     version = version if isinstance(version, str) and version else None
     producer = _producer(qc.get("producer")) or (f"compressed-tensors {short_repr(version)[1:-1]}" if version else None)
-    schemes = tuple((_strategy(g.get("weights")), _act(g.get("input_activations")))
-                    for g in groups.values() if isinstance(g, dict))
-    return Announced("compressed-tensors", fmt, producer, tuple(ignore), schemes=schemes)
+    schemes = tuple(sch for _, _, sch in per_group)
+    mixed = tuple(per_group) if len(fmts) > 1 else ()
+    return Announced("compressed-tensors", fmt, producer, tuple(ignore), schemes=schemes, targets=mixed)
 
 
-def _ct_format(spelling: str, strategy: str | None) -> str | None:
-    """The format a compressed-tensors format name means with this weights strategy: `float-quantized`
-    is fp8 (tensor or channel scales) or fp8-block (strategy `block`), as the declarations read it."""
+def _ct_format(spelling: str, strategy: str | None, prefer: frozenset[str] = frozenset()) -> str | None:
+    """The format a compressed-tensors format name means with this weights strategy, as the
+    declarations spell and read it: a format whose own spelling has this strategy first (the one a
+    manifest names, else the one without a shared per-quantizer scale: per-row scales are the general
+    reading of `channel`), else by tiles or not (`float-quantized` with `block` is fp8-block, with
+    `tensor` fp8)."""
     names = [n for n in formats.FORMATS if spelling in formats.declared(n).reads.get("compressed-tensors", ())]
+    own = [n for n in names
+           if ((formats.declared(n).compressed_tensors or {}).get("weights") or {}).get("strategy") == strategy]
+    if own:
+        return next((n for n in own if n in prefer), min(own, key=lambda n: formats.declared(n).quantizer_scale))
     for n in names:
         if bool(formats.declared(n).block) == (strategy == "block"):
             return n
@@ -496,11 +555,12 @@ def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
         out.append(Violation("global-scale", m.name, why))
     s = m.tensors.get(fl.scale_name)
     f = formats.declared(fmt)
-    if f.block and s is not None and s.dtype == "F32":  # fp32 tile scales: the code is multiplied by each
+    if (f.block or f.granularity == "row") and s is not None and s.dtype == "F32":  # fp32 tile or row scales
         vals = read_raw(s)
         bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
         if bad:
-            out.append(Violation("block-scale", m.name, f"{bad} of {s.numel} tile scales NaN, Inf or <= 0"))
+            what = "tile" if f.block else "row"
+            out.append(Violation("block-scale", m.name, f"{bad} of {s.numel} {what} scales NaN, Inf or <= 0"))
     elif f.block_size and s is not None and s.dtype == "U8":  # E8M0 block scales (docs/formats.md, MX)
         codes = read_raw(s)
         nan, zero = int(np.count_nonzero(codes == 0xFF)), int(np.count_nonzero(codes == 0))
@@ -763,7 +823,9 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
     raw, man = _read_manifest(root, found, warnings)
     fc = _start_files(root, raw, hashes, warnings, ignore)
     try:
-        ann = announced(root, found, warnings)
+        prefer = frozenset({man.get("format")} | {q.get("format") for q in man.get("quantizers", {}).values()}
+                           if man else ())
+        ann = announced(root, found, warnings, prefer)
         if (ann.producer or "").split(" ")[0] == "shardquant" and not os.path.lexists(root / manifest.MANIFEST_NAME):
             found.append(Violation("manifest", manifest.MANIFEST_NAME, "missing, yet the config names shardquant as "
                                    "the producer (it always writes one)"))
@@ -785,11 +847,14 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
                     found.append(Violation("unlisted-high-precision", m.name,
                                            f"{w.dtype} {list(w.shape)} linear not in the exclude list"))
                 continue
-            if fl is None or ann.format is None:
+            fmt = ann.format_of(m.base)
+            if fl is None or fmt is None:
+                if fl is not None and ann.targets:
+                    found.append(Violation("config", m.name, "quantized, but no config group targets it"))
                 continue
             try:
-                problems = _check_module(m, fl, ann.format, ann.quant_algo) + _check_scales(m, fl, ann.format)
-                v = _global_value(m, fl, ann.format)
+                problems = _check_module(m, fl, fmt, ann.quant_algo) + _check_scales(m, fl, fmt)
+                v = _global_value(m, fl, fmt)
             except HeaderError as e:  # a shard shrunk or vanished since its header was read
                 found.append(Violation("index", m.name, str(e)))
                 continue
@@ -800,7 +865,7 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
                 good[key] = m
         found += _fused(mods, gs)
         found += _moe_fp8_served(ann, mods)
-        if man is not None and fl is not None and ann.format is not None:
+        if man is not None and fl is not None and ann.formats:
             _check_manifest(man, ann, fl, tensors, mods, gs, found)
         found[:0] = fc.finish()
     finally:
@@ -837,14 +902,18 @@ _CT_FP8_MOE = {("tensor", "static"), ("channel", "dynamic-token"), ("block", "dy
 def _moe_fp8_served(ann: Announced, mods: dict[str, Module]) -> list[Violation]:
     """A compressed-tensors FP8 MoE whose scheme the engines' MoE loaders refuse: weight-only FP8
     ("Unsupported FusedMoe scheme"), or per-tensor weights with dynamic per-token activations."""
-    if ann.flavor != "compressed-tensors" or ann.format is None or formats.declared(ann.format).num_bits != 8:
+    if ann.flavor != "compressed-tensors":
         return []
-    if formats.declared(ann.format).scale_dtype == "U8":
-        return []  # MXFP8: vLLM's own MX MoE method serves it (docs/formats.md, MX)
-    experts = [m for k, m in mods.items() if m.quantized and _EXPERT_IDX.search(k)]
+
+    def fp8(m: Module) -> bool:  # MXFP8 aside: vLLM's own MX MoE method serves it (docs/formats.md, MX)
+        f = ann.format_of(m.base)
+        return f is not None and formats.declared(f).num_bits == 8 and formats.declared(f).scale_dtype != "U8"
+
+    experts = [m for k, m in mods.items() if m.quantized and _EXPERT_IDX.search(k) and fp8(m)]
     if not experts:
         return []
-    bad = sorted({f"weights {w} with {a or 'no'} activation quantization" for w, a in ann.schemes
+    schemes = {ann.scheme_of(m.base) for m in experts} if ann.targets else set(ann.schemes)
+    bad = sorted({f"weights {w} with {a or 'no'} activation quantization" for w, a in schemes
                   if (w, a) not in _CT_FP8_MOE}, key=str)
     if not bad:
         return []
@@ -950,32 +1019,34 @@ def _f32(x: float | int) -> np.float32:
 
 def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, TensorInfo],
                     mods: dict[str, Module], gs: dict[str, np.float32], found: list[Violation]) -> None:
-    """The manifest (valid against its schema) against the tensors and the announced flavor/format."""
+    """The manifest (valid against its schema) against the tensors and the announced flavor/format(s)."""
     name = manifest.MANIFEST_NAME
-    for k in ("flavor", "format"):
-        if man[k] != getattr(ann, k):
-            found.append(Violation("manifest", name, f"{k} {man[k]!r}, but the checkpoint is {getattr(ann, k)!r}"))
-    fmt = formats.get(man["format"])
     mt, qs = man["tensors"], man["quantizers"]
-    scaled = fmt.FORMAT.quantizer_scale  # else block scales only: no per-quantizer scale (null)
+    fmt_of = {key: q.get("format", man["format"]) for key, q in qs.items()}  # older manifests: one format
+    if man["flavor"] != ann.flavor:
+        found.append(Violation("manifest", name, f"flavor {man['flavor']!r}, but the checkpoint is {ann.flavor!r}"))
+    used = set(fmt_of.values()) or {man["format"]}
+    if used != set(ann.formats):
+        what = "format" if len(used) == 1 else "formats"
+        found.append(Violation("manifest", name, f"{what} {', '.join(sorted(used))}, but the checkpoint announces "
+                               f"{', '.join(ann.formats) or 'none'}"))
     for key, q in qs.items():
+        fmt = formats.get(fmt_of[key])
+        scaled = fmt.FORMAT.quantizer_scale  # else block scales only: no per-quantizer scale (null)
+        for src in q["members"]:
+            if mt.get(src, {}).get("quantizer") != key:
+                found.append(Violation("manifest", src, f"member of quantizer {key} without a tensors entry naming it"))
         if not scaled or q["global_scale"] is None:
             if scaled or q["global_scale"] is not None:
                 found.append(Violation("manifest", key, f"global_scale {short_repr(q['global_scale'])}: "
-                                       f"{man['format']} {'has' if scaled else 'has no'} per-quantizer scale"))
-            for src in q["members"]:
-                if mt.get(src, {}).get("quantizer") != key:
-                    found.append(Violation("manifest", src, f"member of quantizer {key} without a tensors entry naming it"))
+                                       f"{fmt_of[key]} {'has' if scaled else 'has no'} per-quantizer scale"))
             continue
         amax, g = _f32(q["amax"]), _f32(q["global_scale"])
         with np.errstate(over="ignore", invalid="ignore"):
             want_g = fmt.global_scale(amax)
         if want_g != g or float(g) != q["global_scale"]:
             found.append(Violation("manifest", key, f"global_scale {short_repr(q['global_scale'])} is not the "
-                                   f"{man['format']} global scale of amax {short_repr(q['amax'])}"))
-        for src in q["members"]:
-            if mt.get(src, {}).get("quantizer") != key:
-                found.append(Violation("manifest", src, f"member of quantizer {key} without a tensors entry naming it"))
+                                   f"{fmt_of[key]} global scale of amax {short_repr(q['amax'])}"))
     for src, e in mt.items():
         q = qs.get(e["quantizer"])
         if q is None or src not in q["members"]:
@@ -985,13 +1056,19 @@ def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, Te
         if absent:
             found.append(Violation("manifest", src, f"names tensor(s) not in the checkpoint: {', '.join(absent)}"))
             continue
+        qfmt = fmt_of[e["quantizer"]]
+        m = mods.get(src)
+        announced_fmt = ann.format_of(m.base) if m is not None else None
+        if ann.targets and announced_fmt is not None and announced_fmt != qfmt:
+            found.append(Violation("manifest", src, f"quantizer {e['quantizer']} is {qfmt}, but the config gives "
+                                   f"the module {announced_fmt}"))
         if q["global_scale"] is None:
             continue
         v = gs.get(src)
         with np.errstate(over="ignore", divide="ignore"):
-            want = fl.scalar(man["format"], _f32(q["global_scale"])).reshape(-1)[0]
+            want = fl.scalar(qfmt, _f32(q["global_scale"])).reshape(-1)[0]
         if v is not None and v.tobytes() != want.tobytes():
-            conv = " (compressed-tensors stores 1/global_scale)" if fl.inverted(ann.format) else ""
+            conv = " (compressed-tensors stores 1/global_scale)" if fl.inverted(qfmt) else ""
             found.append(Violation("manifest", src, f"{e['global_scale']} holds {float(v):.9g}, manifest quantizer "
                                    f"{e['quantizer']} says {float(want):.9g}{conv}"))
     for key, m in mods.items():
@@ -1003,7 +1080,10 @@ def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, Te
 
 
 def load_schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    """manifest.schema.json with the format names of the registry (a new format needs no schema edit)."""
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    schema["$defs"]["format"]["enum"] = sorted(formats.FORMATS)
+    return schema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1017,22 +1097,23 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
     a violation. hashes=False skips reading whole files for their SHA-256 (sizes are still checked)."""
     t0 = time.perf_counter()
     c = _contract(Path(path), hashes)
-    rep = Report(str(path), c.ann.flavor, c.ann.format, c.ann.producer,
+    rep = Report(str(path), c.ann.flavor, ", ".join(c.ann.formats) or None, c.ann.producer,
                  sum(m.quantized for m in c.mods.values()), c.violations, c.warnings,
                  files_checked=c.files_listed, hashed=c.hashed)
     if c.files_listed is not None and not hashes:
         rep.warnings.append("file contents not hashed (--no-hashes): sizes checked, SHA-256 not")
-    if source is not None and c.ann.format is not None:
+    if source is not None and c.ann.formats:
         rep.source = source
-        rep.min_sqnr = DEFAULT_MIN_SQNR[c.ann.format] if min_sqnr is None else min_sqnr
-        _compare(c, source, revision, rep)
+        rep.min_sqnr = min(DEFAULT_MIN_SQNR[f] for f in c.ann.formats) if min_sqnr is None else min_sqnr
+        _compare(c, source, revision, rep, min_sqnr)
     rep.seconds = time.perf_counter() - t0
     return rep
 
 
-def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> None:
+def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sqnr: float | None = None) -> None:
+    """Each quantized tensor against its source at its own format's SQNR floor (or `min_sqnr`)."""
     ck = open_checkpoint(source, revision)
-    fl, fmt = FLAVORS[c.ann.flavor], c.ann.format
+    fl = FLAVORS[c.ann.flavor]
     qs = c.man["quantizers"] if c.man is not None else {}
     quantizer_of = {src: e["quantizer"] for src, e in (c.man or {}).get("tensors", {}).items()
                     if e["quantizer"] in qs}  # one naming no quantizer is a contract violation already
@@ -1044,7 +1125,8 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
         if src is None:
             rep.violations.append(Violation("source", m.name, f"quantized, but the source has no {key}"))
             continue
-        if key not in c.good or (formats.declared(fmt).quantizer_scale and key not in c.gs):
+        fmt = c.ann.format_of(m.base)
+        if fmt is None or key not in c.good or (formats.declared(fmt).quantizer_scale and key not in c.gs):
             continue  # malformed: already reported by the contract
         w = m.tensors[fl.weight_name(fmt)]
         layout = formats.declared(fmt)
@@ -1066,8 +1148,9 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report) -> Non
         rep.tensors.append(st)
         if key in quantizer_of:
             amax[qkey] = max(amax.get(qkey, np.float32(0)), np.float32(np.max(np.abs(ref), initial=0)))
-        if not st.sqnr_db >= rep.min_sqnr:  # NaN too
-            rep.violations.append(Violation("sqnr", key, f"SQNR {st.sqnr_db:.2f} dB < {rep.min_sqnr:g} dB "
+        floor = DEFAULT_MIN_SQNR[fmt] if min_sqnr is None else min_sqnr
+        if not st.sqnr_db >= floor:  # NaN too
+            rep.violations.append(Violation("sqnr", key, f"SQNR {st.sqnr_db:.2f} dB < {floor:g} dB "
                                             f"(relative RMS error {st.rel_rms:.3g})"))
     for qkey, a in amax.items():
         q = qs[qkey]

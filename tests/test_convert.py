@@ -214,6 +214,19 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
                 assert torch.equal(osc, ts), n
                 ref = (tiles / ts[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(r, c)
                 assert torch.equal(ow.view(torch.uint8), ref.view(torch.uint8)), f"FP8 codes differ: {n}"
+        elif decl.granularity == "row":  # fp8-channel: one fp32 scale per output row, from the row's own amax
+            assert q["global_scale"] is None, key
+            for n, w in zip(q["members"], ws):
+                e = man["tensors"][n]
+                assert e["global_scale"] is None, n
+                ow, osc = out_t[e["weight"]], out_t[e["scale"]]
+                assert ow.dtype == torch.float8_e4m3fn and ow.shape == w.shape, n
+                assert osc.dtype == torch.float32 and osc.shape == (w.shape[0], 1), n
+                rs = w.float().abs().amax(dim=1, keepdim=True) / torch.tensor(448.0)
+                rs = torch.where(rs < torch.finfo(torch.float32).tiny, torch.ones_like(rs), rs)
+                assert torch.equal(osc, rs), n
+                ref = (w.float() / rs).clamp(-448, 448).to(torch.float8_e4m3fn)
+                assert torch.equal(ow.view(torch.uint8), ref.view(torch.uint8)), f"FP8 codes differ: {n}"
         elif decl.scale_rule == "ct-round-pow2":  # MX: E8M0 bytes per 32, compressed-tensors' own (tests/test_mx.py)
             from test_mx import codes_of, ct_quantize
 
@@ -502,9 +515,11 @@ def test_plan_prints_table_and_totals(sources, converted):
     assert r.exit_code == 0, r.output
     man = json.loads((converted("qwen3_moe", "nvfp4", "shared") / MANIFEST).read_text())
     lines = r.stdout.splitlines()
-    assert lines[0].split()[:2] == ["quantizer", "members"]
-    rows = {ln.split()[0]: int(ln.split()[1]) for ln in lines[1:] if not ln.startswith(("total:", "estimated"))}
-    assert rows == {k: len(q["members"]) for k, q in man["quantizers"].items()}
+    assert lines[0] == "modelopt flavor; format nvfp4"
+    assert lines[1].split()[:3] == ["quantizer", "format", "members"]
+    rows = {ln.split()[0]: (ln.split()[1], int(ln.split()[2])) for ln in lines[2:]
+            if not ln.startswith(("total:", "estimated"))}
+    assert rows == {k: (q["format"], len(q["members"])) for k, q in man["quantizers"].items()}
     total = next(ln for ln in lines if ln.startswith("total:"))
     assert f"total: {len(man['quantizers'])} quantizers, {len(man['tensors'])} tensors quantized, " \
            f"{len(man['excluded'])} kept" in total

@@ -4,6 +4,7 @@ Marked `gpu`: run with `pytest -m gpu` on a machine with a CUDA device; skipped 
 import filecmp
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -30,9 +31,22 @@ def _raw(x: np.ndarray, dtype: str) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def _cases(rng):
-    """Random shapes and magnitudes plus planted edge cases: zero blocks, -0.0, ties, extremes."""
-    for rows, cols in [(1, 16), (3, 48), (17, 272), (64, 2048), (257, 1024)]:
+# Largest finite value of each storage type (bf16's is below fp32's: fp32's max rounds to Inf in bf16).
+_MAX = {"BF16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), "F16": 65504.0, "F32": float(np.finfo(np.float32).max)}
+# Values that are exact ties between neighbouring E4M3 codes at scale 1: subnormal (units of 2^-9),
+# the first binade, [1, 2) and [256, 448).
+_E4M3_TIES = ([(2 * k + 1) * 2.0**-10 for k in range(8)] + [2.0**-6 + 2.0**-10, 2.0**-6 + 3 * 2.0**-10]
+              + [1 + (2 * j + 1) / 16 for j in range(8)] + [256 + 16 * (2 * j + 1) for j in range(6)])
+_E2M1_TIES = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 3.0]
+
+
+def _cases(rng, dtype: str):
+    """Random shapes and magnitudes plus planted edge cases: zero blocks, -0.0, ties, extremes.
+    Shapes include whole and edge 128x128 tiles, rows that are not whole 16-byte loads and rows
+    longer than fp8_channel_quant keeps in registers; _takes picks those a format can quantize."""
+    shapes = [(1, 16), (3, 48), (17, 272), (64, 2048), (257, 1024), (128, 128), (256, 384), (129, 256),
+              (300, 160), (5, 131), (33, 260), (3, 20480)]
+    for rows, cols in shapes:
         for scale in (1e-3, 1.0, 300.0):
             yield f"rand{rows}x{cols}@{scale}", rng.standard_normal((rows, cols)) * scale
     x = rng.standard_normal((32, 64))
@@ -50,6 +64,43 @@ def _cases(rng):
     z = rng.standard_normal((8, 32)) * 1e-40  # subnormal in fp32 (zero in f16, tiny in bf16)
     z[0, :16] = 1e-45
     yield "subnormal", z
+    # Rounding ties at scale 1. Rows 0..63: 448 first (row, tile and fp8 scale 1.0; MX blocks 1..3
+    # have a max in [256, 448): E8M0 scale 1), then E4M3 ties of both signs. Rows 64..127: every
+    # 32-element block starts with 6.0 (MXFP4 scale 1), then E2M1 ties of both signs.
+    t = np.empty((128, 128))
+    e4 = np.array(_E4M3_TIES + [-v for v in _E4M3_TIES])
+    e2 = np.array(_E2M1_TIES + [-v for v in _E2M1_TIES])
+    for r in range(64):
+        t[r] = np.roll(np.resize(e4, 128), r)
+        t[r, 0] = 448.0
+        t[64 + r] = np.roll(np.resize(e2, 128), r)
+        t[64 + r, ::32] = 6.0
+    yield "ties", t
+    # E8M0 rounding: block maxima at and just below mantissa 1.75 (rounds up / not), powers of two,
+    # fp32 FLT_MIN and a subnormal; the second block of each row has the same maximum, negative.
+    maxima = [7.0, 6.96875, 3.5, 3.484375, 448.0, 446.0, 256.0, 1.0, 1.75 * 2.0**-100, 2.0**-126, 1e-40, 2.0**-14]
+    e = rng.uniform(-1, 1, (len(maxima), 64)) * np.array(maxima)[:, None]
+    e[:, 0] = maxima
+    e[:, 33] = [-m for m in maxima]
+    yield "e8m0-bounds", e
+    # Dead tiles and rows: tile (0,0) zeros, tile (0,1) -0.0 only; rows 200 and 201 all -0.0 and 0.0.
+    d = rng.standard_normal((256, 256))
+    d[:128, :128] = 0.0
+    d[:128, 128:] = -0.0
+    d[200] = -0.0
+    d[201] = 0.0
+    yield "dead", d
+    h = rng.uniform(-0.5, 0.5, (8, 64)) * _MAX[dtype]  # the storage type's largest values
+    h[0, 0], h[1, 40], h[2, :32] = _MAX[dtype], -_MAX[dtype], _MAX[dtype]
+    yield "largest", h
+
+
+def _takes(fmt: str, shape: tuple[int, int]) -> bool:
+    """Whether the format's NumPy quantizer takes this shape: whole blocks along the input dim
+    (Format.fits); a tiled format takes any shape (formats/fp8_block.py crops edge tiles) and its
+    kernel must match there too, though conversion keeps such weights in high precision."""
+    fmt_ = formats.declared(fmt)
+    return fmt_.block is not None or fmt_.fits(shape) is None
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +111,57 @@ def gpu():
 @pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_match_numpy_code_for_code(gpu, fmt, dtype):
-    if not formats.declared(fmt).kernel:
+    declared = formats.declared(fmt)
+    if not declared.kernel:
         pytest.skip(f"{fmt} declares no GPU kernel (formats/base.py Format.kernel): it converts on the CPU")
     rng = np.random.default_rng(7)
     cpu = NumpyBackend()
-    for label, x in _cases(rng):
+    ran = 0
+    for label, x in _cases(rng, dtype):
+        if not _takes(fmt, x.shape):
+            continue
+        ran += 1
         raw = _raw(x, dtype)
         amax_c = tensor_amax(raw, dtype, label)
         amax_g = gpu.amax(gpu.load(raw), dtype, label)
         assert amax_c.view(np.uint32) == np.float32(amax_g).view(np.uint32), (label, amax_c, amax_g)
         # a second global scale unrelated to this tensor's amax exercises clamping at both ends
-        for gs in {formats.get(fmt).global_scale(amax_c), np.float32(amax_c / 7.0 + 1e-30)}:
+        # (formats whose scales are all their own ignore it: one run)
+        gss = {formats.get(fmt).global_scale(amax_c), np.float32(amax_c / 7.0 + 1e-30)}
+        for gs in gss if declared.quantizer_scale else list(gss)[:1]:
             wc, sc = cpu.quantizer(fmt, gs).quantize(raw, dtype, label)
             wg, sg = gpu.quantizer(fmt, gs).quantize(gpu.load(raw), dtype, label)
             _same(wc, wg, f"{label} {dtype} {fmt} weight", raw)
             if sc is not None:
                 _same(sc, sg, f"{label} {dtype} {fmt} scale", raw)
+            else:
+                assert sg is None, label
+    assert ran >= 20, f"only {ran} cases fit {fmt}"
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_refused_by_every_format(gpu, fmt, dtype, bad):
+    """NaN/Inf in one tile / row / block: both backends raise NumericError naming the tensor. Formats
+    with a per-quantizer scale refuse it in their amax pass, the conversion's first step for every
+    group (their kernels then never see it); the others in their own kernel."""
+    from shardquant.errors import NumericError
+
+    declared = formats.declared(fmt)
+    if not declared.kernel:
+        pytest.skip(f"{fmt} declares no GPU kernel")
+    name = "model.layers.3.mlp.experts.7.down_proj.weight"
+    x = np.random.default_rng(3).standard_normal((256, 256))
+    x[130, 200] = bad  # tile (1, 1), MX block (130, 6)
+    raw = _raw(x, dtype)
+    with pytest.raises(NumericError, match=name):
+        NumpyBackend().quantizer(fmt, np.float32(1.0)).quantize(raw, dtype, name)
+    with pytest.raises(NumericError, match=name):
+        if declared.quantizer_scale:
+            gpu.amax(gpu.load(raw), dtype, name)
+        else:
+            gpu.quantizer(fmt, np.float32(1.0)).quantize(gpu.load(raw), dtype, name)
 
 
 def _same(a: np.ndarray, b: np.ndarray, what: str, raw: np.ndarray) -> None:
@@ -106,7 +192,9 @@ def test_whole_conversion_gpu_equals_cpu_byte_for_byte(tmp_path, fmt):
         pytest.skip(f"{fmt} declares no GPU kernel (formats/base.py Format.kernel): --device cuda is refused")
     from shardquant.convert import convert
 
-    src = write_checkpoint(tmp_path / "src", qwen3_moe(hidden=128, layers=2, experts=8, inter=64), shard_bytes=300_000)
+    # every weight shape whole 128x128 tiles (so fp8-block quantizes) but k/v [64, 256]: one fused set kept
+    model = qwen3_moe(hidden=256, layers=2, experts=8, inter=128, heads=2, kv_heads=1, head_dim=64)
+    src = write_checkpoint(tmp_path / "src", model, shard_bytes=300_000)
     a = convert(str(src), tmp_path / "cpu", fmt, device="cpu")
     b = convert(str(src), tmp_path / "gpu", fmt, device="cuda")
     assert (a.backend, b.backend) == ("numpy", "cupy")

@@ -95,15 +95,17 @@ def test_gpu_quantizer_dispatches_to_the_declared_kernel(fmt):
     from shardquant.errors import ShardquantError
 
     calls = []
+    kernels = {formats.declared(f).kernel for f in formats.FORMATS} - {""}
 
     class Dev:
-        def nvfp4(self, x, dtype, gs):
-            calls.append(("nvfp4", dtype, float(gs)))
-            return "packed", "scales"
+        def __getattr__(self, kernel):  # a method per declared kernel, as shardquant/cuda Device has
+            if kernel not in kernels:
+                raise AttributeError(kernel)
 
-        def fp8(self, x, dtype, gs):
-            calls.append(("fp8", dtype, float(gs)))
-            return "codes"
+            def run(x, dtype, gs, name):
+                calls.append((kernel, dtype, float(gs), name))
+                return ("weight", "scales") if formats.declared(fmt).block_scales else "weight"
+            return run
 
         def to_host(self, *xs):
             return [f"host:{x}" for x in xs]
@@ -115,5 +117,15 @@ def test_gpu_quantizer_dispatches_to_the_declared_kernel(fmt):
             q.quantize("x", "BF16", "w")
         return
     weight, scale = q.quantize("x", "BF16", "w")
-    assert calls == [(kernel, "BF16", 0.5)]
+    assert calls == [(kernel, "BF16", 0.5, "w")]
     assert weight.startswith("host:") and (scale is None) == (not formats.declared(fmt).block_scales)
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+def test_declared_kernel_is_a_device_method(fmt):
+    """A declared kernel is a method of shardquant/cuda Device (importable without cupy): a name
+    without one would make --device cuda fail instead of falling back to the CPU."""
+    from shardquant.cuda import Device
+
+    kernel = formats.declared(fmt).kernel
+    assert not kernel or callable(getattr(Device, kernel, None)), kernel

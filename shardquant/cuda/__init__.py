@@ -12,7 +12,9 @@ from ..errors import ShardquantError
 
 _SRC = Path(__file__).with_name("kernels.cu")
 _TYPES = {"BF16": "unsigned short", "F16": "Half", "F32": "float"}
+_VEC = {"BF16": 8, "F16": 8, "F32": 4}  # elements per 16-byte load
 _THREADS = 256
+_ROW_CHUNKS = 8  # kernels.cu ROW_CHUNKS
 
 
 def available() -> bool:
@@ -43,8 +45,10 @@ class _Module:
         from cupy.cuda import compiler, function
 
         names = ["ieee_probe"]
-        for t in _TYPES.values():
-            names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>"]
+        for dtype, t in _TYPES.items():
+            names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>",
+                      f"mxfp8_quant<{t}>", f"mxfp4_quant<{t}>"]
+            names += [f"{k}<{t}, {v}>" for k in ("fp8_channel_quant", "fp8_block_quant") for v in (_VEC[dtype], 1)]
         with cupy.cuda.Device(device):
             try:
                 obj, mapping = compiler.compile_using_nvrtc(_SRC.read_text(), options=_OPTIONS, name_expressions=names)
@@ -75,8 +79,8 @@ def _module(device: int) -> _Module:
     return _Module(device)
 
 
-def _kernel(device: int, name: str, dtype: str):
-    return _module(device).get(f"{name}<{_TYPES[dtype]}>")
+def _kernel(device: int, name: str, dtype: str, *args: int):
+    return _module(device).get(f"{name}<{', '.join([_TYPES[dtype], *map(str, args)])}>")
 
 
 def _grid(n: int) -> tuple[int]:
@@ -137,8 +141,9 @@ class Device:
         """max |x| of one tensor (device array), exact; NaN/Inf raise NumericError naming it."""
         return self.amaxes([(x, dtype, name)])[0]
 
-    def nvfp4(self, x, dtype: str, s2: np.float32):
-        """Device arrays (packed uint8 [rows, cols/2], E4M3 codes uint8 [rows, cols/16])."""
+    def nvfp4(self, x, dtype: str, s2: np.float32, name: str = "the weight"):
+        """Device arrays (packed uint8 [rows, cols/2], E4M3 codes uint8 [rows, cols/16]). NaN/Inf are
+        refused by the quantizer's amax pass (amaxes), not here."""
         from ..formats.nvfp4 import code_thresholds
 
         rows, cols = x.shape
@@ -156,7 +161,8 @@ class Device:
                     stream=self.stream)
         return packed, scales
 
-    def fp8(self, x, dtype: str, scale: np.float32):
+    def fp8(self, x, dtype: str, scale: np.float32, name: str = "the weight"):
+        """Device E4M3 codes uint8 [rows, cols]; NaN/Inf are refused by the amax pass, as for nvfp4."""
         with self.device, self.stream:
             out = self.cp.empty(x.shape, dtype=self.cp.uint8)
             n = x.size
@@ -167,6 +173,84 @@ class Device:
                 _kernel(self.index, "fp8_quant_scalar", dtype)(_grid(n), (_THREADS,), (x, np.int64(n), np.float32(scale), out),
                                                                stream=self.stream)
         return out
+
+    # Formats whose scales are the tensor's own (rows, tiles, 32-element blocks): scales and codes in
+    # one launch that also reports NaN/Inf (kernels.cu `bad`), refused here before anything is returned.
+
+    def _flag(self):
+        return self.cp.zeros(1, dtype=self.cp.uint32)
+
+    def _refuse_nonfinite(self, bad, dtype: str, name: str) -> None:
+        """NumericError naming the tensor when a kernel saw NaN/Inf (its magnitude bits in `bad`)."""
+        from ..formats.base import check_finite
+
+        m = bad.get(stream=self.stream)
+        self.stream.synchronize()
+        check_finite(np.uint32(m[0]), dtype, name)
+
+    def _vec(self, x, dtype: str, cols: int) -> int:
+        """Elements per load: 16 bytes when every row starts 16-byte aligned, else 1."""
+        v = _VEC[dtype]
+        return v if cols % v == 0 and x.data.ptr % 16 == 0 else 1
+
+    def fp8_channel(self, x, dtype: str, gs=None, name: str = "the weight"):
+        """Device arrays (E4M3 codes uint8 [rows, cols], fp32 row scales [rows, 1]); formats/fp8_channel.py."""
+        rows, cols = x.shape
+        with self.device, self.stream:
+            x = self.cp.ascontiguousarray(x)
+            out = self.cp.empty((rows, cols), dtype=self.cp.uint8)
+            scales = self.cp.ones((rows, 1), dtype=self.cp.float32)
+            if x.size:
+                bad, v = self._flag(), self._vec(x, dtype, cols)
+                chunks = -(-(cols // v) // _ROW_CHUNKS)  # per row, over the threads' register slots
+                threads = min(_THREADS, max(32, -(-chunks // 32) * 32))
+                _kernel(self.index, "fp8_channel_quant", dtype, v)(
+                    (rows,), (threads,), (x, np.int64(cols), out, scales, bad), stream=self.stream)
+                self._refuse_nonfinite(bad, dtype, name)
+        return out, scales
+
+    def fp8_block(self, x, dtype: str, gs=None, name: str = "the weight"):
+        """Device arrays (E4M3 codes uint8 [rows, cols], fp32 tile scales [ceil(rows/128), ceil(cols/128)]);
+        formats/fp8_block.py, edge tiles included."""
+        rows, cols = x.shape
+        br, bc = 128, 128
+        with self.device, self.stream:
+            x = self.cp.ascontiguousarray(x)
+            out = self.cp.empty((rows, cols), dtype=self.cp.uint8)
+            scales = self.cp.empty((-(-rows // br), -(-cols // bc)), dtype=self.cp.float32)
+            if x.size:
+                bad = self._flag()
+                _kernel(self.index, "fp8_block_quant", dtype, self._vec(x, dtype, cols))(
+                    (scales.shape[1], scales.shape[0]), (256,), (x, np.int64(rows), np.int64(cols), out, scales, bad),
+                    stream=self.stream)
+                self._refuse_nonfinite(bad, dtype, name)
+        return out, scales
+
+    def _mx(self, kernel: str, x, dtype: str, name: str, packed_cols: int):
+        rows, cols = x.shape
+        if cols % 32:
+            raise ShardquantError(f"input dim {cols} of {name} is not a multiple of 32")
+        with self.device, self.stream:
+            x = self.cp.ascontiguousarray(x)
+            if x.data.ptr % 16:  # a view: 16-byte loads need an aligned start
+                x = x.copy()
+            out = self.cp.empty((rows, packed_cols), dtype=self.cp.uint8)
+            scales = self.cp.empty((rows, cols // 32), dtype=self.cp.uint8)
+            if x.size:
+                bad, nchunks = self._flag(), x.size // _VEC[dtype]
+                _kernel(self.index, kernel, dtype)(_grid(nchunks), (_THREADS,), (x, np.int64(nchunks), out, scales, bad),
+                                                   stream=self.stream)
+                self._refuse_nonfinite(bad, dtype, name)
+        return out, scales
+
+    def mxfp8(self, x, dtype: str, gs=None, name: str = "the weight"):
+        """Device arrays (E4M3 codes uint8 [rows, cols], E8M0 bytes uint8 [rows, cols/32]); formats/mxfp8.py."""
+        return self._mx("mxfp8_quant", x, dtype, name, x.shape[1])
+
+    def mxfp4(self, x, dtype: str, gs=None, name: str = "the weight"):
+        """Device arrays (packed E2M1 uint8 [rows, cols/2], low nibble first; E8M0 bytes uint8 [rows, cols/32]);
+        formats/mxfp4.py."""
+        return self._mx("mxfp4_quant", x, dtype, name, x.shape[1] // 2)
 
     def to_host(self, *xs) -> list[np.ndarray]:
         """Device arrays back to NumPy, after everything queued on this device's stream."""

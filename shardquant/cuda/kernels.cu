@@ -4,6 +4,8 @@
 
 #define E4M3_MAX 448.0f
 
+// Raw<T>: one storage type's magnitude bits (|x|, ordered as integers), exact fp32 value and sign;
+// inf_mag() is the magnitude at or above which a value is Inf or NaN (formats/base.py _NONFINITE).
 template <typename T> struct Raw;
 template <> struct Raw<unsigned short> {  // bf16
     static __device__ __forceinline__ unsigned int mag(unsigned short v) { return v & 0x7fffu; }
@@ -11,6 +13,7 @@ template <> struct Raw<unsigned short> {  // bf16
     static __device__ __forceinline__ float mag_f32(unsigned int m) { return __uint_as_float(m << 16); }
     static __device__ __forceinline__ unsigned int mag_f32_bits(unsigned int m) { return m << 16; }
     static __device__ __forceinline__ bool negative(unsigned short v) { return v & 0x8000u; }
+    static __device__ __forceinline__ unsigned int inf_mag() { return 0x7f80u; }
 };
 struct Half {};  // f16, stored as unsigned short
 __device__ __forceinline__ float f16_bits_to_f32(unsigned int h) {
@@ -27,6 +30,7 @@ template <> struct Raw<Half> {
     static __device__ __forceinline__ float mag_f32(unsigned int m) { return f16_bits_to_f32(m); }
     static __device__ __forceinline__ unsigned int mag_f32_bits(unsigned int m) { return __float_as_uint(f16_bits_to_f32(m)); }
     static __device__ __forceinline__ bool negative(unsigned short v) { return v & 0x8000u; }
+    static __device__ __forceinline__ unsigned int inf_mag() { return 0x7c00u; }
 };
 template <> struct Raw<float> {
     static __device__ __forceinline__ unsigned int mag(float v) { return __float_as_uint(v) & 0x7fffffffu; }
@@ -34,6 +38,7 @@ template <> struct Raw<float> {
     static __device__ __forceinline__ float mag_f32(unsigned int m) { return __uint_as_float(m); }
     static __device__ __forceinline__ unsigned int mag_f32_bits(unsigned int m) { return m; }
     static __device__ __forceinline__ bool negative(float v) { return __float_as_uint(v) >> 31; }
+    static __device__ __forceinline__ unsigned int inf_mag() { return 0x7f800000u; }
 };
 template <typename T> struct Store { typedef T type; };
 template <> struct Store<Half> { typedef unsigned short type; };
@@ -159,6 +164,235 @@ __global__ void fp8_quant_scalar(const typename Store<T>::type* __restrict__ x, 
     if (i >= n) return;
     float q = __fdiv_rn(Raw<T>::f32(x[i]), scale);
     out[i] = (unsigned char)e4m3_rne(fminf(fmaxf(q, -E4M3_MAX), E4M3_MAX));
+}
+
+// ---- Formats with their own scales (fp8-channel, fp8-block, mxfp8, mxfp4) ----
+// Each scale comes from the max magnitude of its row, tile or block, found in the same launch as the
+// codes. A NaN/Inf there writes its magnitude bits to `bad` and leaves that scale's codes unwritten;
+// the host refuses the tensor (Device._refuse_nonfinite), as the NumPy path refuses it.
+
+// V consecutive raw elements: one 16-byte load when they fill it (the caller guarantees alignment).
+template <typename S, int V>
+__device__ __forceinline__ void load_chunk(const S* __restrict__ p, S (&v)[V]) {
+    if (V * sizeof(S) == 16) {
+        *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(p));
+    } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = p[j];
+    }
+}
+
+// V code bytes (byte j of c is element j), one store when V is 4 or 8 (p aligned to V bytes).
+template <int V>
+__device__ __forceinline__ void store_codes(unsigned char* __restrict__ p, unsigned long long c) {
+    if (V == 8) {
+        *reinterpret_cast<unsigned long long*>(p) = c;
+    } else if (V == 4) {
+        *reinterpret_cast<unsigned int*>(p) = (unsigned int)c;
+    } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) p[j] = (unsigned char)(c >> (8 * j));
+    }
+}
+
+__device__ __forceinline__ unsigned int warp_max(unsigned int m) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    return m;
+}
+
+// The max over the thread block (blockDim.x a multiple of 32), returned to every thread. Once per kernel.
+__device__ __forceinline__ unsigned int block_max(unsigned int m) {
+    __shared__ unsigned int s[32];
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) s[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = max(m, s[w]);
+    return m;
+}
+
+// fp32 scale of a row or tile with max magnitude bits m: amax / 448, correctly rounded; 1.0 when
+// below FLT_MIN (zero, or subnormal), as formats/fp8_channel.py row_scales and fp8_block.py tile_scales.
+template <typename T>
+__device__ __forceinline__ float fp8_scale(unsigned int m) {
+    float s = __fdiv_rn(Raw<T>::mag_f32(m), E4M3_MAX);
+    return s < __uint_as_float(0x00800000u) ? 1.0f : s;
+}
+
+// e4m3_rne(clip(x / scale)) of V elements, byte j for element j (formats/fp8.py e4m3).
+template <typename T, int V>
+__device__ __forceinline__ unsigned long long fp8_codes(const typename Store<T>::type (&v)[V], float scale) {
+    unsigned long long c = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        float q = __fdiv_rn(Raw<T>::f32(v[j]), scale);
+        c |= (unsigned long long)e4m3_rne(fminf(fmaxf(q, -E4M3_MAX), E4M3_MAX)) << (8 * j);
+    }
+    return c;
+}
+
+#define ROW_CHUNKS 8  // chunks of V elements each thread of fp8_channel_quant keeps in registers
+
+// FP8, one fp32 scale per output row (formats/fp8_channel.py): one thread block per row, V elements
+// per load (rows cols % V == 0, 16-byte aligned; V = 1 otherwise). Up to ROW_CHUNKS chunks per thread
+// stay in registers between the row amax and the codes, so a row of up to ROW_CHUNKS * V * blockDim.x
+// elements is read from memory once; the rest of a longer row is read again (from L2) for its codes.
+template <typename T, int V>
+__global__ void fp8_channel_quant(const typename Store<T>::type* __restrict__ x, long long cols,
+                                  unsigned char* __restrict__ out, float* __restrict__ scales,
+                                  unsigned int* __restrict__ bad) {
+    typedef typename Store<T>::type S;
+    const S* xr = x + blockIdx.x * cols;
+    unsigned char* orow = out + blockIdx.x * cols;
+    const long long nc = cols / V;
+    S v[ROW_CHUNKS][V];
+    unsigned int m = 0;
+#pragma unroll
+    for (int k = 0; k < ROW_CHUNKS; ++k) {
+        long long c = threadIdx.x + (long long)k * blockDim.x;
+        if (c < nc) {
+            load_chunk<S, V>(xr + c * V, v[k]);
+#pragma unroll
+            for (int j = 0; j < V; ++j) m = max(m, Raw<T>::mag(v[k][j]));
+        }
+    }
+    for (long long c = threadIdx.x + (long long)ROW_CHUNKS * blockDim.x; c < nc; c += blockDim.x) {
+        S w[V];
+        load_chunk<S, V>(xr + c * V, w);
+#pragma unroll
+        for (int j = 0; j < V; ++j) m = max(m, Raw<T>::mag(w[j]));
+    }
+    m = block_max(m);
+    if (m >= Raw<T>::inf_mag()) {
+        if (threadIdx.x == 0) *bad = m;
+        return;
+    }
+    float s = fp8_scale<T>(m);
+    if (threadIdx.x == 0) scales[blockIdx.x] = s;
+#pragma unroll
+    for (int k = 0; k < ROW_CHUNKS; ++k) {
+        long long c = threadIdx.x + (long long)k * blockDim.x;
+        if (c < nc) store_codes<V>(orow + c * V, fp8_codes<T, V>(v[k], s));
+    }
+    for (long long c = threadIdx.x + (long long)ROW_CHUNKS * blockDim.x; c < nc; c += blockDim.x) {
+        S w[V];
+        load_chunk<S, V>(xr + c * V, w);
+        store_codes<V>(orow + c * V, fp8_codes<T, V>(w, s));
+    }
+}
+
+// FP8, one fp32 scale per 128x128 tile (formats/fp8_block.py): one block of 256 threads per tile
+// (grid: tile columns x tile rows). A tile row is 128 / V chunks; each thread holds the same chunk
+// column of every (256 / (128 / V))-th tile row: 64 elements in registers, so each element is read
+// once. Edge tiles hold only the elements inside the tensor, as the NumPy path crops them
+// (cols % V == 0, so a chunk is wholly inside or outside).
+template <typename T, int V>
+__global__ void __launch_bounds__(256) fp8_block_quant(const typename Store<T>::type* __restrict__ x, long long rows,
+                                                       long long cols, unsigned char* __restrict__ out,
+                                                       float* __restrict__ scales, unsigned int* __restrict__ bad) {
+    typedef typename Store<T>::type S;
+    const int CPR = 128 / V, RSTEP = 256 / CPR, K = 128 / RSTEP;
+    const long long col = blockIdx.x * 128LL + (threadIdx.x % CPR) * V;
+    const long long row0 = blockIdx.y * 128LL + threadIdx.x / CPR;
+    const bool in_cols = col < cols;
+    S v[K][V];
+    unsigned int m = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        long long r = row0 + (long long)k * RSTEP;
+        if (in_cols && r < rows) {
+            load_chunk<S, V>(x + r * cols + col, v[k]);
+#pragma unroll
+            for (int j = 0; j < V; ++j) m = max(m, Raw<T>::mag(v[k][j]));
+        }
+    }
+    m = block_max(m);
+    if (m >= Raw<T>::inf_mag()) {
+        if (threadIdx.x == 0) *bad = m;
+        return;
+    }
+    float s = fp8_scale<T>(m);
+    if (threadIdx.x == 0) scales[blockIdx.y * (long long)gridDim.x + blockIdx.x] = s;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        long long r = row0 + (long long)k * RSTEP;
+        if (in_cols && r < rows) store_codes<V>(out + r * cols + col, fp8_codes<T, V>(v[k], s));
+    }
+}
+
+// MX (formats/mxfp4.py, mxfp8.py): one E8M0 byte per 32 elements along the row (cols % 32 == 0, so
+// the blocks are the tensor's consecutive 32-element runs). One thread per 16-byte chunk of V
+// elements, L = 32 / V neighbouring lanes per block, their max combined by shuffles: every warp load
+// is one coalesced 512-byte run. Returns the block's byte and sets *inv = 2^(127 - byte), or returns
+// -1 for a thread past the end or a block holding NaN/Inf (whose magnitude goes to *bad).
+template <typename T, int EMAX>
+__device__ __forceinline__ int mx_block(const typename Store<T>::type* __restrict__ x, long long nchunks,
+                                        typename Store<T>::type (&v)[16 / sizeof(typename Store<T>::type)],
+                                        float* inv, unsigned char* __restrict__ scales, unsigned int* __restrict__ bad) {
+    typedef typename Store<T>::type S;
+    const int V = 16 / sizeof(S), L = 32 / V;
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const bool in = i < nchunks;  // nchunks is a multiple of L: a block's lanes are all in or all out
+    unsigned int m = 0;
+    if (in) {
+        load_chunk<S, V>(x + i * V, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) m = max(m, Raw<T>::mag(v[j]));
+    }
+#pragma unroll
+    for (int o = L / 2; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (!in) return -1;
+    if (m >= Raw<T>::inf_mag()) {
+        *bad = m;
+        return -1;
+    }
+    // mxfp4.e8m0_bytes: the amax's biased exponent after rounding up at mantissa >= 1.75, minus emax,
+    // clamped to 1..254 (bits + 2^21 cannot carry past 0x7fa00000: no overflow)
+    int e = (int)((Raw<T>::mag_f32_bits(m) + (1u << 21)) >> 23) - EMAX;
+    e = min(max(e, 1), 254);
+    if ((threadIdx.x & (L - 1)) == 0) scales[i / L] = (unsigned char)e;
+    *inv = __uint_as_float((unsigned int)(254 - e) << 23);  // mxfp4.inverse_scales (x * inv is exact but for underflow)
+    return e;
+}
+
+// MXFP8: e4m3_rne(clip(x * 2^(127 - byte) + 0.0)) (formats/mxfp8.py); V code bytes per thread.
+template <typename T>
+__global__ void mxfp8_quant(const typename Store<T>::type* __restrict__ x, long long nchunks,
+                            unsigned char* __restrict__ out, unsigned char* __restrict__ scales,
+                            unsigned int* __restrict__ bad) {
+    typedef typename Store<T>::type S;
+    const int V = 16 / sizeof(S);
+    S v[V];
+    float inv;
+    if (mx_block<T, 8>(x, nchunks, v, &inv, scales, bad) < 0) return;
+    unsigned long long c = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        float q = __fmul_rn(Raw<T>::f32(v[j]), inv);
+        if (__float_as_uint(q) == 0x80000000u) q = 0.0f;  // -0.0 + 0.0 is +0.0 (compressed-tensors' zero point)
+        c |= (unsigned long long)e4m3_rne(fminf(fmaxf(q, -E4M3_MAX), E4M3_MAX)) << (8 * j);
+    }
+    store_codes<V>(out + (blockIdx.x * (long long)blockDim.x + threadIdx.x) * V, c);
+}
+
+// MXFP4: E2M1 codes of x * 2^(127 - byte) (formats/nvfp4.py fp4_codes, e2m1 above; saturating at 6),
+// two per byte, low nibble first: V / 2 bytes per thread.
+template <typename T>
+__global__ void mxfp4_quant(const typename Store<T>::type* __restrict__ x, long long nchunks,
+                            unsigned char* __restrict__ out, unsigned char* __restrict__ scales,
+                            unsigned int* __restrict__ bad) {
+    typedef typename Store<T>::type S;
+    const int V = 16 / sizeof(S);
+    S v[V];
+    float inv;
+    if (mx_block<T, 2>(x, nchunks, v, &inv, scales, bad) < 0) return;
+    unsigned int p = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) p |= e2m1(__fmul_rn(Raw<T>::f32(v[j]), inv)) << (4 * j);
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (V == 8) reinterpret_cast<unsigned int*>(out)[i] = p;
+    else reinterpret_cast<unsigned short*>(out)[i] = (unsigned short)p;
 }
 
 // Start-up check that this build keeps IEEE semantics: a subnormal divided and halved exactly,

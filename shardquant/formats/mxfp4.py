@@ -41,7 +41,7 @@ FORMAT = Format(
     reads={"compressed-tensors": ("mxfp4-pack-quantized",)},
     min_sqnr=10.0,
     max_scaled=0.0,  # no per-quantizer scale
-    kernel="",
+    kernel="mxfp4",
     quantizer_scale=False,
     scale_rule="ct-round-pow2",
 )

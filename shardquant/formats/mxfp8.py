@@ -41,7 +41,7 @@ FORMAT = Format(
     reads={"compressed-tensors": ("mxfp8-quantized",)},
     min_sqnr=20.0,
     max_scaled=0.0,  # no per-quantizer scale
-    kernel="",
+    kernel="mxfp8",
     quantizer_scale=False,
     scale_rule="ct-round-pow2",
 )
