@@ -213,7 +213,12 @@ def make_plan(
         if c.selector not in picked:
             warnings.append(f"--format-for {show(c.selector, quote=False)}={c.format} picks no quantized tensor")
     _check_moe_layers(groups, decisions)
-    flavor = _flavor_for(sorted({g.format for g in groups}, key=lambda f: (f != fmt, f)), fmt, flavor)
+    used = sorted({g.format for g in groups}, key=lambda f: (f != fmt, f))
+    asked, flavor = flavor, _flavor_for(used, fmt, flavor)
+    own = formats.default_flavor(fmt, FLAVORS)
+    if asked is None and flavor != own:
+        warnings.append(f"--flavor {flavor}: {fmt}'s own flavor, {own}, does not spell "
+                        f"{', '.join(f for f in used if refusal(own, f))}")
     fl = FLAVORS[flavor]
     for n, d in kept.items():
         if d.warn:

@@ -78,6 +78,7 @@ def test_plan_per_group_formats(src):
     assert all(f == "nvfp4" for k, f in by.items() if ".experts." in k)
     # modelopt (nvfp4's own flavor) does not spell fp8-channel: the first flavor that spells both
     assert p.flavor == CT and p.formats == ["nvfp4", "fp8-channel"]
+    assert "--flavor compressed-tensors: nvfp4's own flavor, modelopt, does not spell fp8-channel" in p.warnings
     # output tensors follow each group's format
     q = "model.layers.0.self_attn.q_proj"
     assert p.out_tensors[f"{q}.weight"].dtype == "F8_E4M3"
