@@ -478,7 +478,7 @@ def _check_module(m: Module, fl: Flavor, fmt: str, quant_algo: str | None) -> li
     bad = []
     for role, dtype in {**req, **opt}.items():
         t = m.tensors.get(role)
-        if t is not None and dtype and t.dtype != dtype:
+        if t is not None and dtype and t.dtype != dtype and not (role == fl.scale_name and _widened_scale(dtype, t.dtype)):
             bad.append(f"{role} is {t.dtype}, expected {dtype}")
     f = formats.declared(fmt)
     w, s = m.tensors.get(fl.weight_name(fmt)), m.tensors.get(fl.scale_name)
@@ -555,8 +555,8 @@ def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
         out.append(Violation("global-scale", m.name, why))
     s = m.tensors.get(fl.scale_name)
     f = formats.declared(fmt)
-    if (f.block or f.granularity == "row") and s is not None and s.dtype == "F32":  # fp32 tile or row scales
-        vals = read_raw(s)
+    if (f.block or f.granularity == "row") and s is not None and s.dtype in FLOAT_DTYPES:  # tile or row scales
+        vals = to_f32(read_raw(s), s.dtype)
         bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
         if bad:
             what = "tile" if f.block else "row"
@@ -576,8 +576,8 @@ def _check_scales(m: Module, fl: Flavor, fmt: str) -> list[Violation]:
         bad += [f"{neg} of {s.numel} block scales are negative"] if neg else []
         if bad:
             out.append(Violation("block-scale", m.name, "; ".join(bad)))
-    elif not f.block_size and s is not None and s.dtype == "F32" and s.numel > 1 and not why:
-        vals = read_raw(s)
+    elif not f.block_size and s is not None and s.dtype in FLOAT_DTYPES and s.numel > 1 and not why:
+        vals = to_f32(read_raw(s), s.dtype)
         bad = int(np.count_nonzero(~(np.isfinite(vals) & (vals > 0))))
         if bad:
             out.append(Violation("global-scale", m.name, f"{bad} of {s.numel} per-channel scales NaN, Inf or <= 0"))
@@ -1191,7 +1191,19 @@ def _dequantize(m: Module, fl: Flavor, fmt: str, gs: np.float32 | None) -> np.nd
     None for a format with block scales only)."""
     per_quantizer = np.float32(1) / gs if gs is not None and fl.inverted(fmt) else gs  # CT stores 1/s2
     return formats.get(fmt).dequantize_stored(read_raw(m.tensors[fl.weight_name(fmt)]),
-                                              read_raw(m.tensors[fl.scale_name]), per_quantizer)
+                                              _scale_values(m.tensors[fl.scale_name]), per_quantizer)
+
+
+def _scale_values(t: TensorInfo) -> np.ndarray:
+    """A stored scale tensor: raw codes (E4M3, E8M0 bytes) as they are, float scales as fp32."""
+    raw = read_raw(t)
+    return to_f32(raw, t.dtype) if t.dtype in FLOAT_DTYPES else raw
+
+
+def _widened_scale(declared: str, stored: str) -> bool:
+    """An fp32 weight scale stored as bf16 or f16 (llm-compressor's FP8_DYNAMIC and FP8_BLOCK): the
+    engines copy it into their fp32 parameter (docs/formats.md 4.2), so the values are what they read."""
+    return declared == "F32" and stored in ("BF16", "F16")
 
 
 def _in_parallel(fn, items: list, ahead: int = 2):

@@ -63,9 +63,9 @@ def drop_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def read_all(src: Path, cold: bool) -> tuple[float, int]:
-    """Seconds to read every shard once, 16 MiB at a time, and the bytes read."""
-    files = sorted(src.glob("*.safetensors"))
+def read_all(src: Path | list[Path], cold: bool) -> tuple[float, int]:
+    """Seconds to read every shard of a directory (or of several) once, 16 MiB at a time, and the bytes read."""
+    files = [f for d in (src if isinstance(src, list) else [src]) for f in sorted(d.glob("*.safetensors"))]
     if cold:
         drop_cache(files)
     buf = bytearray(16 << 20)
@@ -105,6 +105,30 @@ print(json.dumps({"seconds": r.seconds, "bytes_read": r.bytes_read, "source_byte
 """
 
 
+VERIFY_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from shardquant.verify import verify
+rep = verify(sys.argv[1], sys.argv[2])
+assert rep.ok, rep.violations[:3]
+print(json.dumps({"seconds": rep.seconds, "tensors": len(rep.tensors)}))
+"""
+
+
+def verify_once(src: Path, out: Path, cold: bool) -> dict:
+    """`verify OUT --source SRC` in a fresh interpreter (cold: both evicted first): in-run and whole-process seconds."""
+    if cold:
+        drop_cache(sorted(src.glob("*.safetensors")) + sorted(out.glob("*.safetensors")))
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", VERIFY_CHILD, str(out), str(src)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        sys.exit(f"verify failed:\n{p.stderr}")
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    info["wall"] = wall
+    return info
+
+
 def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, pythonpath: str | None = None) -> dict:
     """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS. With
     `pythonpath`, the shardquant package found there runs (an earlier release, for --vs)."""
@@ -132,6 +156,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="evict the source from the page cache before each read")
     ap.add_argument("--workdir", default=os.environ.get("SHARDQUANT_BENCH_DIR", "/tmp/shardquant-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the built checkpoints for the next run")
+    ap.add_argument("--verify", action="store_true",
+                    help="also time `verify --source` on each output, against reading source and output once")
     ap.add_argument("--vs", metavar="PYTHONPATH", default=None,
                     help="also run the shardquant package found under this path (e.g. an earlier release "
                          "unpacked with `git archive`), alternating with this one; report the time ratio")
@@ -151,6 +177,10 @@ def main() -> None:
                     base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs)
                     info["vs_seconds"], info["vs_wall"] = base["seconds"], base["wall"]
                     info["ratio_seconds"], info["ratio_wall"] = info["seconds"] / base["seconds"], info["wall"] / base["wall"]
+                if args.verify:  # reading source + output once, then verify over the same files
+                    info["vread_s"], info["vread_bytes"] = read_all([src, work / "out"], args.cold)
+                    v = verify_once(src, work / "out", args.cold)
+                    info["verify_s"], info["verify_wall"] = v["seconds"], v["wall"]
                 rows.append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
             med = {k: statistics.median(r[k] for r in rows) for k in ("read_s", "write_s", "seconds", "wall", "rss")}
             src_b, out_b = rows[0]["source_bytes"], rows[0]["output_bytes"]
@@ -169,6 +199,12 @@ def main() -> None:
                 "peak_rss_mib": med["rss"] / 2**20,
                 "peak_bound_mib": rows[0]["peak_estimate"] / 2**20,
             }
+            if args.verify:
+                vmed = {k: statistics.median(r[k] for r in rows) for k in ("vread_s", "verify_s", "verify_wall")}
+                res["verify_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_s"] / 1e9
+                res["verify_wall_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_wall"] / 1e9
+                res["verify_read_gb_s"] = rows[0]["vread_bytes"] / vmed["vread_s"] / 1e9
+                res["verify_over_read"] = vmed["vread_s"] / vmed["verify_s"]
             if args.vs:  # pairwise ratios (this / --vs), each pair run back to back
                 for k in ("ratio_seconds", "ratio_wall", "vs_seconds", "vs_wall"):
                     res[k] = statistics.median(r[k] for r in rows)
