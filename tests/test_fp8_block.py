@@ -116,7 +116,7 @@ def test_dequantize_stored_is_code_times_tile_scale():
 
 def test_declaration_and_flavors():
     assert FMT.block == (128, 128) and FMT.granularity == "block" and not FMT.quantizer_scale
-    assert not FMT.global_scale and FMT.activations == "dynamic-group" and FMT.kernel == ""
+    assert not FMT.global_scale and FMT.activations == "dynamic-group" and FMT.kernel == "fp8_block"
     assert formats.default_flavor("fp8-block", flavors.FLAVORS) == "block-fp8"
     assert formats.default_flavor("nvfp4", flavors.FLAVORS) == "modelopt"
     assert formats.default_flavor("fp8", flavors.FLAVORS) == "compressed-tensors"

@@ -208,7 +208,7 @@ def test_declarations():
     for fmt, mod in MODULES.items():
         f = mod.FORMAT
         assert (f.block_size, f.scale_dtype, f.global_scale, f.quantizer_scale, f.kernel, f.scale_rule) == \
-            (32, "U8", False, False, "", "ct-round-pow2")
+            (32, "U8", False, False, fmt, "ct-round-pow2")  # the Device method of shardquant/cuda
         spelled = f.compressed_tensors
         weights = {k: v for k, v in spelled["weights"].items()}
         preset = PRESET[fmt]["weights"].model_dump(exclude_none=True)

@@ -1,10 +1,15 @@
-"""GPU kernel throughput against a device-to-device copy of the same bytes, and pinned
-host-to-device bandwidth. Needs cupy and a CUDA device.
+"""GPU kernel throughput of every format in the registry (shardquant.formats.FORMATS) against a
+device-to-device copy of the same bytes, and pinned host-to-device bandwidth. Needs cupy and a CUDA device.
 
-    python tools/bench_kernels.py [--mib 1024] [--reps 50]
+    python tools/bench_kernels.py [--mib 1024] [--reps 50] [--formats nvfp4,fp8-block]
 
-Bytes counted per kernel: input read plus output written (NVFP4: 2 B in, 0.5625 B out per bf16
-element; FP8: 2 B in, 1 B out; amax: 2 B in); the copy moves the input size in and out.
+Input: bf16 [mib * 2^19 / 4096, 4096] (whole 128x128 tiles and 32-element blocks), normal values
+times 0.02, three buffers in rotation so that repeated runs do not measure the 50 MB L2. Each format
+runs its declared Device method (formats/base.py Format.kernel) with the global scale of the data's
+amax. Figures per format: GB/s of input consumed; GB/s of input read plus outputs written (codes and
+block scales, from the format's declared layout) and that over the copy's rate (the copy moves the
+input size in and out). `method` is the call a conversion makes (for formats with their own scales
+it includes reading back the NaN/Inf flag: one synchronization); `kernel` leaves that read-back out.
 """
 
 from __future__ import annotations
@@ -15,24 +20,28 @@ import statistics
 
 import numpy as np
 
+_SCALE_BYTES = {"F32": 4, "U8": 1, "F8_E4M3": 1}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024, help="bf16 input size per buffer")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--formats", default="", help="comma-separated format names (default: every format with a kernel)")
     args = ap.parse_args()
 
     import cupy as cp
 
-    from shardquant.cuda import Device
+    from shardquant import formats
+    from shardquant.cuda import _THREADS, Device, _grid, _kernel
 
     dev = Device(0)
     n = args.mib * 2**20 // 2
     rows, cols = n // 4096, 4096
     rng = cp.random.default_rng(0)
-    # rotate among 3 inputs so that repeated runs do not measure the 50 MB L2
-    xs = [(rng.standard_normal((rows, cols), dtype=cp.float32) * 0.02).astype(cp.float16).view(cp.uint16) for _ in range(3)]
-    xs = [((x.astype(cp.uint32) & 0x7FFF) | 0x3C00).astype(cp.uint16) for x in xs]  # bf16 bit patterns
+    # bf16 bit patterns of normal values (fp32 truncated to its top 16 bits)
+    xs = [((rng.standard_normal((rows, cols), dtype=cp.float32) * 0.02).view(cp.uint32) >> 16).astype(cp.uint16)
+          for _ in range(3)]
     dst = cp.empty_like(xs[0])
 
     def timed(fn) -> float:
@@ -52,19 +61,35 @@ def main() -> None:
         return statistics.median(times)
 
     nb = xs[0].nbytes
-    res = {}
+    res: dict = {}
     t = timed(lambda x: dst.__setitem__(slice(None), x))
-    res["d2d_copy"] = 2 * nb / t / 1e9
-    from shardquant.cuda import _kernel, _grid, _THREADS
+    res["d2d_copy"] = {"in_gbs": nb / t / 1e9, "inout_gbs": 2 * nb / t / 1e9}
     amax_buf = cp.zeros(1, cp.uint32)
     k_amax = _kernel(0, "amax_bits", "BF16")
     t = timed(lambda x: k_amax((min(4 * 132 * 8, _grid(x.size)[0]),), (_THREADS,), (x, np.int64(x.size), amax_buf),
                                stream=dev.stream))
-    res["amax"] = nb / t / 1e9
-    t = timed(lambda x: dev.nvfp4(x, "BF16", np.float32(1e-4)))
-    res["nvfp4"] = (nb + nb // 4 + nb // 32) / t / 1e9
-    t = timed(lambda x: dev.fp8(x, "BF16", np.float32(1e-3)))
-    res["fp8"] = (nb + nb // 2) / t / 1e9
+    res["amax"] = {"in_gbs": nb / t / 1e9, "inout_gbs": nb / t / 1e9}
+    amax = max(dev.amax(x, "BF16", "bench") for x in xs)
+
+    names = [f for f in args.formats.split(",") if f] or [f for f in formats.FORMATS if formats.declared(f).kernel]
+    for fmt in names:
+        decl = formats.declared(fmt)
+        gs = formats.get(fmt).global_scale(np.float32(amax))
+        w_rows, w_cols = decl.weight_shape((rows, cols))
+        s_shape = decl.scale_shape((rows, cols))  # () for a per-tensor scale, which the kernel does not write
+        out_bytes = w_rows * w_cols + (int(np.prod(s_shape)) * _SCALE_BYTES[decl.scale_dtype] if s_shape else 0)
+        method = getattr(dev, decl.kernel)
+        t_method = timed(lambda x: method(x, "BF16", gs, name="bench"))
+        saved = dev._refuse_nonfinite
+        dev._refuse_nonfinite = lambda *a: None  # the launch alone
+        try:
+            t_kernel = timed(lambda x: method(x, "BF16", gs, name="bench"))
+        finally:
+            dev._refuse_nonfinite = saved
+        res[fmt] = {"in_gbs": nb / t_method / 1e9, "inout_gbs": (nb + out_bytes) / t_method / 1e9,
+                    "kernel_in_gbs": nb / t_kernel / 1e9, "kernel_inout_gbs": (nb + out_bytes) / t_kernel / 1e9,
+                    "out_bytes": out_bytes}
+
     host = cp.cuda.alloc_pinned_memory(nb)
     hview = np.frombuffer(host, np.uint16, nb // 2)
     hview[:] = 1
@@ -76,14 +101,21 @@ def main() -> None:
         b.record()
         b.synchronize()
         times.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
-    res["h2d_pinned"] = nb / statistics.median(times) / 1e9
-    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    res = {k: round(v, 1) for k, v in res.items()}
-    res.update(card=name, mib=args.mib, reps=args.reps)
-    print(json.dumps(res))
-    print("| kernel | GB/s | / copy |\n|---|---|---|")
-    for k in ("d2d_copy", "amax", "nvfp4", "fp8", "h2d_pinned"):
-        print(f"| {k} | {res[k]:.0f} | {res[k] / res['d2d_copy']:.2f} |")
+    res["h2d_pinned"] = {"in_gbs": nb / statistics.median(times) / 1e9}
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    copy = res["d2d_copy"]["inout_gbs"]
+    out = {k: ({kk: (round(vv, 1) if isinstance(vv, float) else vv) for kk, vv in v.items()}) for k, v in res.items()}
+    out.update(card=props["name"].decode(), mib=args.mib, reps=args.reps, shape=[rows, cols], dtype="BF16",
+               cupy=cp.__version__)
+    print(json.dumps(out))
+    print("| kernel | input GB/s (method) | in+out GB/s (method) | / copy | input GB/s (kernel only) | / copy |")
+    print("|---|---|---|---|---|---|")
+    for k in ["d2d_copy", "amax"] + names:
+        r = res[k]
+        kin = r.get("kernel_in_gbs", r["in_gbs"])
+        kio = r.get("kernel_inout_gbs", r["inout_gbs"])
+        print(f"| {k} | {r['in_gbs']:.0f} | {r['inout_gbs']:.0f} | {r['inout_gbs'] / copy:.2f} | {kin:.0f} | {kio / copy:.2f} |")
+    print(f"| h2d_pinned | {res['h2d_pinned']['in_gbs']:.0f} | | | | |")
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ class Device:
         with self.device, self.stream:
             x = self.cp.ascontiguousarray(x)
             out = self.cp.empty((rows, cols), dtype=self.cp.uint8)
-            scales = self.cp.ones((rows, 1), dtype=self.cp.float32)
+            scales = (self.cp.empty if x.size else self.cp.ones)((rows, 1), dtype=self.cp.float32)  # 1.0: no columns
             if x.size:
                 bad, v = self._flag(), self._vec(x, dtype, cols)
                 chunks = -(-(cols // v) // _ROW_CHUNKS)  # per row, over the threads' register slots
