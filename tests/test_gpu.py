@@ -186,8 +186,14 @@ def test_nan_and_inf_are_refused_on_gpu(gpu):
             gpu.amax(gpu.load(_raw(x, dtype)), dtype, "model.layers.0.mlp.down_proj.weight")
 
 
-@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+# Mixed precision: each quantizer through its own format's kernel in one run (tests/test_mixed.py).
+MIXED = {"nvfp4+fp8-channel": ("nvfp4", ("attention=fp8-channel",)),
+         "mxfp4+fp8-block": ("mxfp4", ("attention=fp8-block", r".*\.layers\.1\.mlp\.experts\..*=mxfp8"))}
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS) + sorted(MIXED))
 def test_whole_conversion_gpu_equals_cpu_byte_for_byte(tmp_path, fmt):
+    fmt, picks = MIXED.get(fmt, (fmt, ()))
     if not formats.declared(fmt).kernel:
         pytest.skip(f"{fmt} declares no GPU kernel (formats/base.py Format.kernel): --device cuda is refused")
     from shardquant.convert import convert
@@ -195,8 +201,9 @@ def test_whole_conversion_gpu_equals_cpu_byte_for_byte(tmp_path, fmt):
     # every weight shape whole 128x128 tiles (so fp8-block quantizes) but k/v [64, 256]: one fused set kept
     model = qwen3_moe(hidden=256, layers=2, experts=8, inter=128, heads=2, kv_heads=1, head_dim=64)
     src = write_checkpoint(tmp_path / "src", model, shard_bytes=300_000)
-    a = convert(str(src), tmp_path / "cpu", fmt, device="cpu")
-    b = convert(str(src), tmp_path / "gpu", fmt, device="cuda")
+    a = convert(str(src), tmp_path / "cpu", fmt, device="cpu", format_for=picks)
+    b = convert(str(src), tmp_path / "gpu", fmt, device="cuda", format_for=picks)
+    assert len(a.plan.formats) == (1 + len(picks) if picks else 1)
     assert (a.backend, b.backend) == ("numpy", "cupy")
     files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "gpu").iterdir())
