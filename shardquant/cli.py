@@ -165,6 +165,12 @@ def inspect(directory) -> None:
         _fail(f"{path}: malformed scale manifest")
 
 
+def _engine_names() -> list[str]:
+    from .engines import engine_names  # the rule tables' engine column
+
+    return engine_names()
+
+
 @main.command("verify")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--source", default=None, metavar="SRC",
@@ -180,23 +186,30 @@ def inspect(directory) -> None:
 @click.option("--no-hashes", is_flag=True,
               help="Check file sizes against the scale manifest but skip reading every file for its SHA-256.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing; the exit status says it all.")
-def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_hashes, quiet) -> None:
+@click.option("--engine", multiple=True, type=click.Choice(_engine_names()),
+              help="Check this engine's loading contract (repeatable): any finding of it fails. Default: every "
+                   "engine, summarised, failing only a checkpoint that none of them serves.")
+def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_hashes, quiet, engine) -> None:
     """Check that DIRECTORY is a well-formed NVFP4/FP8 checkpoint (modelopt or compressed-tensors
     flavor, from any producer) and that every file matches the scale manifest's sizes and SHA-256
     (when it has one); exit status 1 on any violation."""
     import json
 
+    from . import engines
     from .report import render, write_heatmap
     from .verify import verify
 
     if plot and source is None:
         raise click.UsageError("--plot needs --source")
-    rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr, hashes=not no_hashes))
+    rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr, hashes=not no_hashes,
+                                engines=list(engine) or None))
     if not quiet:
-        click.echo(render(rep, top=top))
+        head, _, verdict = render(rep, top=top).rpartition("\n")  # the engines' lines before the verdict
+        click.echo("\n".join([head, *engines.summary_lines(rep), verdict]))
     try:
         if json_file:
-            Path(json_file).write_text(json.dumps(rep.to_dict(top), indent=2) + "\n", encoding="utf-8")
+            Path(json_file).write_text(json.dumps({**rep.to_dict(top), **engines.report_dict(rep)}, indent=2) + "\n",
+                                       encoding="utf-8")
         if plot and rep.tensors:
             write_heatmap(plot, rep)
     except OSError as e:
