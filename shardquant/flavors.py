@@ -37,6 +37,9 @@ class Flavor:
     scalar_shape: tuple[int, ...]  # shape of a per-quantizer fp32 scale: () or (1,)
     inverse_global: bool  # write 1/s2 instead of s2
     scale_name: str = "weight_scale"  # the block (or FP8 per-quantizer) scale's role: "weight_scale_inv" in block-fp8
+    # Module names (last segment) that an engine of this flavor excludes in EVERY layer once one layer
+    # excludes them: kept in one layer (DeepSeek's MTP layer), they must be kept in all.
+    excluded_everywhere: tuple[str, ...] = ()
 
     def output_names(self, fmt: str, name: str) -> dict[str, str]:
         """Source tensor `m.weight` -> its output tensors by role (weight, scale, global_scale).
@@ -86,7 +89,10 @@ class Flavor:
         return np.full(self.tensor_scale_shape(fmt, shape), v, dtype=np.float32)
 
 
-MODELOPT = Flavor("modelopt", "weight", "weight_scale_2", (), False)
+# docs/formats.md 1.1 "Exclusion matching": SGLang's ModelOpt loader excludes an MLA projection named in
+# the exclude list from every layer (engine rule sglang:modelopt-mla-exclude-uniform).
+MODELOPT = Flavor("modelopt", "weight", "weight_scale_2", (), False,
+                  excluded_everywhere=("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"))
 COMPRESSED_TENSORS = Flavor("compressed-tensors", "weight_packed", "weight_global_scale", (1,), True)
 # global_name and scalar_shape are never used: the flavor spells only fp8-block, which has no global scale.
 BLOCK_FP8 = Flavor("block-fp8", "weight", "weight_scale_2", (), False, scale_name="weight_scale_inv")

@@ -220,6 +220,7 @@ def make_plan(
         warnings.append(f"--flavor {flavor}: {fmt}'s own flavor, {own}, does not spell "
                         f"{', '.join(f for f in used if refusal(own, f))}")
     fl = FLAVORS[flavor]
+    _keep_everywhere(fl.excluded_everywhere, groups, kept, ck, warnings)
     for n, d in kept.items():
         if d.warn:
             warnings.append(f"{show(n, quote=False)}: kept in high precision ({d.reason})")
@@ -303,6 +304,26 @@ def _check_moe_layers(groups: list[Group], decisions: dict[str, Decision]) -> No
             raise RuleError(f"MoE layer {show(layer, quote=False)}: quantizer {show(first[1], quote=False)} takes "
                             f"{first[0]} but {show(g.key, quote=False)} takes {g.format}; engines run one format "
                             "for all experts of a layer")
+
+
+def _keep_everywhere(names: tuple[str, ...], groups: list[Group], kept: dict[str, Decision], ck: Checkpoint,
+                     warnings: list[str]) -> None:
+    """A module kept in one layer whose name the flavor's engines exclude in every layer (Flavor.excluded_everywhere)
+    is kept in every layer, with its fused set: else those engines load the quantized ones as high precision."""
+    def last(n: str) -> str:
+        return module_name(n).rsplit(".", 1)[-1]
+
+    hit = sorted({last(n) for n in kept if last(n) in names and len(ck.tensors[n].shape) == 2
+                  and ck.tensors[n].dtype in FLOAT_DTYPES})
+    if not hit:
+        return
+    for g in [g for g in groups if any(last(m.name) in hit for m in g.members)]:
+        groups.remove(g)
+        for m in g.members:
+            kept[m.name] = Decision(KEEP, g.rule, reason=f"{', '.join(hit)} kept in some layer: engines of this flavor "
+                                                         "exclude it in every layer")
+    warnings.append(f"{', '.join(hit)}: kept in high precision in every layer, because some layer keeps it and the "
+                    "engines of this flavor exclude such a name everywhere (docs/formats.md 1.1)")
 
 
 def _flavor_for(used: list[str], fmt: str, flavor: str | None) -> str:

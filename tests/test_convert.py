@@ -385,8 +385,10 @@ def test_expected_groups_qwen3(converted):
 def test_deepseek_fused_mla_and_mtp_kept(sources, converted):
     out = converted("deepseek_v3", "nvfp4", "per-expert")
     man = json.loads((out / MANIFEST).read_text())
-    assert sorted(man["quantizers"]["model.layers.1.self_attn.q_a_kv_a_proj"]["members"]) == [
-        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight", "model.layers.1.self_attn.q_a_proj.weight"]
+    # modelopt: the MTP layer's MLA projections are excluded by name, which SGLang applies to every layer,
+    # so every layer keeps them (shardquant/flavors.py excluded_everywhere); o_proj is quantized
+    assert not any("q_a_kv_a_proj" in k or "kv_b_proj" in k for k in man["quantizers"])
+    assert "model.layers.1.self_attn.o_proj" in man["quantizers"]
     n_layers = json.loads((sources["deepseek_v3"] / "config.json").read_text())["num_hidden_layers"]
     mtp = f"model.layers.{n_layers}."
     src_names = set(load_dir(sources["deepseek_v3"]))
@@ -396,6 +398,7 @@ def test_deepseek_fused_mla_and_mtp_kept(sources, converted):
     assert mtp_names <= set(reasons)
     assert not any(n.startswith(mtp) for n in man["tensors"])
     assert "MTP" in reasons[f"{mtp}self_attn.q_a_proj.weight"]
+    assert "kept in some layer" in reasons["model.layers.1.self_attn.q_a_proj.weight"]
     assert "MTP" in reasons[f"{mtp}mlp.experts.0.gate_proj.weight"]
     ignore = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
     for m in ("self_attn.q_a_proj", "self_attn.kv_b_proj", "mlp.experts.0.gate_proj", "mlp.experts.3.down_proj",
@@ -507,7 +510,8 @@ def test_dry_run_writes_nothing(sources, tmp_path):
     assert r.exit_code == 0, r.output
     assert not out.exists()
     assert "estimated peak memory" in r.stdout
-    assert "model.layers.1.self_attn.q_a_kv_a_proj" in r.stdout
+    assert "model.layers.1.self_attn.o_proj" in r.stdout
+    assert "kept in high precision in every layer" in r.output  # the MLA projections (modelopt)
 
 
 def test_plan_prints_table_and_totals(sources, converted):

@@ -729,20 +729,23 @@ def test_unknown_engine_is_a_usage_error(ours):
         engines.check(ours("fp8", CT, "llama"), ["tgi"])
 
 
-def test_deepseek_mtp_exclusions_unquantize_mla_in_sglang(tmp_path):
-    """shardquant's DeepSeek output keeps its MTP layer, naming its MLA projections in the exclude list;
-    SGLang excludes those names in every layer, so it loads layers 0-2's quantized MLA weights into BF16
-    layers. vLLM and TensorRT-LLM serve it, so by default verify passes and says so; --engine sglang fails."""
+def test_deepseek_mtp_exclusions_kept_uniform_for_sglang(tmp_path):
+    """DeepSeek's MTP layer is kept, so its MLA projections are named in the ModelOpt exclude list;
+    SGLang excludes those names in every layer (rule modelopt-mla-exclude-uniform), so the plan keeps
+    the MLA projections of every layer (shardquant/flavors.py excluded_everywhere) and every engine but
+    transformers serves the output. The compressed-tensors flavor, matched by exact names, keeps none."""
     src = testing.write_checkpoint(tmp_path / "src", testing.deepseek_v3(), seed=1)
     out = tmp_path / "out"
-    convert(str(src), out, "nvfp4", flavor="modelopt", device="cpu")
-    rep = verify(out)
-    assert rep.ok
-    sg = next(v for v in rep.engines.verdicts if v.engine.name == "sglang")
-    assert not sg.served and "modelopt-mla-exclude-uniform" in {f.rule.id for f in sg.findings}
+    r = convert(str(src), out, "nvfp4", flavor="modelopt", device="cpu")
+    assert any("kept in high precision in every layer" in w for w in r.plan.warnings)
+    mla = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+    assert not any(m.name.split(".")[-2] in mla for g in r.plan.groups for m in g.members)
+    for L in range(4):
+        assert f"model.layers.{L}.self_attn.kv_b_proj" in r.plan.exclude_modules
     rep = verify(out, engines=["sglang"])
-    names = {v.name for v in rep.violations if v.rule == "sglang:modelopt-mla-exclude-uniform"}
-    assert "model.layers.0.self_attn.kv_b_proj" in names and not any(".layers.3." in n for n in names)
+    assert rep.ok, rep.violations
+    ct = convert(str(src), tmp_path / "ct", "nvfp4", flavor="compressed-tensors", device="cpu")
+    assert any(m.name.endswith("layers.0.self_attn.kv_b_proj.weight") for g in ct.plan.groups for m in g.members)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,8 @@ def test_mixtral_w13_groups(tmp_path):
 def test_deepseek_v3_mla_and_mtp(tmp_path):
     ck = ckpt(tmp_path, testing.deepseek_v3(layers=3, dense_layers=1, experts=4, mtp=1))
     assert ck.config["num_hidden_layers"] == 3
-    p = plan(ck, strict=True)  # the MTP layer's eh_proj is no unclaimed weight
+    # the MTP layer's eh_proj is no unclaimed weight; compressed-tensors: MLA quantized in layers 0-2
+    p = plan(ck, strict=True, flavor="compressed-tensors")
     gs = groups(p)
     for L in range(3):
         a = f"model.layers.{L}.self_attn"
@@ -158,6 +159,14 @@ def test_deepseek_v3_mla_and_mtp(tmp_path):
     assert not any(k.startswith("model.layers.3.") for k in gs)
     assert ex["model.layers.2.mlp.gate.e_score_correction_bias"] == "router"  # DeepSeek's router bias
     assert p.warnings == []
+    # modelopt: SGLang excludes an MLA projection named in the exclude list in every layer, and the MTP
+    # layer's are named there, so the MLA projections stay in high precision in every layer
+    mo = plan(ck, strict=True, flavor="modelopt")
+    assert set(groups(mo)) == set(gs) - {f"model.layers.{L}.self_attn.{n}" for L in range(3)
+                                         for n in ("q_a_kv_a_proj", "q_b_proj", "kv_b_proj")}
+    assert excluded(mo)["model.layers.0.self_attn.q_a_proj.weight"].startswith("kv_a_proj_with_mqa, kv_b_proj, "
+                                                                                 "q_a_proj, q_b_proj kept in some layer")
+    assert len(mo.warnings) == 1 and "in every layer" in mo.warnings[0]
 
 
 def test_deepseek_v3_without_num_layers_quantizes_the_mtp_layer(tmp_path):
