@@ -1148,12 +1148,27 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sq
         work.append((key, m, src, fmt))
 
     def measure(item) -> tuple[float, float, np.float32]:
+        """(signal, noise, max |source|) of one tensor, a cache-sized band of rows at a time: the fp32
+        source, the dequantized band and their difference never leave the CPU's caches."""
         key, m, src, fmt = item
-        ref = to_f32(read_raw(src), src.dtype)
+        raw, layout = read_raw(src), formats.declared(fmt)
+        weight, scale = read_raw(m.tensors[fl.weight_name(fmt)]), _scale_values(m.tensors[fl.scale_name])
+        gs = c.gs.get(key)
+        per_quantizer = np.float32(1) / gs if gs is not None and fl.inverted(fmt) else gs  # CT stores 1/s2
+        rows, cols = raw.shape
+        tile = layout.block[0] if layout.block else 1  # scale rows cover `tile` weight rows
+        step = max(tile, (1 << 16) // max(cols, 1) // tile * tile)
+        signal = noise = 0.0
+        top = np.float32(0)
+        dequantize = formats.get(fmt).dequantize_stored
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            deq = _dequantize(m, fl, fmt, c.gs.get(key))
-            signal, noise = _power(ref, deq)
-        return signal, noise, np.float32(np.max(np.abs(ref), initial=0))
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                ref = to_f32(raw[a:b], src.dtype)
+                band = scale if scale.size == 1 else scale[a // tile:-(-b // tile)]
+                s, n = _power(ref, dequantize(weight[a:b], band, per_quantizer))
+                signal, noise, top = signal + s, noise + n, max(top, np.float32(np.max(np.abs(ref), initial=0)))
+        return signal, noise, top
 
     # NumPy and file reads release the GIL: tensors are compared in parallel, a few in flight per thread.
     for (key, m, src, fmt), (signal, noise, tamax) in zip(work, _in_parallel(measure, work)):
@@ -1184,14 +1199,6 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sq
                                             f"{s.dtype}{list(s.shape)}"))
         elif not np.array_equal(read_raw(o), read_raw(s)):
             rep.violations.append(Violation("source", name, "kept tensor differs from the source, byte for byte"))
-
-
-def _dequantize(m: Module, fl: Flavor, fmt: str, gs: np.float32 | None) -> np.ndarray:
-    """fp32 weights of a module from its stored tensors, by the format's own dequantization (gs is
-    None for a format with block scales only)."""
-    per_quantizer = np.float32(1) / gs if gs is not None and fl.inverted(fmt) else gs  # CT stores 1/s2
-    return formats.get(fmt).dequantize_stored(read_raw(m.tensors[fl.weight_name(fmt)]),
-                                              _scale_values(m.tensors[fl.scale_name]), per_quantizer)
 
 
 def _scale_values(t: TensorInfo) -> np.ndarray:

@@ -312,7 +312,7 @@ def our_weights(path: Path) -> dict[str, np.ndarray]:
     """Source weight name -> fp32 weights from shardquant's own dequantization of the output: the
     quantizer's format's `dequantize_stored` on the stored weight and scale, with the per-quantizer
     scale the manifest records (ModelOpt's convention, s2, where compressed-tensors stores 1/s2), as
-    shardquant/verify.py _dequantize does. The stored per-quantizer tensor is checked against the
+    shardquant/verify.py _compare (measure) does. The stored per-quantizer tensor is checked against the
     manifest on the way (flavors.py Flavor.scalar: what this flavor writes for it)."""
     man, infos = manifest(path), headers(path)
     out = {}
