@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from .base import E4M3_MAX, Format, magnitude_bits, check_finite, map_rows, to_f32
+from .base import e4m3_values, E4M3_MAX, Format, magnitude_bits, check_finite, map_rows, to_f32
 
 # docs/formats.md, "fp8": engines serve FP8 weights data-free only with dynamic activations. The
 # per-quantizer scale is written once per output row (compressed-tensors `channel` strategy, [out, 1]),
@@ -92,7 +92,7 @@ def quantize(raw: np.ndarray, dtype: str, scale: np.float32, name: str = "weight
 
 
 def dequantize(q: np.ndarray, scale: np.float32) -> np.ndarray:
-    return q.view(_E4M3).astype(np.float32) * np.float32(scale)
+    return e4m3_values(q) * np.float32(scale)
 
 
 def dequantize_stored(weight: np.ndarray, scale: np.ndarray, per_quantizer: np.float32 | None = None) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from .base import E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, no_global_scale, to_f32
+from .base import e4m3_values, E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, no_global_scale, to_f32
 from .fp8 import e4m3
 
 # docs/formats.md section 5 and "9. FP8 spellings that serve without calibration": `quant_method: "fp8"`
@@ -99,7 +99,7 @@ def quantize(raw: np.ndarray, dtype: str, name: str = "weight") -> tuple[np.ndar
 
 def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     rows, cols = q.shape
-    return q.view(_E4M3).astype(np.float32) * _expand(np.asarray(scales, np.float32), rows, cols)
+    return e4m3_values(q) * _expand(np.asarray(scales, np.float32), rows, cols)
 
 
 def dequantize_stored(weight: np.ndarray, scale: np.ndarray, per_quantizer: np.float32 | None = None) -> np.ndarray:

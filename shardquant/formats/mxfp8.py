@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import ml_dtypes
 
-from .base import Format, map_rows, no_global_scale
+from .base import e4m3_values, Format, map_rows, no_global_scale
 from .fp8 import e4m3
 from .mxfp4 import BLOCK, block_amax_bytes, scale_values, scaled_rows
 
@@ -79,7 +79,7 @@ def quantize(raw: np.ndarray, dtype: str, name: str = "weight") -> tuple[np.ndar
 
 def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """fp32 weights back: E4M3 value x 2^(byte - 127)."""
-    vals = q.view(_E4M3).astype(np.float32)
+    vals = e4m3_values(q)
     with np.errstate(over="ignore", invalid="ignore"):
         return (vals.reshape(*scales.shape, BLOCK) * scale_values(scales)[..., None]).reshape(q.shape)
 

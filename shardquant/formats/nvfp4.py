@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import ml_dtypes
 
-from .base import E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Format, block_scales_of, map_rows, to_f32
+from .base import e4m3_values, E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Format, block_scales_of, map_rows, to_f32
 
 # docs/formats.md, "nvfp4": weight-only NVFP4 says W4A16_NVFP4 (an `NVFP4` checkpoint without
 # input_scale made older vLLM zero every expert); compressed-tensors' tensor_group strategy.
@@ -176,7 +176,7 @@ class Quantizer:
 
 def scale_values(codes: np.ndarray) -> np.ndarray:
     """fp32 values of E4M3 codes."""
-    return codes.view(_E4M3).astype(np.float32)
+    return e4m3_values(codes)
 
 
 def quantize(raw: np.ndarray, dtype: str, s2: np.float32, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
