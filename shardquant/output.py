@@ -67,7 +67,11 @@ def _previous_manifest(od: OutputDir) -> dict | None:
 def claim_output(od: OutputDir, plan: Plan, force: bool, previous_tokens: set[str]) -> Claim:
     """Decide, before writing anything but the lock, whether this run starts, resumes, has nothing to
     do, or must stop; then write its journal and clear its own leftovers."""
-    entries = {n: st for n, st in od.entries().items() if n != LOCK_NAME}
+    # the lock, and lock temporaries of runs racing this one for it (shardquant/lock.py: each prepares
+    # its lock under a temporary name; the losers remove theirs): never files of a conversion
+    entries = {n: st for n, st in od.entries().items()
+               if n != LOCK_NAME and not ((m := TMP_RE.fullmatch(n)) and m["name"] == LOCK_NAME.lstrip(".")
+                                          and m["token"] != od.token)}
     journal = None
     bad_journal: OutputError | None = None
     if JOURNAL_NAME in entries:

@@ -253,6 +253,25 @@ def test_lock_of_a_dead_process_is_taken_over(src, clean, tmp_path):
     assert files(out) == files(clean)
 
 
+def test_a_racing_runs_lock_temporary_is_not_someone_elses_file(src, clean, tmp_path):
+    """Two runs starting at once each prepare a lock under a temporary name; the winner's claim may see
+    the loser's before the loser removes it. It is neither a conversion's file nor the winner's to delete."""
+    out = tmp_path / "out"
+    out.mkdir()
+    racer = out / f".{LOCK_NAME.lstrip('.')}.fedcba9876543210.sqtmp"
+    racer.write_text("another run's lock, being prepared")
+    run(src, out)
+    assert racer.read_text() == "another run's lock, being prepared"
+    assert {k: v for k, v in files(out).items() if k != racer.name} == files(clean)
+    # any other file beside it still makes the directory someone else's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / racer.name).write_text("x")
+    (other / "notes.txt").write_text("mine")
+    line = one_error_line(cli("convert", src, "--format", "nvfp4", "-o", other, "--device", "cpu"))
+    assert "holds no shardquant conversion (notes.txt)" in line
+
+
 def test_two_concurrent_runs_one_wins_and_the_output_is_whole(src, clean, tmp_path):
     out = tmp_path / "out"
     code = ("import sys, shardquant.convert as c\n"
