@@ -31,13 +31,20 @@ class NumpyBackend:
         return formats.get(fmt).Quantizer(gs)
 
 
+AUTO_GPU_FRACTION = 0.8  # --gpu-memory auto: this much of the device's free memory at start
+
+
 class CupyBackend:
     name = "cupy"
 
-    def __init__(self, device: str, device_budget: int):
+    def __init__(self, device: str, device_budget: int | None):
         from .cuda import get_device
 
         self.dev = get_device(device)
+        if device_budget is None:  # auto: leave room for the kernels' outputs and the memory pool's slack
+            with self.dev.device:
+                free, _total = self.dev.cp.cuda.runtime.memGetInfo()
+            device_budget = int(free * AUTO_GPU_FRACTION)
         self.device_budget = device_budget
 
     def load(self, raw: np.ndarray):
@@ -67,7 +74,7 @@ class _CupyQuantizer:
         return host[0], (host[1] if len(host) > 1 else None)
 
 
-def get_backend(device: str, device_budget: int):
+def get_backend(device: str, device_budget: int | None):
     """--device auto|cpu|cuda|cuda:N -> a backend. auto takes the GPU when cupy sees one."""
     if device == "cpu":
         return NumpyBackend()
@@ -80,7 +87,7 @@ def get_backend(device: str, device_budget: int):
     raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
-def get_backends(device: str, devices: str | None, device_budget: int) -> list:
+def get_backends(device: str, devices: str | None, device_budget: int | None) -> list:
     """One backend per GPU named by --devices ("0,1,3" or "all"), else the one --device picks."""
     if not devices:
         return [get_backend(device, device_budget)]

@@ -36,6 +36,12 @@ def _size(_ctx, _param, value: str | int) -> int:
     return n
 
 
+def _size_or_auto(ctx, param, value: str | int | None) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    return _size(ctx, param, value)
+
+
 def _common(f):
     opts = [
         click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS), case_sensitive=False),
@@ -85,8 +91,10 @@ def main() -> None:
               help="auto (the GPU when cupy sees one), cpu, cuda or cuda:N.")
 @click.option("--devices", default=None, metavar="LIST",
               help="Spread quantizers over these GPUs of this host: 0,1,... or all.")
-@click.option("--gpu-memory", callback=_size, default="16GiB", show_default=True,
-              help="Device bytes a quantizer may keep resident between its amax and quantize passes.")
+@click.option("--gpu-memory", callback=_size_or_auto, default="auto", show_default=True,
+              help="Device bytes a quantizer may be held in between its amax and quantize passes; auto: "
+                   "80% of the GPU's free memory. A quantizer larger than --memory-budget that fits here "
+                   "is read once, member by member, onto the GPU.")
 @click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
 @click.option("--dry-run", is_flag=True, help="Plan and print, read no weights, write nothing.")
 @click.option("--verify", "verify_output", is_flag=True,
@@ -124,6 +132,9 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_out
 @click.argument("src")
 @_common
 @click.option("--verbose", "-v", is_flag=True, help="One row per quantizer (default: the largest 40).")
+@click.option("--gpu-memory", "device_memory", callback=_size_or_auto, default=None, metavar="SIZE",
+              help="Plan for a GPU conversion whose quantizers may be held in SIZE of device memory "
+                   "(e.g. 110GiB on an H200); default: a CPU conversion.")
 def plan(src, verbose, **kw) -> None:
     """Print the quantizer table, totals and estimated peak memory for SRC; read no weights."""
     from .convert import prepare
@@ -225,7 +236,7 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
         out = sum(p.member_out_bytes(m) for m in g.members)
         shapes = {m.shape for m in g.members}
         shape = "x".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else "mixed"
-        flag = " (2 passes)" if g.two_pass else ""
+        flag = " (2 passes)" if g.two_pass else " (on the GPU)" if g.on_device else ""
         click.echo(f"{show(g.key, quote=False)[:64]:64s} {g.format:>11s} {len(g.members):7d} {shape:>14s} "
                    f"{g.source_bytes / 1e6:10.2f} {out / 1e6:10.2f}{flag}")
     if limit is not None and len(rows) > limit:
@@ -236,6 +247,9 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
         f"{len(p.excluded)} kept ({kept / 1e6:.2f} MB); source {p.source_bytes / 1e6:.2f} MB -> "
         f"output {p.output_bytes / 1e6:.2f} MB in {len(p.shards)} shards"
     )
+    click.echo(f"source bytes read: {p.read_factor:.2f}x the source"
+               + (f" (GPU conversion, quantizers held in up to {p.device_memory / 2**30:.0f} GiB of device memory)"
+                  if p.device_memory is not None else " (CPU conversion)"))
     click.echo(f"estimated peak memory: {p.peak_bytes / 2**20:.0f} MiB")
 
 

@@ -105,7 +105,8 @@ class _Reader:
 
 
 def _two(u: Unit) -> bool:
-    return u.group is not None and u.group.two_pass
+    """Groups the reader hands over without data: read twice, or member by member onto the GPU."""
+    return u.group is not None and (u.group.two_pass or u.group.on_device)
 
 
 class _Shards:
@@ -301,8 +302,17 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
 
     def quantize_group(backend, g, data, job: _Job) -> None:
         fmt = formats.get(g.format)  # mixed precision: each quantizer its own format
-        two_pass = data is None
-        if two_pass:  # read each member for the amax, then again to quantize
+        two_pass = data is None  # the reader did not read it: members are read here, one at a time
+        if two_pass and g.on_device and backend.device_budget is not None:
+            # held on the GPU (plan.Group.on_device): each member read once, uploaded, reduced, kept
+            handles = []
+            amax = np.float32(0)
+            for m in g.members:
+                h = backend.load(counter.read(m))
+                amax = max(amax, backend.amax(h, m.dtype, m.name))  # synchronizes: the host copy may go
+                handles.append(h)
+            data = [None] * len(g.members)
+        elif two_pass:  # read each member for the amax, then again to quantize
             amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
             data = [None] * len(g.members)
             handles = [None] * len(g.members)

@@ -34,7 +34,8 @@ class Group:
     key: str
     rule: str
     members: list[TensorInfo]
-    two_pass: bool = False
+    two_pass: bool = False  # larger than the host memory budget: read once for the amax, again to quantize
+    on_device: bool = False  # larger than the host memory budget but held on the GPU: read once
     format: str = ""  # the registered format this quantizer takes (mixed precision: per group)
 
     @property
@@ -69,6 +70,13 @@ class Plan:
     exclude_modules: list[str]
     warnings: list[str] = field(default_factory=list)
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    device_memory: int | None = None  # GPU bytes a quantizer may be held in (None: planned for the CPU)
+
+    @property
+    def read_factor(self) -> float:
+        """Source bytes read over source bytes: groups read twice count twice."""
+        total = self.source_bytes
+        return (total + sum(g.source_bytes for g in self.groups if g.two_pass)) / total if total else 1.0
 
     @property
     def source_bytes(self) -> int:
@@ -86,8 +94,8 @@ class Plan:
 
     @property
     def peak_bytes(self) -> int:
-        """Bound on resident memory: the largest group held at once (or, for a two-pass group, its
-        largest member), the read-ahead, the write queue, one member's outputs, the source hasher's
+        """Bound on resident memory: the largest group held at once (or, for a group read twice or
+        held on the GPU, its largest member), the read-ahead, the write queue, one member's outputs, the source hasher's
         out-of-order hold and a fixed overhead."""
         held = max((_held(u) for u in self.units), default=0)
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
@@ -127,7 +135,7 @@ def _widen(parts: list[str], nums: list[int]) -> str:
 
 
 def _held(u: Unit) -> int:
-    if u.group is not None and u.group.two_pass:
+    if u.group is not None and (u.group.two_pass or u.group.on_device):
         return max(m.nbytes for m in u.group.members)
     return u.source_bytes
 
@@ -141,9 +149,11 @@ def make_plan(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     strict: bool = False,
     flavor: str | None = None,
+    device_memory: int | None = None,
 ) -> Plan:
     """flavor None: the format's default flavor if it spells every format the plan uses, else the
-    first flavor that does."""
+    first flavor that does. device_memory: GPU bytes one quantizer may be held in (a GPU conversion);
+    a group larger than memory_budget that fits there is read once, member by member, onto the GPU."""
     if flavor is not None and flavor not in FLAVORS:
         raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")
     warnings: list[str] = list(ck.warnings)
@@ -203,10 +213,13 @@ def make_plan(
                 kept[n] = Decision(KEEP, decisions[n].rule, reason=f"fused set not quantizable: {why}", warn=True)
             continue
         g = Group(key, decisions[names[0]].rule, members, format=gfmt)
-        g.two_pass = g.source_bytes > memory_budget
+        if g.source_bytes > memory_budget:
+            g.on_device = device_memory is not None and g.source_bytes <= device_memory
+            g.two_pass = not g.on_device
         if g.two_pass:
             warnings.append(f"quantizer {show(key, quote=False)} ({g.source_bytes / 2**30:.1f} GiB) exceeds the "
-                            "memory budget: read twice")
+                            "memory budget: read twice"
+                            + ("" if device_memory is None else " (and the GPU memory budget)"))
         groups.append(g)
 
     for c in rules.format_for:
@@ -266,7 +279,7 @@ def make_plan(
     })
     return Plan(
         ck, fmt, rules.expert_policy, flavor, groups, units, outputs, out_tensors,
-        _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget,
+        _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget, device_memory,
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .source import INDEX_NAME
-from .st import OutTensor, ShardWriter
+from .st import OutTensor, ShardWriter, encode_header
 
 Spec = tuple[str, str, tuple[int, ...]]  # (name, dtype, shape)
 
@@ -188,9 +188,11 @@ def write_checkpoint(
     data=None,
     extra_files: dict[str, str] | None = None,
     single_file: bool = False,
+    sparse: bool = False,
 ) -> Path:
     """Write `model` as a sharded (or single-file) bf16 checkpoint with index, config and tokenizer
-    files. `data(spec, rng)` makes each tensor's raw storage (default: `random_data`)."""
+    files. `data(spec, rng)` makes each tensor's raw storage (default: `random_data`). `sparse`: real
+    headers, the data left as holes (a file of full size that takes no disk: full-size layouts to plan)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     data = data or random_data
@@ -208,6 +210,13 @@ def write_checkpoint(
     weight_map = {}
     for i, ts in enumerate(shards):
         fname = "model.safetensors" if single_file else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        if sparse:
+            header = encode_header(ts, {"format": "pt"})
+            with open(root / fname, "wb") as f:
+                f.write(header)
+                f.truncate(len(header) + sum(t.nbytes for t in ts))
+            weight_map.update({t.name: fname for t in ts})
+            continue
         w = ShardWriter(root / fname, ts, {"format": "pt"})
         for t in ts:
             w.write(t.name, data(specs[t.name], rng))

@@ -521,8 +521,9 @@ def test_plan_prints_table_and_totals(sources, converted):
     lines = r.stdout.splitlines()
     assert lines[0] == "modelopt flavor; format nvfp4"
     assert lines[1].split()[:3] == ["quantizer", "format", "members"]
-    rows = {ln.split()[0]: (ln.split()[1], int(ln.split()[2])) for ln in lines[2:]
-            if not ln.startswith(("total:", "estimated"))}
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("total:"))
+    rows = {ln.split()[0]: (ln.split()[1], int(ln.split()[2])) for ln in lines[2:end]}
+    assert "source bytes read: 1.00x the source (CPU conversion)" in lines
     assert rows == {k: (q["format"], len(q["members"])) for k, q in man["quantizers"].items()}
     total = next(ln for ln in lines if ln.startswith("total:"))
     assert f"total: {len(man['quantizers'])} quantizers, {len(man['tensors'])} tensors quantized, " \

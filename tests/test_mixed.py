@@ -159,7 +159,8 @@ def test_plan_table_shows_formats(src):
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert lines[0] == "compressed-tensors flavor; formats nvfp4, fp8-channel"
-    rows = {ln.split()[0]: ln.split()[1] for ln in lines[2:] if not ln.startswith(("total:", "estimated"))}
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("total:"))
+    rows = {ln.split()[0]: ln.split()[1] for ln in lines[2:end]}
     assert rows["model.layers.1.self_attn.o_proj"] == "fp8-channel"
     assert rows["model.layers.1.mlp.experts.*.down_proj"] == "nvfp4"
 

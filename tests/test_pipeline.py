@@ -129,3 +129,39 @@ def test_declared_kernel_is_a_device_method(fmt):
 
     kernel = formats.declared(fmt).kernel
     assert not kernel or callable(getattr(Device, kernel, None)), kernel
+
+
+class DeviceLikeBackend(NumpyBackend):
+    """A CPU stand-in for a GPU backend: `load` copies (as an upload does), a device budget is set, and
+    every load is counted, so a test sees which path a group took."""
+
+    def __init__(self, budget: int):
+        self.device_budget = budget
+        self.loads = 0
+
+    def load(self, raw):
+        self.loads += 1
+        return raw.copy()
+
+
+def test_group_larger_than_host_budget_is_read_once_onto_the_device(src, tmp_path, monkeypatch):
+    """plan.Group.on_device: a quantizer over --memory-budget that fits the device budget is read once,
+    member by member, and quantized from the device copies: same bytes as the CPU, source read once."""
+    budget = 30_000  # below one layer's experts (shared policy, 49 KB), above any one member (4 KB)
+    cpu = conv.convert(str(src), tmp_path / "cpu", "nvfp4", device="cpu", memory_budget=budget)
+    assert any(g.two_pass for g in cpu.plan.groups) and cpu.plan.read_factor > 1.2
+    assert cpu.bytes_read == round(cpu.plan.read_factor * cpu.plan.source_bytes)
+    dev = DeviceLikeBackend(1 << 30)
+    monkeypatch.setattr(conv, "get_backends", lambda *a: [dev])
+    gpu = conv.convert(str(src), tmp_path / "gpu", "nvfp4", device="cpu", memory_budget=budget)
+    on = [g for g in gpu.plan.groups if g.on_device]
+    assert on and not any(g.two_pass for g in gpu.plan.groups) and gpu.plan.read_factor == 1.0
+    assert gpu.bytes_read == gpu.plan.source_bytes
+    assert dev.loads == sum(len(g.members) for g in gpu.plan.groups)  # every member uploaded once
+    for p in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        assert filecmp.cmp(p, tmp_path / "gpu" / p.name, shallow=False), p.name
+    # a device budget below the group: read twice after all
+    small = DeviceLikeBackend(budget // 2)
+    monkeypatch.setattr(conv, "get_backends", lambda *a: [small])
+    r = conv.convert(str(src), tmp_path / "small", "nvfp4", device="cpu", memory_budget=budget)
+    assert not any(g.on_device for g in r.plan.groups) and r.plan.read_factor == cpu.plan.read_factor

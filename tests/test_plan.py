@@ -533,3 +533,31 @@ def test_units_follow_source_order(tmp_path):
     first = [pos[u.group.members[0].name] if u.group else pos[u.kept.name] for u in p.units]
     assert first == sorted(first)
     assert Counter(u.group is None for u in p.units)[False] == len(p.groups)
+
+
+def test_full_size_deepseek_v3_reads_each_byte_once_on_a_gpu(tmp_path):
+    """DeepSeek-V3's real shapes (shared/LAYOUTS.md; 1.3 TB of bf16 as sparse files: real headers,
+    data as holes). Shared policy, default 8 GiB host budget: each layer's expert gate/up group
+    (256 experts x 2 x 2048 x 7168 bf16 = 15 GB) is read twice on the CPU, and held on the GPU (read
+    once) when the GPU has room."""
+    import time
+
+    from shardquant.convert import prepare
+
+    model = testing.deepseek_v3(hidden=7168, layers=61, dense_layers=3, experts=256, inter=2048,
+                                dense_inter=18432, vocab=129280, q_lora=1536, kv_lora=512, rope=64, nope=128,
+                                v_dim=128, heads=128, mtp=1)
+    src = testing.write_checkpoint(tmp_path / "ds", model, shard_bytes=5 * 10**9, sparse=True)
+    t0 = time.perf_counter()
+    cpu = prepare(str(src), "nvfp4")
+    gpu = prepare(str(src), "nvfp4", device_memory=110 * 2**30)
+    assert time.perf_counter() - t0 < 60
+    assert cpu.source_bytes > 1.2e12
+    big = [g for g in cpu.groups if g.source_bytes > cpu.memory_budget]
+    assert len(big) == 58 and all(g.two_pass for g in big)  # gate/up of the 58 MoE layers
+    assert 1.6 < cpu.read_factor < 1.7
+    assert gpu.read_factor == 1.0 and not any(g.two_pass for g in gpu.groups)
+    assert {g.key for g in gpu.groups if g.on_device} == {g.key for g in big}
+    # held member by member: the host bound is the CPU plan's (the largest group under the budget,
+    # here a layer's expert down_proj set, 7.5 GB, plus fixed overheads), not 15 GB more
+    assert gpu.peak_bytes == cpu.peak_bytes < cpu.memory_budget + 3 * 2**30

@@ -18,14 +18,15 @@ def test_example_converts_and_names_its_format(tmp_path):
 def test_cli_size_defaults_are_the_library_defaults():
     import click
 
-    from shardquant.cli import _size, convert
+    from shardquant.cli import _size, _size_or_auto, convert
     from shardquant.convert import DEFAULT_GPU_MEMORY
     from shardquant.plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE
 
     defaults = {p.name: p.default for p in convert.params if isinstance(p, click.Option)}
     assert _size(None, None, defaults["max_shard_size"]) == DEFAULT_SHARD_SIZE
     assert _size(None, None, defaults["memory_budget"]) == DEFAULT_MEMORY_BUDGET
-    assert _size(None, None, defaults["gpu_memory"]) == DEFAULT_GPU_MEMORY
+    assert _size_or_auto(None, None, defaults["gpu_memory"]) == DEFAULT_GPU_MEMORY is None  # auto
+    assert _size_or_auto(None, None, "12GiB") == 12 * 2**30
 
 
 @pytest.mark.parametrize("text,value", [("5GB", 5 * 10**9), ("5G", 5 * 10**9), ("5 gb", 5 * 10**9),
