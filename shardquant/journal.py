@@ -21,10 +21,10 @@ from . import __version__
 from .errors import OutputError
 from .plan import Plan
 from .st import encode_header
-from .writer import TOKEN_RE, OutputDir
+from .writer import TMP_RE, TOKEN_RE, OutputDir
 
 JOURNAL_NAME = ".shardquant-journal.json"
-JOURNAL_VERSION = 2
+JOURNAL_VERSION = 3  # 3 adds `partial`; a version 2 journal reads as one without partial shards
 SHARD_METADATA = {"format": "pt"}
 MAX_JOURNAL_BYTES = 256 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -76,6 +76,9 @@ class Journal:
     scales: dict[str, list[float]] = field(default_factory=dict)  # quantizer -> [amax, global scale]
     sources: dict[str, dict] = field(default_factory=dict)  # source file -> {"sha256", "size"}
     runs: list[str] = field(default_factory=list)  # tokens of runs whose temporary files may remain
+    # shard -> {"tmp", "tensors", "size", "sha256"}: a shard whose temporary file holds its header and
+    # first `tensors` tensors, durable (`size` bytes hashing to `sha256`): resumed from there
+    partial: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def load(cls, od: OutputDir) -> "Journal | None":
@@ -94,7 +97,8 @@ class Journal:
 
     def save(self) -> None:
         doc = {"version": JOURNAL_VERSION, "tool": __version__, "fingerprint": self.fingerprint,
-               "files": self.files, "scales": self.scales, "sources": self.sources, "runs": self.runs}
+               "files": self.files, "scales": self.scales, "sources": self.sources, "runs": self.runs,
+               "partial": self.partial}
         self.od.write_file(JOURNAL_NAME, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
     def intend(self, names) -> None:
@@ -108,7 +112,14 @@ class Journal:
         if changed:
             self.save()
 
+    def checkpoint(self, name: str, tmp: str, tensors: int, info: dict, scales: dict) -> None:
+        """Shard `name`'s temporary file `tmp` holds its first `tensors` tensors, durably."""
+        self.partial[name] = {"tmp": tmp, "tensors": tensors, "size": info["size"], "sha256": info["sha256"]}
+        self.scales.update({k: [float(v[0]), float(v[1])] for k, v in scales.items()})
+        self.save()
+
     def record(self, name: str, info: dict, scales: dict | None = None) -> None:
+        self.partial.pop(name, None)
         self.files[name] = {"sha256": info["sha256"], "size": info["size"]}
         if scales:
             self.scales.update({k: [float(v[0]), float(v[1])] for k, v in scales.items()})
@@ -158,7 +169,7 @@ def _file_rec(v: object, what: str) -> dict:
 def _validate(d: object) -> tuple:
     if not isinstance(d, dict):
         raise _Bad("not a JSON object")
-    if d.get("version") != JOURNAL_VERSION:
+    if d.get("version") not in (2, JOURNAL_VERSION):
         raise _Bad(f"version {str(d.get('version'))[:20]!r}, expected {JOURNAL_VERSION}")
     fp = d.get("fingerprint")
     if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
@@ -185,4 +196,15 @@ def _validate(d: object) -> tuple:
         out_sources[n] = _file_rec(v, f"source {n[:80]!r}")
     if len(runs) > 10_000 or not all(isinstance(t, str) and TOKEN_RE.fullmatch(t) for t in runs):
         raise _Bad("runs: expected a list of run tokens")
-    return fp, out_files, out_scales, out_sources, list(runs)
+    partial = d.get("partial", {}) if d["version"] == JOURNAL_VERSION else {}
+    if not isinstance(partial, dict):
+        raise _Bad("partial: expected an object")
+    out_partial = {}
+    for n, v in partial.items():
+        m = TMP_RE.fullmatch(v.get("tmp", "")) if isinstance(v, dict) and isinstance(v.get("tmp"), str) else None
+        if not plain_name(n) or not isinstance(v, dict) or set(v) != {"tmp", "tensors", "size", "sha256"} or m is None \
+                or m["name"] != n or m["token"] not in runs or type(v["tensors"]) is not int or v["tensors"] < 0:
+            raise _Bad(f"partial shard {str(n)[:80]!r}: expected {{tmp (ours), tensors, size, sha256}}")
+        rec = _file_rec({"sha256": v["sha256"], "size": v["size"]}, f"partial shard {n[:80]!r}")
+        out_partial[n] = {"tmp": v["tmp"], "tensors": v["tensors"], **rec}
+    return fp, out_files, out_scales, out_sources, list(runs), out_partial

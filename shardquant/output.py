@@ -32,6 +32,8 @@ class Claim:
     done: set[str] = field(default_factory=set)  # shards a previous run finished, still intact
     complete: bool = False  # a finished output of this same recipe, every file intact: nothing to do
     warnings: list[str] = field(default_factory=list)
+    # shard -> (temporary file, tensors in it, its size, hash state): unfinished shards resumed mid-way
+    partial: dict[str, tuple] = field(default_factory=dict)
 
 
 def _names(names) -> str:
@@ -106,10 +108,18 @@ def claim_output(od: OutputDir, plan: Plan, force: bool, previous_tokens: set[st
             raise OutputError(f"{od.path}: holds an unfinished conversion made by a different command, version "
                               "or source (or the source changed since); refusing to resume (use --force to start over)")
         _forbid_foreign(od, entries, owned, plan, claim)
+        claim.done = journal.valid(shard_names)
+        for shard, rec in sorted(journal.partial.items()):  # checkpointed shards, their prefix intact
+            sha = (od.prefix(rec["tmp"], rec["size"], rec["sha256"])
+                   if shard in shard_names and shard not in claim.done and rec["tmp"] in temps else None)
+            if sha is None:
+                del journal.partial[shard]
+            else:
+                claim.partial[shard] = (rec["tmp"], rec["tensors"], rec["size"], sha)
         journal.runs.append(od.token)
         journal.save()
-        _clear(od, temps)
-        claim.journal, claim.done = journal, journal.valid(shard_names)
+        _clear(od, temps - {t for t, *_ in claim.partial.values()})
+        claim.journal = journal
         return claim
 
     if prev is not None and not force:

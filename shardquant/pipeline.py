@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -20,6 +21,9 @@ from .st import encode_header, read_raw
 from .writer import NewFile, OutputDir
 
 READ_THREADS = 4
+# A shard being written is made durable and recorded this often: an interrupted conversion loses at
+# most this much writing, plus the quantizer straddling the checkpoint (README, "Resume").
+CHECKPOINT_SECONDS = 2.0
 
 
 class _Counter:
@@ -116,10 +120,14 @@ class _Shards:
     dropped (their bytes are already on disk)."""
 
     def __init__(self, plan: Plan, od: OutputDir, journal: Journal, done: set[str], scales: dict, lock,
-                 hasher=None):
+                 hasher=None, partial: dict | None = None):
         self.od = od
         self.where = {t.name: i for i, (_, ts) in enumerate(plan.shards) for t in ts}
+        self.slot = {t.name: j for _, ts in plan.shards for j, t in enumerate(ts)}
         self.skip = {i for i, (fname, _) in enumerate(plan.shards) if fname in done}
+        # shard index -> (temporary file, tensors already in it, size, hash state): resumed mid-shard
+        self.partial = {i: partial[fname] for i, (fname, _) in enumerate(plan.shards) if fname in (partial or {})}
+        self.last_checkpoint = time.monotonic()
         self.plan, self.journal, self.scales, self.lock, self.hasher = plan, journal, scales, lock, hasher
         self.cur: NewFile | None = None
         self.expect: list = []
@@ -130,13 +138,20 @@ class _Shards:
         i = self.where[name]
         if i in self.skip:
             return
+        resumed = self.partial.get(i)
+        if resumed is not None and self.slot[name] < resumed[1]:
+            return  # already in the shard's checkpointed prefix (a group straddling it is recomputed)
         if i != self.idx:
             self._finish()
             self.idx = i
             fname, tensors = self.plan.shards[i]
-            self.cur = self.od.create(fname)
-            self.expect, self.pos = tensors, 0
-            self.cur.write(encode_header(tensors, SHARD_METADATA))
+            self.expect = tensors
+            if resumed is not None:
+                tmp, self.pos, size, sha = resumed
+                self.cur = self.od.reopen(fname, tmp, size, sha)
+            else:
+                self.cur, self.pos = self.od.create(fname), 0
+                self.cur.write(encode_header(tensors, SHARD_METADATA))
         t = self.expect[self.pos]
         if t.name != name or data.nbytes != t.nbytes:
             raise AssertionError(f"writer out of plan order: got {name!r}, expected {t.name!r}")
@@ -144,6 +159,16 @@ class _Shards:
         self.pos += 1
         if self.pos == len(self.expect):
             self._finish()
+        elif time.monotonic() - self.last_checkpoint >= CHECKPOINT_SECONDS:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Make the shard written so far durable and record it: an interrupted run resumes from here."""
+        info = self.cur.checkpoint()
+        with self.lock:
+            scales = dict(self.scales)
+        self.journal.checkpoint(self.cur.name, self.cur.tmp, self.pos, info, scales)
+        self.last_checkpoint = time.monotonic()
 
     def _finish(self) -> None:
         if self.cur is None:
@@ -162,8 +187,9 @@ class _Shards:
         self.journal.record(f.name, info, scales)
 
     def abort(self) -> None:
+        """Stop: the current shard's temporary file is kept when a checkpoint of it is in the journal."""
         if self.cur is not None:
-            self.cur.abort()
+            self.cur.abort(keep=self.cur.name in self.journal.partial)
             self.cur = None
 
 
@@ -282,18 +308,20 @@ class _Devices:
 
 
 def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Journal,
-        done: set[str]) -> tuple[int, dict, dict, int]:
-    """Stream every unit through the backends into the shards. Returns (bytes read, scales by
-    quantizer, each source file's {"sha256", "size", "checked_against_hub"}, bytes the hasher read
-    on its own: headers, padding, tensors of kept shards)."""
+        done: set[str], partial: dict | None = None) -> tuple[int, dict, dict, int]:
+    """Stream every unit through the backends into the shards. `partial`: shards resumed mid-way
+    (shardquant/output.py Claim.partial). Returns (bytes read, scales by quantizer, each source file's
+    {"sha256", "size", "checked_against_hub"}, bytes the hasher read on its own: headers, padding,
+    tensors of kept shards)."""
     scales: dict[str, tuple[float, float]] = {}
     lock = threading.Lock()
-    units = _units_to_run(plan, journal, done, scales)
+    partial = partial or {}
+    units = _units_to_run(plan, journal, done, scales, {s: p[1] for s, p in partial.items()})
     todo = {id(u) for u in units}
     unread = {(t.file.name, t.offset) for u in plan.units if id(u) not in todo
               for t in ([u.kept] if u.kept is not None else u.group.members)}
     hasher = SourceHasher(plan.checkpoint, journal.sources, unread)
-    shards = _Shards(plan, od, journal, done, scales, lock, hasher)
+    shards = _Shards(plan, od, journal, done, scales, lock, hasher, partial)
     writer = _Writer(shards)
     counter = _Counter(hasher)
     bar = _bar(sum(u.source_bytes for u in units), progress)
@@ -397,16 +425,20 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     return counter.n, scales, sources, hasher.extra_bytes
 
 
-def _units_to_run(plan: Plan, journal: Journal, done: set[str], scales: dict) -> list[Unit]:
-    """Units whose outputs all lie in finished shards are skipped (their scales come from the
-    journal); a group straddling a finished and an unfinished shard is computed again."""
-    if not done:
+def _units_to_run(plan: Plan, journal: Journal, done: set[str], scales: dict,
+                  prefix: dict[str, int] | None = None) -> list[Unit]:
+    """Units whose outputs all lie in finished shards, or in the checkpointed prefix of a resumed
+    shard (its first `prefix[shard]` tensors), are skipped (their scales come from the journal); a
+    group straddling written and unwritten outputs is computed again."""
+    prefix = prefix or {}
+    if not done and not prefix:
         return list(plan.units)
     shard_of = {t.name: fname for fname, ts in plan.shards for t in ts}
+    slot = {t.name: j for _, ts in plan.shards for j, t in enumerate(ts)}
     run = []
     for u in plan.units:
         names = [u.kept.name] if u.kept else [n for m in u.group.members for n in plan.outputs[m.name].values()]
-        finished = all(shard_of[n] in done for n in names)
+        finished = all(shard_of[n] in done or slot[n] < prefix.get(shard_of[n], 0) for n in names)
         if finished and u.group is not None and u.group.key in journal.scales:
             scales[u.group.key] = tuple(journal.scales[u.group.key])
         elif not finished or u.group is not None:

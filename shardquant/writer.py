@@ -171,7 +171,34 @@ class OutputDir:
             return None
         return size, h.hexdigest()
 
+    def prefix(self, tmp: str, size: int, sha256: str):
+        """The hash state of the first `size` bytes of our own temporary file `tmp` when they hash to
+        `sha256` (a shard written up to a checkpoint, shardquant/journal.py `partial`), else None.
+        Only a regular file with one link, never through a symlink."""
+        try:
+            fd = self._open_read(tmp)
+        except OSError:
+            return None
+        h, got = hashlib.sha256(), 0
+        try:
+            st = os.fstat(fd)
+            if st.st_nlink != 1 or st.st_size < size:
+                return None
+            while got < size and (chunk := os.read(fd, min(_CHUNK, size - got))):
+                h.update(chunk)
+                got += len(chunk)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return h if got == size and h.hexdigest() == sha256 else None
+
     # ---- writing
+    def reopen(self, name: str, tmp: str, size: int, sha) -> "NewFile":
+        """Our temporary file `tmp` for `name`, cut back to its checked prefix of `size` bytes (whose
+        hash state is `sha`, from `prefix`), to be written on from there and committed as `name`."""
+        return NewFile(self, _plain(name), resume=(_plain(tmp), size, sha))
+
     def create(self, name: str) -> "NewFile":
         """A fresh temporary file that `NewFile.commit` renames to `name`."""
         return NewFile(self, _plain(name))
@@ -213,17 +240,46 @@ class OutputDir:
 class NewFile:
     """A file being written under a temporary name, hashed as it is written."""
 
-    def __init__(self, od: OutputDir, name: str):
+    def __init__(self, od: OutputDir, name: str, resume: tuple | None = None):
         self.od, self.name = od, name
         self.tmp = tmp_name(name, od.token)
         self.size = 0
         self.sha = hashlib.sha256()
         self.fd = -1
+        self.checkpointed = 0  # bytes made durable by `checkpoint` (kept by `abort`)
+        if resume is not None:  # an earlier run's temporary, its prefix checked (OutputDir.prefix)
+            self._reopen(*resume)
+            return
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
         try:
             self.fd = _sys("open", self.tmp, os.open, self.tmp, flags, 0o644, dir_fd=od.fd)
         except OSError as e:
             raise od.fail(name, "cannot create", e) from None
+
+    def _reopen(self, tmp: str, size: int, sha) -> None:
+        self.tmp = tmp
+        try:
+            self.fd = _sys("open", tmp, os.open, tmp, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=self.od.fd)
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(errno.EPERM, "not a regular file of one link")
+            _sys("truncate", tmp, os.ftruncate, self.fd, size)
+            os.lseek(self.fd, size, os.SEEK_SET)
+        except OSError as e:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            raise self.od.fail(self.name, "cannot resume", e) from None
+        self.size, self.sha, self.checkpointed = size, sha, size
+
+    def checkpoint(self) -> dict:
+        """Make what is written so far durable; return the prefix's {"size", "sha256"}."""
+        try:
+            _sys("fsync", self.name, os.fsync, self.fd)
+        except OSError as e:
+            raise self.od.fail(self.name, "write failed", e) from None
+        self.checkpointed = self.size
+        return {"size": self.size, "sha256": self.sha.copy().hexdigest()}
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
@@ -249,14 +305,17 @@ class NewFile:
             self.od.sync()
         return {"sha256": self.sha.hexdigest(), "size": self.size}
 
-    def abort(self) -> None:
-        """Close and remove the temporary file; errors here never hide the one being raised."""
+    def abort(self, keep: bool = False) -> None:
+        """Close and remove the temporary file (kept when `keep`: a checkpointed shard to resume);
+        errors here never hide the one being raised."""
         if self.fd >= 0:
             try:
                 os.close(self.fd)
             except OSError:
                 pass
             self.fd = -1
+        if keep and self.checkpointed:
+            return
         try:
             os.unlink(self.tmp, dir_fd=self.od.fd)
         except OSError:

@@ -28,6 +28,8 @@ import shardquant.writer as writer
 import shardquant.pipeline as pipe
 stage, count = sys.argv[3], int(sys.argv[4])
 seen = {"SHARD": 0, "MID": 0}
+if stage.endswith("checkpointed"):
+    pipe.CHECKPOINT_SECONDS = 0.0  # a checkpoint after every tensor
 orig_finish_shard = pipe._Shards._finish
 def finish_shard(self):
     had = self.cur is not None
@@ -41,7 +43,7 @@ pipe._Shards._finish = finish_shard
 orig_write = pipe._Shards.write
 def write(self, name, data):
     orig_write(self, name, data)
-    if stage == "mid-shard" and self.cur is not None and self.pos == 2:
+    if stage.startswith("mid-shard") and self.cur is not None and self.pos == 2:
         print("MID", flush=True)
         seen["MID"] += 1
         if seen["MID"] == count:
@@ -97,6 +99,7 @@ def kill_at(src: Path, out: Path, stage: str, marker: str, count: int = 1) -> No
     ("after-shard", "SHARD", 1),   # between shards
     ("after-shard", "SHARD", 3),   # further on
     ("mid-shard", "MID", 2),       # inside a shard being written
+    ("mid-shard-checkpointed", "MID", 2),  # the same, with the shard's first tensors checkpointed
     ("before-index", "FINAL", 1),  # every shard done, configs and index not yet
 ])
 def test_killed_conversion_resumes_byte_identical(src, clean, tmp_path, stage, marker, count):
@@ -105,9 +108,53 @@ def test_killed_conversion_resumes_byte_identical(src, clean, tmp_path, stage, m
     before = {p.name for p in out.iterdir()}
     assert JOURNAL_NAME in before
     r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
-    if stage != "mid-shard" or count > 1:
+    if not stage.startswith("mid-shard") or count > 1:
         assert r.resumed >= 1  # finished shards were kept, not redone
     assert r.resumed < len(r.plan.shards) or stage == "before-index"
+    # a checkpointed shard goes on from its checkpoint (header and two tensors here), not from zero
+    assert (r.resumed_bytes > 0) == (stage == "mid-shard-checkpointed")
+    assert files(out) == files(clean)
+
+
+def _fail_mid_shard(monkeypatch, src, out):
+    """A write error in the second shard after its first tensors were checkpointed."""
+    import shardquant.pipeline as pipe
+
+    monkeypatch.setattr(pipe, "CHECKPOINT_SECONDS", 0.0)
+    writes = {"n": 0}
+
+    def fault(op, name):
+        if op == "write" and name.startswith("model-00002-"):
+            writes["n"] += 1
+            if writes["n"] == 4:
+                raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(writer, "FAULT", fault)
+    with pytest.raises(OutputError, match="model-00002-.*write failed"):
+        conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    monkeypatch.setattr(writer, "FAULT", None)
+    monkeypatch.setattr(pipe, "CHECKPOINT_SECONDS", 2.0)
+
+
+def test_failed_shard_resumes_from_its_checkpoint(src, clean, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _fail_mid_shard(monkeypatch, src, out)
+    temps = [p for p in out.iterdir() if p.name.startswith(".model-00002-") and p.name.endswith(".sqtmp")]
+    assert len(temps) == 1  # kept: its prefix is recorded in the journal
+    r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert r.resumed == 1 and r.resumed_bytes > 0
+    assert files(out) == files(clean)
+
+
+def test_tampered_checkpointed_prefix_is_rewritten(src, clean, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _fail_mid_shard(monkeypatch, src, out)
+    [tmp] = [p for p in out.iterdir() if p.name.startswith(".model-00002-") and p.name.endswith(".sqtmp")]
+    data = bytearray(tmp.read_bytes())
+    data[-1 - len(data) // 3] ^= 0x01  # inside the checkpointed prefix
+    tmp.write_bytes(bytes(data))
+    r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert r.resumed_bytes == 0  # the prefix no longer hashes as recorded: the shard is written anew
     assert files(out) == files(clean)
 
 
