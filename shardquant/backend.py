@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 
 from . import formats
@@ -16,6 +19,7 @@ from .formats.base import tensor_amax
 class NumpyBackend:
     name = "numpy"
     device_budget = None  # the host copy is the working copy
+    fallback: str | None = None  # --device auto on a machine with an NVIDIA GPU: why not the GPU, and the fix
 
     def load(self, raw: np.ndarray) -> np.ndarray:
         return raw
@@ -81,7 +85,11 @@ def get_backend(device: str, device_budget: int | None):
     if device == "auto":
         from .cuda import available
 
-        return CupyBackend("cuda", device_budget) if available() else NumpyBackend()
+        if available():
+            return CupyBackend("cuda", device_budget)
+        cpu = NumpyBackend()
+        cpu.fallback = gpu_fallback_reason()
+        return cpu
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return CupyBackend(device, device_budget)
     raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
@@ -108,3 +116,87 @@ def get_backends(device: str, devices: str | None, device_budget: int | None) ->
         if not ids or len(set(ids)) != len(ids) or any(not 0 <= i < n for i in ids):
             raise ShardquantError(f"--devices {devices}: {n} CUDA device(s) visible, numbered 0..{n - 1}, each once")
     return [CupyBackend(f"cuda:{i}", device_budget) for i in ids]
+
+
+def describe(backends: list) -> str:
+    """Where the arithmetic runs, for the start and summary lines: "cuda:0 (NVIDIA H200) with CuPy
+    13.6.0", "cuda:0, cuda:1 (2 x NVIDIA H200) with CuPy 13.6.0" or "the CPU with NumPy 2.4.6, 16
+    threads" (formats/base.py threads(): SHARDQUANT_THREADS, else every core)."""
+    gpus = [b for b in backends if getattr(b, "dev", None) is not None]
+    if not gpus:
+        return f"the CPU with NumPy {np.__version__}, {formats.base.threads()} threads"
+    cp = gpus[0].dev.cp
+    names = []
+    for b in gpus:
+        try:
+            raw = cp.cuda.runtime.getDeviceProperties(b.dev.index)["name"]
+            names.append(raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw))
+        except Exception:  # a name is a nicety; the conversion does not need it
+            names.append("GPU")
+    kinds = sorted(set(names))
+    what = (f"{len(names)} x {kinds[0]}" if len(names) > 1 else kinds[0]) if len(kinds) == 1 else ", ".join(names)
+    return f"{', '.join(f'cuda:{b.dev.index}' for b in gpus)} ({what}) with CuPy {cp.__version__}"
+
+
+def nvidia_driver(proc: str = "/proc/driver/nvidia/version") -> str | None:
+    """The NVIDIA driver's version when this machine has one ("570.86.15"), "" when only nvidia-smi
+    says so, None without one. Cheap: a file read, no import, no subprocess."""
+    try:
+        with open(proc, encoding="utf-8", errors="replace") as f:
+            text = f.read(4096)
+    except OSError:
+        return "" if shutil.which("nvidia-smi") else None
+    for word in text.split():
+        head = word.split(".")[0]
+        if head.isdigit() and "." in word and int(head) >= 100:
+            return word
+    return ""
+
+
+def gpu_install_hint(driver: str | None) -> str:
+    """The pip command for CuPy that this driver runs: CuPy's CUDA 13 wheels need driver 580 or
+    newer, its CUDA 12 wheels 525 or newer (pyproject.toml extras `gpu` and `gpu-cuda12`)."""
+    major = int(driver.split(".")[0]) if driver and driver.split(".")[0].isdigit() else None
+    if major is None:
+        return ('pip install "shardquant[gpu]" (CUDA 13, driver 580+) or "shardquant[gpu-cuda12]" (CUDA 12, '
+                "driver 525+); nvidia-smi shows the driver")
+    if major >= 580:
+        return 'pip install "shardquant[gpu]" (CuPy for CUDA 13)'
+    if major >= 525:
+        return f'pip install "shardquant[gpu-cuda12]" (CuPy for CUDA 12: driver {driver} is too old for CUDA 13)'
+    return f"driver {driver} is too old for CuPy's CUDA 12 and 13 wheels: update it to 580+, then " \
+           'pip install "shardquant[gpu]"'
+
+
+def gpu_fallback_reason() -> str | None:
+    """Why --device auto converts on the CPU on a machine with an NVIDIA GPU, with the fix; None on
+    a machine without one (the CPU is then simply the machine's processor)."""
+    driver = nvidia_driver()
+    if driver is None:
+        return None
+    shown = f"driver {driver}" if driver else "nvidia-smi found"
+    try:
+        import cupy
+    except ImportError:
+        return f"this machine has an NVIDIA GPU ({shown}) but CuPy is not installed; for the GPU: " \
+               + gpu_install_hint(driver)
+    except Exception as e:  # a broken install: the first line says what
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return f"CuPy does not import ({type(e).__name__}: {first}); reinstall it: {gpu_install_hint(driver)}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    env = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # cupy's CUDARuntimeError: "cudaErrorInsufficientDriver: ..." and the like
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "NoDevice" in msg or "no CUDA-capable device" in msg:
+            return f"no CUDA device visible to CuPy{env}: {msg}"
+        fix = gpu_install_hint(driver)
+        if "InsufficientDriver" in msg or "insufficient" in msg:
+            fix = f"this CuPy needs a newer driver than {driver or 'this one'}: pip uninstall the cupy-cuda* " \
+                  f"package, then {fix}; or update the driver"
+        return f"CUDA driver error ({msg}); {fix}"
+    if n == 0:
+        return f"no CUDA device visible to CuPy{env}"
+    return None
+

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 from pathlib import Path
 
-import click
+from . import interrupt
+
+if __name__ == "__main__" or interrupt.is_command():  # Ctrl-C in the imports below (most of a second): one line
+    interrupt.install()
+
+import click  # noqa: E402
 
 from . import __version__, formats
 from .errors import ShardquantError
 from .flavors import FLAVORS
-from .plan import Plan
+from .plan import Plan, estimated_seconds
 from .text import show
 from .rules import EXPERT_POLICIES
 
@@ -45,8 +52,8 @@ def _size_or_auto(ctx, param, value: str | int | None) -> int | None:
 def _common(f):
     opts = [
         click.option("--format", "fmt", type=click.Choice(sorted(formats.FORMATS), case_sensitive=False),
-                     required=True, help="Output number format."),
-        click.option("--flavor", type=click.Choice(sorted(FLAVORS)), default=None,
+                     required=True, help="Output number format (any case: nvfp4 = NVFP4)."),
+        click.option("--flavor", type=click.Choice(sorted(FLAVORS), case_sensitive=False), default=None,
                      help="modelopt (hf_quant_config.json; vLLM, SGLang, TensorRT-LLM), compressed-tensors "
                           "(vLLM, SGLang, transformers) or block-fp8 (quant_method fp8, 128x128 tiles; all four). "
                           "Default: the format's own (modelopt for nvfp4, compressed-tensors for fp8, block-fp8 "
@@ -57,16 +64,23 @@ def _common(f):
                           "per-expert: each expert's gate+up share one, its down another."),
         click.option("--format-for", "format_for", multiple=True, metavar="SELECTOR=FORMAT",
                      help="Mixed precision: quantizers SELECTOR picks take FORMAT (or keep: high precision). "
-                          "SELECTOR: attention, experts, shared-experts, mlp, a rule name, or a regex over "
-                          "tensor or module names. E.g. --format nvfp4 --format-for attention=fp8-block."),
+                          "SELECTOR: attention, experts, shared-experts, mlp, a rule name, or a regex that must "
+                          "match a whole tensor or module name (full match). E.g. --format nvfp4 --format-for "
+                          "attention=fp8-block. One that picks nothing is a warning (an error with --strict)."),
         click.option("--rules", "rules_file", type=click.Path(dir_okay=False), default=None,
-                     help="TOML or JSON file of rule rows ([[rule]]), tried before the built-in table, and "
-                          "format choices ([[format]] select, format), tried after --format-for."),
+                     help="TOML or JSON file of rule rows ([[rule]]; pattern: a regex matching whole tensor "
+                          "names), tried before the built-in table, and format choices ([[format]] select, "
+                          "format), tried after --format-for. A row that matches no tensor is a warning (an error "
+                          "with --strict)."),
         click.option("--include", multiple=True, metavar="REGEX",
-                     help="Quantize 2-D weights no rule claims that match, each as its own quantizer."),
+                     help="Quantize 2-D weights no rule claims whose whole tensor or module name matches "
+                          "(full match: '.*custom_proj', not 'custom_proj'), each as its own quantizer."),
         click.option("--exclude", multiple=True, metavar="REGEX",
-                     help="Keep matching tensors (or modules) in high precision."),
-        click.option("--strict", is_flag=True, help="A weight no rule claims is an error."),
+                     help="Keep in high precision tensors whose whole name, or module name, matches (full "
+                          "match: 'model.layers.0.mlp.*' or '.*o_proj'; a fused set is kept whole)."),
+        click.option("--strict", is_flag=True,
+                     help="Errors instead of warnings: a 2-D weight no rule claims, and an --include, --exclude, "
+                          "--format-for or rules-file row that matches nothing."),
         click.option("--max-shard-size", callback=_size, default="5GB", show_default=True,
                      help="Largest output shard, e.g. 5GB."),
         click.option("--memory-budget", callback=_size, default="8GiB",
@@ -104,13 +118,25 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_out
     """Convert checkpoint SRC (a directory or an org/name hub repo)."""
     from .convert import convert as run
 
-    res = _guard(lambda: run(src, output, device=device, devices=devices, gpu_memory=gpu_memory, force=force,
-                             dry_run=dry_run, verify=verify_output,
-                             progress=not quiet and not dry_run, **kw))
-    _warn(res.plan, quiet)
+    shown: set[str] = set()  # warnings printed at the start are not printed again at the end
+
+    def started(plan: Plan, where: str) -> None:
+        interrupt.describe(lambda: _interrupted_line(plan, output, force))
+        _warn(plan, quiet, shown)
+        if not quiet:
+            click.echo(f"converting on {where}: {_count(len(plan.groups), 'quantizer')} into "
+                       f"{_count(len(plan.shards), 'shard')} in {output}", err=True)
+
+    interrupt.describe(lambda: f"interrupted before converting; nothing was written to {output}")
+    with _quiet_libraries(quiet, src):
+        res = _guard(lambda: run(src, output, device=device, devices=devices, gpu_memory=gpu_memory, force=force,
+                                 dry_run=dry_run, verify=verify_output,
+                                 progress=not quiet and not dry_run, on_start=started, **kw))
+    _warn(res.plan, quiet, shown)
     if dry_run:
         _print_plan(res.plan)
         return
+    interrupt.describe(lambda: f"interrupted; {output} is finished")
     if res.complete:
         if not quiet:
             click.echo(f"{output}: already complete; {res.resumed} shards match their checksums, nothing written", err=True)
@@ -118,10 +144,15 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_out
     if res.resumed and not quiet:
         click.echo(f"resumed: kept {res.resumed} finished shards", err=True)
     if not quiet:
-        mbs = res.bytes_read / max(res.seconds, 1e-9) / 1e6
+        once = res.bytes_read - res.reread_bytes  # source bytes, each counted once
+        rate = f"{once / max(res.seconds, 1e-9) / 1e6:.0f} MB/s of input"
+        if res.reread_bytes:
+            again = res.reread_bytes
+            amount = f"{again / 1e9:.2f} GB" if again >= 10**8 else f"{again / 1e6:.2f} MB"
+            rate += f"; {amount} of quantizers over --memory-budget read a second time"
         click.echo(
-            f"wrote {output}: {len(res.plan.groups)} quantizers, {len(res.plan.shards)} shards, "
-            f"{res.plan.output_bytes / 1e9:.3f} GB in {res.seconds:.1f} s ({mbs:.0f} MB/s of input)",
+            f"wrote {output}: {_count(len(res.plan.groups), 'quantizer')}, {_count(len(res.plan.shards), 'shard')}, "
+            f"{res.plan.output_bytes / 1e9:.3f} GB in {res.seconds:.1f} s ({rate}) on {res.device}",
             err=True,
         )
         if verify_output:
@@ -212,11 +243,13 @@ def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_h
 
     if plot and source is None:
         raise click.UsageError("--plot needs --source")
-    rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr, hashes=not no_hashes,
-                                engines=list(engine) or None))
+    with _quiet_libraries(quiet, source):
+        rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr, hashes=not no_hashes,
+                                    engines=list(engine) or None))
     if not quiet:
         head, _, verdict = render(rep, top=top).rpartition("\n")  # the engines' lines before the verdict
         click.echo("\n".join([head, *engines.summary_lines(rep), verdict]))
+    interrupt.describe(lambda: "interrupted; the --json and --plot files may be incomplete")
     try:
         if json_file:
             Path(json_file).write_text(json.dumps({**rep.to_dict(top), **engines.report_dict(rep)}, indent=2) + "\n",
@@ -248,27 +281,168 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
         f"output {p.output_bytes / 1e6:.2f} MB in {len(p.shards)} shards"
     )
     click.echo(f"source bytes read: {p.read_factor:.2f}x the source"
-               + (f" (GPU conversion, quantizers held in up to {p.device_memory / 2**30:.0f} GiB of device memory)"
+               + (f" (GPU conversion, quantizers held in up to {p.device_memory / 1e9:.0f} GB of device memory)"
                   if p.device_memory is not None else " (CPU conversion)"))
-    click.echo(f"estimated peak memory: {p.peak_bytes / 2**20:.0f} MiB")
+    click.echo(f"estimated peak memory: {p.peak_bytes / 1e6:.0f} MB")
+    ck = p.checkpoint
+    if ck.hub is not None:  # a hub source: what a conversion downloads, and what it leaves on the hub
+        todo = ck.hub.missing(ck.root)
+        click.echo(f"download: {_human(ck.download_bytes)} ({len(todo)} of the {len(ck.hub.sizes)} files the "
+                   f"conversion reads from {ck.repo}@{ck.revision[:12]} are not in the hub cache; "
+                   f"{len(ck.hub.skipped)} other files of the repo are never downloaded)")
+    click.echo(f"disk needed: {_human(ck.download_bytes + p.output_bytes)} ({_human(ck.download_bytes)} into the hub "
+               f"cache, {_human(p.output_bytes)} of output)")
+    secs, how = estimated_seconds(p)
+    click.echo(f"estimated time: {_duration(secs)} (a rough estimate: {how})")
 
 
-def _warn(p: Plan, quiet: bool) -> None:
+def _human(n: int) -> str:
+    for unit, name in ((1e12, "TB"), (1e9, "GB")):
+        if n >= unit:
+            return f"{n / unit:.2f} {name}"
+    return f"{n / 1e6:.2f} MB"
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{max(s, 1):.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _warn(p: Plan, quiet: bool, shown: set[str] | None = None) -> None:
+    """Each warning once (those in `shown` were printed already), similar ones grouped into one line."""
+    shown = set() if shown is None else shown
+    new = [w for w in dict.fromkeys(p.warnings) if w not in shown]
+    shown.update(new)
     if quiet:
         return
-    for w in p.warnings[:20]:
+    lines = group_warnings(new)
+    for w in lines[:20]:
         click.echo(f"warning: {w}", err=True)
-    if len(p.warnings) > 20:
-        click.echo(f"warning: ... and {len(p.warnings) - 20} more", err=True)
+    if len(lines) > 20:
+        click.echo(f"warning: ... and {len(lines) - 20} more", err=True)
+
+
+# Warnings that differ only in the name they are about (shardquant/plan.py, convert.py): several of
+# one kind become one line with a count and the first names. (pattern, one line for n of them)
+_SIMILAR = (
+    (re.compile(r"(?P<name>.+?): kept in high precision \((?P<why>.*)\)"),
+     "{n} tensors kept in high precision ({why})"),
+    (re.compile(r"quantizer (?P<name>.+?) kept in high precision as a whole: (?P<first>.*)"),
+     "{n} quantizers kept in high precision as a whole (the first: {first})"),
+    (re.compile(r"quantizer (?P<name>.+?) \((?P<size>[0-9.]+ GB)\) exceeds the memory budget: read twice(?P<why>.*)"),
+     "{n} quantizers exceed the memory budget: read twice{why}"),
+    (re.compile(r"quantizer (?P<name>.+?) \((?P<size>[0-9.]+ GB)\) exceeds --gpu-memory: (?P<why>.*)"),
+     "{n} quantizers exceed --gpu-memory: {why}"),
+)
+_NAMES_SHOWN = 3
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
+def group_warnings(warnings: list[str]) -> list[str]:
+    """One line per distinct warning, in order of first appearance; warnings of one kind (_SIMILAR,
+    the same reason) become one line at the place of the first: "40 tensors kept in high precision
+    (no rule claims this 2-D weight): a, b, c and 37 more"."""
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    order: list[tuple] = []
+    # plan.py says a fused set is kept once for the quantizer and once per member: the quantizer's line says it all
+    whole = {m["first"] for w in warnings if (m := _SIMILAR[1][0].fullmatch(w))}
+    for w in dict.fromkeys(warnings):
+        m = _SIMILAR[0][0].fullmatch(w)
+        if m and m["why"].startswith("fused set not quantizable: ") and \
+                m["why"].removeprefix("fused set not quantizable: ") in whole:
+            continue
+        key: tuple = ("one", w)
+        fields: dict = {}
+        for i, (rx, _) in enumerate(_SIMILAR):
+            m = rx.fullmatch(w)
+            if m:
+                fields = m.groupdict()
+                key = (i, fields.get("why"))  # the same kind and reason
+                break
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append((w, fields))
+    out = []
+    for key in order:
+        items = groups[key]
+        if len(items) == 1:
+            out.append(items[0][0])
+            continue
+        first = items[0][1]
+        names = [f["name"] + (f" ({f['size']})" if f.get("size") else "") for _, f in items]
+        more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+        out.append(_SIMILAR[key[0]][1].format(n=len(items), **first)
+                   + ": " + ", ".join(names[:_NAMES_SHOWN]) + more)
+    return out
+
+
+def _interrupted_line(plan: Plan, output: str, force: bool) -> str:
+    """What a Ctrl-C during the conversion leaves in the output (shardquant/interrupt.py): finished
+    shards are complete files under their own names (shardquant/pipeline.py renames a shard into place
+    once it is whole); the shard being written resumes from its last checkpoint."""
+    import json
+
+    from .journal import JOURNAL_NAME
+    from .source import INDEX_NAME
+
+    out = Path(output).expanduser()
+    if (out / INDEX_NAME).is_file():
+        return f"interrupted; {output} is a finished checkpoint (its index is written)"
+    done = sum((out / fname).is_file() for fname, _ in plan.shards)
+    part = ""
+    try:
+        partial = json.loads((out / JOURNAL_NAME).read_text(encoding="utf-8")).get("partial") or {}
+        if partial:
+            part = f" (and {', '.join(sorted(partial))[:120]} up to its last checkpoint)"
+    except (OSError, ValueError, AttributeError):
+        pass
+    again = "run it again without --force to resume (with --force it starts over)" if force else \
+        "run the same command again to resume"
+    return f"interrupted: {done} of {len(plan.shards)} shards finished and kept in {output}{part}; {again}"
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool, src: str | None):
+    """--quiet: no Python warnings from the libraries and no huggingface_hub progress bars (a hub source
+    only: huggingface_hub is a slow import); the settings are restored afterwards."""
+    if not quiet:
+        yield
+        return
+    import warnings
+
+    undo = None
+    if src is not None and not Path(src).expanduser().exists():
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            undo = enable_progress_bars
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if undo is not None:
+            undo()
 
 
 def _guard(fn):
-    try:
-        return fn()
-    except ShardquantError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; the output has no index and is not a finished checkpoint", code=130)
+    """Run the command's work: a ShardquantError is one line; Ctrl-C unwinds the work, then one line
+    (shardquant/interrupt.py), status 130."""
+    with interrupt.guarded():
+        try:
+            return fn()
+        except ShardquantError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            interrupt.exit_interrupted()
 
 
 def _fail(msg: str, code: int = 1) -> None:

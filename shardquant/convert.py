@@ -11,19 +11,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import flavors, formats, manifest
+from . import card, flavors, formats, manifest
 from .errors import OutputError, ShardquantError, SourceError
-from .backend import NumpyBackend, get_backends
+from .backend import NumpyBackend, describe, get_backends
 from .pipeline import run
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, format_choice, load_rules_file
-from .source import INDEX_NAME, Checkpoint, open_checkpoint
+from .source import INDEX_NAME, Checkpoint, fetch, open_checkpoint
 from .journal import JOURNAL_NAME, Journal, recipe
 from .lock import LOCK_NAME, Lock
 from .output import claim_output
 from .writer import OutputDir
 
-DEFAULT_GPU_MEMORY = 16 * 2**30  # device bytes a group may keep resident between amax and quantize
+# Device bytes a quantizer may keep resident between amax and quantize; None: AUTO_GPU_FRACTION of the
+# device's free memory at start (shardquant/backend.py), so the largest shared expert groups (15-23 GB
+# in DeepSeek-V3 and Kimi-K2) are read once on a large GPU.
+DEFAULT_GPU_MEMORY = None
 
 
 @dataclass
@@ -36,6 +39,9 @@ class Result:
     resumed: int = 0  # shards kept from an interrupted run
     complete: bool = False  # the output was already finished: checked, nothing written
     hashed_extra: int = 0  # source bytes read only to hash them (headers, padding, kept shards' tensors)
+    device: str = ""  # where the arithmetic ran (backend.describe): "the CPU with NumPy 2.4.6, 16 threads"
+    reread_bytes: int = 0  # of bytes_read, second reads of groups read twice (over --memory-budget)
+    resumed_bytes: int = 0  # bytes of unfinished shards kept from an interrupted run's last checkpoint
 
 
 def prepare(
@@ -52,6 +58,7 @@ def prepare(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     flavor: str | None = None,
     format_for: tuple[str, ...] = (),
+    device_memory: int | None = None,
 ) -> Plan:
     """Open the source (headers only) and plan the conversion. flavor None: the format's own (modelopt
     for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
@@ -71,7 +78,7 @@ def prepare(
         why = flavors.refusal(pair_flavor, fmt)
         if why:
             raise ShardquantError(f"--format {fmt} --flavor {pair_flavor} is refused: {why}")
-    ck = open_checkpoint(src, revision)
+    ck = open_checkpoint(src, revision, download=False)  # a hub repo: index, config and headers only
     if ck.config and isinstance(ck.config.get("quantization_config"), dict):
         method = ck.config["quantization_config"].get("quant_method", "?")
         raise SourceError(f"{ck.root / 'config.json'}: source is already quantized (quant_method {method!r})")
@@ -79,7 +86,7 @@ def prepare(
     rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
                     num_layers if isinstance(num_layers, int) else None, choices)
     return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
-                     flavor=flavor)
+                     flavor=flavor, device_memory=device_memory)
 
 
 def convert(
@@ -99,38 +106,52 @@ def convert(
     dry_run: bool = False,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    gpu_memory: int = DEFAULT_GPU_MEMORY,
+    gpu_memory: int | None = DEFAULT_GPU_MEMORY,
     flavor: str | None = None,
     format_for: tuple[str, ...] = (),
     verify: bool = False,
     progress: bool = False,
+    on_start=None,
 ) -> Result:
-    """Convert checkpoint `src` (directory or hub repo id) into `output`.
+    """Convert checkpoint `src` (directory or hub repo id) into `output`. on_start(plan, where), if
+    given, is called once the plan and the device are settled, before the output is touched (the
+    command line prints the warnings and its start line there).
 
     >>> convert("examples/tiny-moe", "out/tiny-nvfp4", "nvfp4")  # doctest: +SKIP
     """
-    plan = prepare(
-        src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
-        include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
-        memory_budget=memory_budget, flavor=flavor, format_for=format_for,
-    )
-    out = Path(output).expanduser()
     backends = get_backends(device, devices, gpu_memory)
+
+    def planned(device_memory: int | None) -> Plan:
+        return prepare(
+            src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
+            include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
+            memory_budget=memory_budget, flavor=flavor, format_for=format_for, device_memory=device_memory,
+        )
+
+    budget = min(b.device_budget for b in backends) if backends[0].device_budget is not None else None
+    plan = planned(budget)
+    out = Path(output).expanduser()
     no_kernel = [f for f in plan.formats if not formats.declared(f).kernel]
-    if backends[0].device_budget is not None and no_kernel:
+    if budget is not None and no_kernel:
         if device != "auto" or devices:
             raise ShardquantError(f"--format {no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")
-        backends = [NumpyBackend()]
+        backends, budget = [NumpyBackend()], None
+        plan = planned(None)
         plan.warnings.append(f"--format {no_kernel[0]} has no GPU kernel yet: converting on the CPU")
-    if backends[0].device_budget is not None:
+    if budget is not None:
         for g in plan.groups:
-            if not g.two_pass and g.source_bytes > gpu_memory:
+            if not g.two_pass and not g.on_device and g.source_bytes > budget:
                 plan.warnings.append(
-                    f"quantizer {g.key} ({g.source_bytes / 2**30:.1f} GiB) exceeds --gpu-memory: members past "
+                    f"quantizer {g.key} ({g.source_bytes / 1e9:.1f} GB) exceeds --gpu-memory: members past "
                     "the budget are uploaded again from host memory for the second pass")
+    if getattr(backends[0], "fallback", None):
+        plan.warnings.append(f"--device auto: converting on the CPU: {backends[0].fallback}")
     if dry_run:
-        return Result(plan, None, 0.0, 0, backends[0].name)
+        return Result(plan, None, 0.0, 0, backends[0].name, device=describe(backends))
+    if on_start is not None:
+        on_start(plan, describe(backends))
     _check_apart(out, plan.checkpoint)
+    fetch(plan.checkpoint, progress)  # a hub source: download exactly the files the plan reads (shardquant/hub.py)
     od = OutputDir.open(out)
     try:
         with Lock(od) as lock:
@@ -143,19 +164,20 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
                     progress: bool) -> Result:
     claim = claim_output(od, plan, force, lock.previous_tokens)
     plan.warnings += claim.warnings
-    name = backends[0].name
+    name, where = backends[0].name, describe(backends)
     if claim.complete:
         if verify:
             _verify(od)
-        return Result(plan, od.path, 0.0, 0, name, resumed=len(plan.shards), complete=True)
+        return Result(plan, od.path, 0.0, 0, name, resumed=len(plan.shards), complete=True, device=where)
     _check_space(od.path, plan, claim.done)
     t0 = time.perf_counter()
-    read, scales, sources, extra = run(plan, od, backends, progress, claim.journal, claim.done)
+    read, scales, sources, extra, again = run(plan, od, backends, progress, claim.journal, claim.done, claim.partial)
     _finish(plan, od, claim.journal, scales, sources, name)
     if verify:
         _verify(od)
     return Result(plan, od.path, time.perf_counter() - t0, read, name, resumed=len(claim.done),
-                  hashed_extra=extra)
+                  resumed_bytes=sum(p[2] for p in claim.partial.values()),
+                  hashed_extra=extra, device=where, reread_bytes=again)
 
 
 def _check_apart(out: Path, ck: Checkpoint) -> None:
@@ -201,11 +223,11 @@ def _check_space(out: Path, plan: Plan, done: set[str]) -> None:
 def finish_names(plan: Plan) -> list[str]:
     """Every file the finish step writes, in order; the index comes last."""
     ck: Checkpoint = plan.checkpoint
-    names = [p.name for p in ck.extra_files if p.name != "config.json"]
+    names = [p.name for p in ck.extra_files if p.name not in ("config.json", card.CARD_NAME)]
     if ck.config is not None:
         names.append("config.json")
     names += list(flavors.config_files(plan.flavor, plan.format, plan.exclude_modules))
-    return names + [manifest.MANIFEST_NAME, INDEX_NAME]
+    return names + [card.CARD_NAME, manifest.MANIFEST_NAME, INDEX_NAME]  # the model card, with or without a source README
 
 
 def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: dict, backend: str) -> None:
@@ -217,7 +239,7 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     journal.intend(names)
     files = {fname: journal.files[fname] for fname, _ in plan.shards}
     for p in ck.extra_files:
-        if p.name != "config.json":
+        if p.name not in ("config.json", card.CARD_NAME):  # the source's README.md goes into the card
             files[p.name] = _copy(p, od)
     if ck.config is not None:
         cfg = dict(ck.config)
@@ -232,6 +254,7 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     }
     index_bytes = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
     files[INDEX_NAME] = {"sha256": hashlib.sha256(index_bytes).hexdigest(), "size": len(index_bytes)}
+    files[card.CARD_NAME] = _write_card(plan, od, scales, backend, sources)
     keep = set(files) | {manifest.MANIFEST_NAME, JOURNAL_NAME}
     for stale in sorted(set(journal.files) - keep):
         od.remove(stale)  # written by an earlier conversion into this directory (its own record says so)
@@ -240,6 +263,27 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     od.write_file(INDEX_NAME, index_bytes)
     od.remove(JOURNAL_NAME)
     od.sync()
+
+
+def _write_card(plan: Plan, od: OutputDir, scales: dict, backend: str, sources: dict) -> dict:
+    """README.md: the model card (shardquant/card.py), from the manifest's records (without its files
+    table, which will list the card) and the engine verdicts on the shards and configs written so far.
+    No verify results even with --verify, which runs after the index is written: the card's bytes are
+    the same with and without it (it says how to run verify)."""
+    from .st import read_header
+
+    src = next((p for p in plan.checkpoint.extra_files if p.name == card.CARD_NAME), None)
+    text = None
+    if src is not None:
+        try:
+            with open(src, "rb") as f:
+                text = f.read(16 * card.MAX_SOURCE_README).decode("utf-8", errors="replace")  # the card cuts it
+        except OSError as e:
+            raise SourceError(f"{src}: cannot read ({e.strerror or e})") from None
+    doc = manifest.build(plan, scales, backend, {}, sources, recipe=recipe(plan))
+    tensors = {t.name: t for fname, _ in plan.shards for t in read_header(od.path / fname).values()}
+    verdicts = card.engine_verdicts(od.path, tensors)
+    return od.write_file(card.CARD_NAME, card.model_card(plan, doc, None, text, verdicts).encode())
 
 
 def _copy(p: Path, od: OutputDir) -> dict:

@@ -32,6 +32,7 @@ class _Counter:
 
     def __init__(self, hasher=None) -> None:
         self.n = 0
+        self.again = 0  # of which second reads (groups read twice): the speed counts source bytes once
         self.hasher = hasher
         self._lock = threading.Lock()
 
@@ -39,6 +40,7 @@ class _Counter:
         raw = read_raw(info)
         with self._lock:
             self.n += info.nbytes
+            self.again += 0 if first else info.nbytes
         if first and self.hasher is not None:
             self.hasher.feed(info, raw)
         return raw
@@ -262,6 +264,8 @@ class _Job:
             self.q.put(it)
 
     def put(self, item) -> None:
+        if self.stop.is_set():  # the run is failing or interrupted: a device stops at its next output
+            raise _Aborted()
         while True:
             try:
                 self.q.put(item, timeout=0.1)
@@ -308,11 +312,11 @@ class _Devices:
 
 
 def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Journal,
-        done: set[str], partial: dict | None = None) -> tuple[int, dict, dict, int]:
+        done: set[str], partial: dict | None = None) -> tuple[int, dict, dict, int, int]:
     """Stream every unit through the backends into the shards. `partial`: shards resumed mid-way
     (shardquant/output.py Claim.partial). Returns (bytes read, scales by quantizer, each source file's
     {"sha256", "size", "checked_against_hub"}, bytes the hasher read on its own: headers, padding,
-    tensors of kept shards)."""
+    tensors of kept shards; bytes of the first count read a second time: groups read twice)."""
     scales: dict[str, tuple[float, float]] = {}
     lock = threading.Lock()
     partial = partial or {}
@@ -422,7 +426,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     finally:
         devices.close()
         bar.close()
-    return counter.n, scales, sources, hasher.extra_bytes
+    return counter.n, scales, sources, hasher.extra_bytes, counter.again
 
 
 def _units_to_run(plan: Plan, journal: Journal, done: set[str], scales: dict,
@@ -461,4 +465,4 @@ def _bar(total: int, enabled: bool):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize", dynamic_ncols=True)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="quantize", dynamic_ncols=True)

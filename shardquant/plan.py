@@ -217,14 +217,17 @@ def make_plan(
             g.on_device = device_memory is not None and g.source_bytes <= device_memory
             g.two_pass = not g.on_device
         if g.two_pass:
-            warnings.append(f"quantizer {show(key, quote=False)} ({g.source_bytes / 2**30:.1f} GiB) exceeds the "
+            warnings.append(f"quantizer {show(key, quote=False)} ({g.source_bytes / 1e9:.1f} GB) exceeds the "
                             "memory budget: read twice"
                             + ("" if device_memory is None else " (and the GPU memory budget)"))
         groups.append(g)
 
-    for c in rules.format_for:
-        if c.selector not in picked:
-            warnings.append(f"--format-for {show(c.selector, quote=False)}={c.format} picks no quantized tensor")
+    # a filter that does nothing is most often a typo: named, and an error with --strict
+    unused = rules.unused_filters() + [f"--format-for {show(c.selector, quote=False)}={c.format} picks no quantized "
+                                       "tensor" for c in rules.format_for if c.selector not in picked]
+    if unused and strict:
+        raise PlanError(f"--strict: {'; '.join(unused[:8])}" + (f"; and {len(unused) - 8} more" if len(unused) > 8 else ""))
+    warnings += unused
     _check_moe_layers(groups, decisions)
     used = sorted({g.format for g in groups}, key=lambda f: (f != fmt, f))
     asked, flavor = flavor, _flavor_for(used, fmt, flavor)
@@ -400,3 +403,22 @@ def _shard(order: list[OutTensor], max_size: int) -> list[tuple[str, list[OutTen
         size += t.nbytes
     n = len(chunks)
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", c) for i, c in enumerate(chunks)]
+
+
+# `plan`'s time estimate: deliberately conservative constants, not a measurement of this machine.
+# docs/benchmarks/README.md measured 0.30 (nvfp4) to 0.63 (fp8) GB/s of source on 2 CPU cores, and
+# 0.67 to 0.85 GB/s on an H200, where the disk was the limit. Hub downloads are done before the
+# conversion starts (shardquant/hub.py), so their times add.
+ESTIMATE_DOWNLOAD_BPS = 100e6
+ESTIMATE_CONVERT_BPS = {"CPU": 0.25e9, "GPU": 0.5e9}
+
+
+def estimated_seconds(plan: Plan) -> tuple[float, str]:
+    """(seconds, the assumptions behind them) for downloading what is not cached, then converting."""
+    where = "GPU" if getattr(plan, "device_memory", None) is not None else "CPU"
+    down = plan.checkpoint.download_bytes
+    read = plan.source_bytes * getattr(plan, "read_factor", 1.0)
+    secs = down / ESTIMATE_DOWNLOAD_BPS + read / ESTIMATE_CONVERT_BPS[where]
+    how = (f"download at {ESTIMATE_DOWNLOAD_BPS / 1e6:.0f} MB/s, then " if down else "") + (
+        f"conversion at {ESTIMATE_CONVERT_BPS[where] / 1e9:.2f} GB/s of source read on the {where}")
+    return secs, how

@@ -212,26 +212,208 @@ def heatmap_grid(rep: Report) -> tuple[list[int], list[str], list[list[float]]]:
     return rows, cols, [[cells.get((L, p), math.nan) for p in cols] for L in rows]
 
 
-def write_heatmap(path: str | Path, rep: Report, cell: int = 16) -> tuple[int, int]:
-    """PNG heat map of SQNR by layer (rows) and projection (columns, in the order `render` lists
-    them), no text. The colour scale is absolute, so pictures of different checkpoints compare:
-    red at or below the SQNR floor (10 dB NVFP4, 20 dB FP8), through yellow, to green at 15 dB above
-    it; grey where a layer has no such tensor. Written with zlib and struct (no plotting
-    dependency). Returns (width, height) in pixels."""
-    rows, cols, grid = heatmap_grid(rep)
-    vals = np.array(grid, dtype=np.float64).reshape(len(rows), len(cols))
-    finite = vals[np.isfinite(vals)]
-    lo = rep.min_sqnr if rep.min_sqnr is not None else (float(finite.min()) if finite.size else 0.0)
-    hi = lo + 15.0
+# A 5x7 bitmap font for the heat map's text: each glyph is 7 rows, top first, as two hex digits
+# whose low 5 bits are the pixels (16 = the leftmost). Characters not listed are drawn as "?".
+_FONT = {
+    " ": "00000000000000", "0": "0E11131519110E", "1": "040C040404040E", "2": "0E11010204081F",
+    "3": "1F02040201110E", "4": "02060A121F0202", "5": "1F101E0101110E", "6": "0608101E11110E",
+    "7": "1F010204080808", "8": "0E11110E11110E", "9": "0E11110F01020C",
+    "A": "0E1111111F1111", "B": "1E11111E11111E", "C": "0E11101010110E", "D": "1C12111111121C",
+    "E": "1F10101E10101F", "F": "1F10101E101010", "G": "0E11101711110F", "H": "1111111F111111",
+    "I": "0E04040404040E", "J": "0702020202120C", "K": "11121418141211", "L": "1010101010101F",
+    "M": "111B1515111111", "N": "11111915131111", "O": "0E11111111110E", "P": "1E11111E101010",
+    "Q": "0E11111115120D", "R": "1E11111E141211", "S": "0F10100E01011E", "T": "1F040404040404",
+    "U": "1111111111110E", "V": "11111111110A04", "W": "1111111515150A", "X": "11110A040A1111",
+    "Y": "1111110A040404", "Z": "1F01020408101F",
+    "a": "00000E010F110F", "b": "1010161911111E", "c": "00000E1010110E", "d": "01010D1311110F",
+    "e": "00000E111F100E", "f": "0609081C080808", "g": "000F11110F010E", "h": "10101619111111",
+    "i": "04000C0404040E", "j": "0200060202120C", "k": "10101214181412", "l": "0C04040404040E",
+    "m": "00001A15151111", "n": "00001619111111", "o": "00000E1111110E", "p": "00001E111E1010",
+    "q": "00000D130F0101", "r": "00001619101010", "s": "00000E100E011E", "t": "08081C08080906",
+    "u": "0000111111130D", "v": "00001111110A04", "w": "0000111115150A", "x": "0000110A040A11",
+    "y": "000011110F010E", "z": "00001F0204081F",
+    ".": "00000000000C0C", ",": "000000000C0408", ":": "000C0C000C0C00", ";": "000C0C000C0408",
+    "_": "0000000000001F", "-": "0000001F000000", "+": "0004041F040400", "=": "00001F001F0000",
+    "(": "02040808080402", ")": "08040202020408", "[": "0E08080808080E", "]": "0E02020202020E",
+    "/": "00010204081000", "*": "0004150E150400", "<": "02040810080402", ">": "08040201020408",
+    "%": "18190204081303", "#": "0A0A1F0A1F0A0A", "'": "0C040800000000", "?": "0E110102040004",
+    "!": "04040404040004", "~": "00000815020000",
+}
+_GLYPH_W, _GLYPH_H = 5, 7
+_INK = (30, 30, 30)
+_PAPER = (255, 255, 255)
+_NONE = (128, 128, 128)  # a layer without such a tensor
+
+
+def _glyph(ch: str) -> np.ndarray:
+    code = _FONT.get(ch, _FONT["?"])
+    rows = [int(code[i:i + 2], 16) for i in range(0, 14, 2)]
+    return np.array([[(r >> (4 - j)) & 1 for j in range(_GLYPH_W)] for r in rows], dtype=bool)
+
+
+def text_mask(text: str, scale: int = 1) -> np.ndarray:
+    """The pixels of `text` in the built-in font: bool [7 * scale, (6 * len - 1) * scale]."""
+    if not text:
+        return np.zeros((_GLYPH_H * scale, 0), dtype=bool)
+    gap = np.zeros((_GLYPH_H, 1), dtype=bool)
+    parts = []
+    for i, ch in enumerate(text):
+        parts += [gap] if i else []
+        parts.append(_glyph(ch))
+    m = np.concatenate(parts, axis=1)
+    return np.repeat(np.repeat(m, scale, axis=0), scale, axis=1)
+
+
+def _text_w(text: str, scale: int = 1) -> int:
+    return max(0, (6 * len(text) - 1) * scale)
+
+
+def _colours(vals: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Red at or below lo, through yellow, to green at hi and above; grey where NaN (no tensor)."""
     t = np.clip((np.nan_to_num(vals, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-9), 0, 1)
     rgb = np.empty(vals.shape + (3,), np.uint8)
     rgb[..., 0] = np.where(t < 0.5, 220, 220 * (1 - t) * 2).astype(np.uint8)
     rgb[..., 1] = np.where(t < 0.5, 40 + 360 * t, 200).astype(np.uint8)
     rgb[..., 2] = 40
-    rgb[np.isnan(vals)] = (128, 128, 128)
-    img = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    rgb[np.isnan(vals)] = _NONE
+    return rgb
+
+
+def _scale(rep: Report, vals: np.ndarray) -> tuple[float, float]:
+    """The colour scale is absolute, so pictures of different checkpoints compare: the SQNR floor
+    (10 dB NVFP4, 20 dB FP8) to 15 dB above it."""
+    finite = vals[np.isfinite(vals)]
+    lo = rep.min_sqnr if rep.min_sqnr is not None else (float(finite.min()) if finite.size else 0.0)
+    return lo, lo + 15.0
+
+
+_PAD, _BAR_W, _MAX_LABEL = 12, 14, 30
+
+
+def _short(label: str) -> str:
+    """A projection name as a column label: at most _MAX_LABEL characters, the end kept."""
+    return label if len(label) <= _MAX_LABEL else ".." + label[-(_MAX_LABEL - 2):]
+
+
+def _db(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else ("-inf" if x < 0 else "inf")
+
+
+@dataclass(frozen=True)
+class HeatmapLayout:
+    """Where write_heatmap draws: the picture's size, the grid's top-left pixel and its cell size,
+    the colour bar's top-left pixel and height (top = the scale's high end)."""
+
+    width: int
+    height: int
+    grid_x: int
+    grid_y: int
+    cell: int
+    bar_x: int
+    bar_y: int
+    bar_h: int
+
+
+def heatmap_layout(rep: Report, cell: int = 16) -> HeatmapLayout:
+    return _heatmap(rep, cell)[0]
+
+
+def _heatmap(rep: Report, cell: int) -> tuple[HeatmapLayout, list[tuple[str, int, int, int, bool]], dict]:
+    """The layout, every text (text, x, y, scale, vertical) and the values drawn."""
+    rows, cols, grid = heatmap_grid(rep)
+    vals = np.array(grid, dtype=np.float64).reshape(len(rows), len(cols))
+    lo, hi = _scale(rep, vals)
+    texts: list[tuple[str, int, int, int, bool]] = []
+    title = "SQNR dB by layer and projection"
+    sub = f"{rep.format or '?'} vs its source: {len(rep.tensors)} tensors, floor {lo:g} dB"
+    real = [(v, L, c) for i, L in enumerate(rows) for j, c in enumerate(cols) if not math.isnan(v := vals[i, j])]
+    foot = []
+    if real:
+        v, L, c = min(real, key=lambda t: t[0])
+        foot.append(f"lowest {_db(v)} dB: layer {L} {_short(c)}")
+        v, L, c = max(real, key=lambda t: t[0])
+        foot.append(f"highest {_db(v)} dB: layer {L} {_short(c)}")
+    y = _PAD
+    texts.append((title, _PAD, y, 2, False))
+    y += 2 * _GLYPH_H + 6
+    texts.append((sub, _PAD, y, 1, False))
+    grid_y = y + _GLYPH_H + 12
+    # every row label while a row is tall enough for one, else every step-th
+    step = max(1, -(-(_GLYPH_H + 2) // cell))
+    row_w = max((_text_w(str(L)) for L in rows), default=0)
+    axis_x = _PAD
+    label_x = axis_x + _GLYPH_H + 6
+    grid_x = label_x + row_w + 4
+    grid_w, grid_h = len(cols) * cell, len(rows) * cell
+    texts.append(("layer", axis_x, grid_y + max(0, (grid_h - _text_w("layer")) // 2), 1, True))
+    for i, L in enumerate(rows):
+        if i % step == 0:
+            s = str(L)
+            texts.append((s, label_x + row_w - _text_w(s), grid_y + i * cell + (cell - _GLYPH_H) // 2, 1, False))
+    col_h = max((_text_w(_short(c)) for c in cols), default=0)
+    cstep = max(1, -(-(_GLYPH_H + 2) // cell))
+    for j, c in enumerate(cols):
+        if j % cstep == 0:
+            s = _short(c)
+            texts.append((s, grid_x + j * cell + (cell - _GLYPH_H) // 2, grid_y + grid_h + 4, 1, True))
+    axis_y = grid_y + grid_h + 4 + col_h + 6
+    texts.append(("projection", grid_x + max(0, (grid_w - _text_w("projection")) // 2), axis_y, 1, False))
+    foot_y = axis_y + _GLYPH_H + 10
+    for k, f in enumerate(foot):
+        texts.append((f, _PAD, foot_y + k * (_GLYPH_H + 4), 1, False))
+    bottom = foot_y + len(foot) * (_GLYPH_H + 4)
+    # the colour bar: its scale's ends and middle, and the colour of an empty cell
+    bar_x, bar_y = grid_x + grid_w + 16, grid_y
+    bar_h = max(grid_h, 100)
+    low = f"{lo:g} dB floor" if rep.min_sqnr is not None else f"{lo:g} dB"
+    marks = [(f"{hi:g} dB", bar_y), (f"{(lo + hi) / 2:g}", bar_y + bar_h // 2), (low, bar_y + bar_h - 1)]
+    for s, at in marks:
+        texts.append((s, bar_x + _BAR_W + 4, min(max(at - _GLYPH_H // 2, bar_y), bar_y + bar_h - _GLYPH_H), 1, False))
+    none_y = bar_y + bar_h + 8
+    texts.append(("no tensor", bar_x + _BAR_W + 4, none_y + 1, 1, False))
+    right = bar_x + _BAR_W + 4 + max(_text_w(s) for s, _ in marks + [("no tensor", 0)])
+    bottom = max(bottom, none_y + 10 + 6)
+    width = max([right] + [x + (_GLYPH_H * sc if vert else _text_w(s, sc)) for s, x, _, sc, vert in texts]) + _PAD
+    height = max([bottom] + [y + (_text_w(s, sc) if vert else _GLYPH_H * sc) for s, _, y, sc, vert in texts]) + _PAD
+    lay = HeatmapLayout(width, height, grid_x, grid_y, cell, bar_x, bar_y, bar_h)
+    return lay, texts, {"vals": vals, "lo": lo, "hi": hi, "none_y": none_y}
+
+
+def write_heatmap(path: str | Path, rep: Report, cell: int = 16, labels: bool = True) -> tuple[int, int]:
+    """PNG heat map of SQNR by layer (rows) and projection (columns, in the order `render` lists
+    them), readable on its own: a title, layer numbers, projection names (vertical, the end of a long
+    one kept), axis names, and a colour bar from the SQNR floor (red; 10 dB NVFP4, 20 dB FP8) through
+    yellow to green at 15 dB above it, with its values, grey for a layer without such a tensor, and
+    the lowest and highest cell. The scale is absolute, so pictures of different checkpoints compare.
+    Text is drawn in a built-in 5x7 font; the file is written with zlib and struct (no plotting
+    dependency) and is the same bytes for the same report. labels=False: the bare grid of
+    cell-sized squares. Returns (width, height) in pixels."""
+    if not labels:
+        rows, cols, grid = heatmap_grid(rep)
+        vals = np.array(grid, dtype=np.float64).reshape(len(rows), len(cols))
+        img = np.repeat(np.repeat(_colours(vals, *_scale(rep, vals)), cell, axis=0), cell, axis=1)
+        write_png(path, img)
+        return img.shape[1], img.shape[0]
+    lay, texts, d = _heatmap(rep, cell)
+    img = np.empty((lay.height, lay.width, 3), np.uint8)
+    img[...] = _PAPER
+    vals, lo, hi = d["vals"], d["lo"], d["hi"]
+    rgb = _colours(vals, lo, hi)
+    inner = cell - 1 if cell >= 6 else cell  # a 1-pixel line of paper between cells
+    for i in range(vals.shape[0]):
+        for j in range(vals.shape[1]):
+            y, x = lay.grid_y + i * cell, lay.grid_x + j * cell
+            img[y:y + inner, x:x + inner] = rgb[i, j]
+    ramp = hi - (hi - lo) * np.arange(lay.bar_h, dtype=np.float64) / max(lay.bar_h - 1, 1)  # top: hi
+    img[lay.bar_y:lay.bar_y + lay.bar_h, lay.bar_x:lay.bar_x + _BAR_W] = _colours(ramp, lo, hi)[:, None, :]
+    img[d["none_y"]:d["none_y"] + 10, lay.bar_x:lay.bar_x + _BAR_W] = _NONE
+    for s, x, y, sc, vert in texts:
+        m = text_mask(s, sc)
+        if vert:  # read from the bottom up
+            m = np.rot90(m)
+        img[y:y + m.shape[0], x:x + m.shape[1]][m] = _INK
     write_png(path, img)
-    return img.shape[1], img.shape[0]
+    return lay.width, lay.height
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:

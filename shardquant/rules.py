@@ -183,12 +183,40 @@ class RuleSet:
     ):
         if expert_policy not in EXPERT_POLICIES:
             raise RuleError(f"expert policy must be one of {EXPERT_POLICIES}, not {show(expert_policy)}")
-        self.rules = tuple(user_rules) + BUILTIN_RULES
+        self.user = tuple(user_rules)
+        self.rules = self.user + BUILTIN_RULES
         self.include = tuple(_compile(p, "--include") for p in include)
         self.exclude = tuple(_compile(p, "--exclude") for p in exclude)
         self.expert_policy = expert_policy
         self.num_layers = num_layers
         self.format_for = tuple(format_for)
+        # What the filters did over the tensors classified (unused_filters): user rows and --include
+        # patterns that full-matched a name, that decided a tensor; --exclude patterns that kept one.
+        self._user_seen = [False] * len(self.user)
+        self._user_won = [False] * len(self.user)
+        self._inc_seen = [False] * len(self.include)
+        self._inc_won = [False] * len(self.include)
+        self._exc_won = [False] * len(self.exclude)
+
+    def unused_filters(self) -> list[str]:
+        """One message per user row, --include or --exclude pattern that did nothing to the tensors
+        classified so far (plan.py: a warning, an error with --strict)."""
+        out = []
+        for r, seen, won in zip(self.user, self._user_seen, self._user_won):
+            if not won:
+                what = "matches no tensor name" if not seen else \
+                    "decides no tensor: an earlier rule row claims every tensor it matches"
+                out.append(f"rule {show(r.name)} (pattern {_typed(r.pattern)}) {what}")
+        for rx, seen, won in zip(self.include, self._inc_seen, self._inc_won):
+            if not won:
+                out.append(f"--include {_typed(rx.pattern)} " + (
+                    "matches no tensor or module name" if not seen else
+                    "quantizes nothing: every tensor it matches is claimed by a rule or is not a 2-D "
+                    "floating-point weight"))
+        for rx, won in zip(self.exclude, self._exc_won):
+            if not won:
+                out.append(f"--exclude {_typed(rx.pattern)} matches no tensor or module name")
+        return out
 
     def format_of(self, name: str, d: Decision) -> FormatChoice | None:
         """The first --format-for / rules-file choice that picks this quantized tensor, or None."""
@@ -198,14 +226,25 @@ class RuleSet:
         module = name.removesuffix(".weight")  # an --include quantizer's key
         names = (name, module, module_name(name))  # --exclude may name the tensor or its module
         d = self._match(name, dtype, shape, names, module)
-        for rx in self.exclude:
-            if any(rx.fullmatch(n) for n in names):
-                # keep the quantizer key: the plan keeps the rest of this fused set with it
-                return Decision(KEEP, "--exclude", key=d.key, reason=f"--exclude {rx.pattern}")
+        hit = [i for i, rx in enumerate(self.exclude) if any(rx.fullmatch(n) for n in names)]
+        for i in hit:
+            self._exc_won[i] = True
+        if hit:
+            # keep the quantizer key: the plan keeps the rest of this fused set with it
+            return Decision(KEEP, "--exclude", key=d.key, reason=f"--exclude {self.exclude[hit[0]].pattern}")
         return d
 
     def _match(self, name: str, dtype: str, shape: tuple[int, ...], names: tuple[str, ...], module: str) -> Decision:
         is_weight = len(shape) == 2 and dtype in FLOAT_DTYPES
+        inc = [i for i, rx in enumerate(self.include) if any(rx.fullmatch(n) for n in names)]
+        for i in inc:
+            self._inc_seen[i] = True
+        won = False
+        for i, r in enumerate(self.user):  # every user row that matches, not only the first
+            if r.regex.fullmatch(name):
+                self._user_seen[i] = True
+                if not won:
+                    self._user_won[i] = won = True
         for rule in self.rules:
             m = rule.regex.fullmatch(name)
             if m is None:
@@ -227,7 +266,9 @@ class RuleSet:
             )
         if self._beyond_last_layer(name):  # e.g. DeepSeek's MTP eh_proj, which no row claims
             return Decision(KEEP, "mtp", reason="MTP layer (index >= num_hidden_layers)")
-        if is_weight and any(rx.fullmatch(n) for rx in self.include for n in names):
+        if is_weight and inc:
+            for i in inc:
+                self._inc_won[i] = True
             return Decision(QUANTIZE, "--include", module)
         if is_weight:
             return Decision(KEEP, "unclaimed", reason="no rule claims this 2-D weight", warn=True)
@@ -240,6 +281,11 @@ class RuleSet:
             return False
         m = _LAYER.fullmatch(name)
         return m is not None and int(m.group(1)) >= self.num_layers
+
+
+def _typed(pattern: str) -> str:
+    """A pattern in quotes as the user typed it (backslashes single), else escaped as `show` does."""
+    return f"'{pattern}'" if pattern.isprintable() and "'" not in pattern and len(pattern) <= 200 else show(pattern)
 
 
 def _compile(pattern: str, flag: str) -> re.Pattern:

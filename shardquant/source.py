@@ -8,20 +8,19 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .errors import HeaderError, SourceError
 from .st import TensorInfo, read_header
 from .text import show, show_path
 
+if TYPE_CHECKING:
+    from .hub import HubFiles
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Weight files in formats that can only be read by unpickling: refused, never opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# What a hub download fetches: shards, index, json configs, tokenizer and template files, docs.
-HUB_PATTERNS = [
-    "*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md",
-    "LICENSE*", "tokenizer*", "merges.txt", "vocab.*",
-]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -37,65 +36,60 @@ class Checkpoint:
     revision: str | None = None
     extra_files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the output will lack; the plan repeats them
+    # A hub source (shardquant/hub.py): the repo's files the conversion reads, with their sizes. Until
+    # fetch() runs, `root` is the hub cache's snapshot folder, which may not hold them yet (a plan
+    # reads the index, config.json and every shard's header over HTTP ranges, nothing more).
+    hub: HubFiles | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def download_bytes(self) -> int:
+        """Bytes a conversion would still download: hub files not yet in the local cache (0 for a
+        local directory)."""
+        return self.hub.missing_bytes(self.root) if self.hub is not None else 0
 
-def resolve(src: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
-    """Local directory, or a hub repo id fetched with snapshot_download. Returns (dir, repo, revision)."""
+
+def open_checkpoint(src: str, revision: str | None = None, *, download: bool = True) -> Checkpoint:
+    """A local directory, or a hub repo id (org/name). For a hub repo, download=False plans from the
+    index, config.json and the shard headers alone (fetch() downloads the rest before converting);
+    download=True also downloads the files the conversion reads (e.g. for `verify --source`)."""
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"{show_path(src)}: not a directory (give the checkpoint's directory)")
         if revision:
             raise SourceError(f"{show_path(src)}: --revision applies to hub repos, not a local directory")
-        return path.resolve(), None, None
+        return scan(path.resolve())
+    first = Path(src).parts[0] if Path(src).parts else ""
+    if src.startswith((".", "/", "~")) or (len(Path(src).parts) > 1 and Path(first).is_dir()):  # a path typo
+        raise SourceError(f"{show_path(src)}: no such directory" + ("" if src.startswith((".", "/", "~")) else
+                          f" ({show_path(first)} is a local directory, so this is a path, not a hub repo id)"))
     if not _REPO_ID.fullmatch(src):
         raise SourceError(f"{show_path(src)}: no such directory, and not a hub repo id (org/name)")
-    return _download(src, revision)
-
-
-def _download(repo: str, revision: str | None) -> tuple[Path, str, str | None]:
-    from huggingface_hub import snapshot_download  # lazy: slow import, only for hub sources
-    from huggingface_hub.errors import (
-        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from . import hub  # lazy: huggingface_hub is a slow import, needed for hub sources only
 
     try:
-        local = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
-    except HFValidationError as e:  # a ValueError: e.g. 'org/a..b', 'models/name-'
-        raise SourceError(f"{repo}: no such directory, and not a valid hub repo id ({e})") from None
-    except RevisionNotFoundError:
-        raise SourceError(f"{repo}: revision {revision!r} does not exist on the hub") from None
-    except GatedRepoError:
-        raise SourceError(f"{repo}: gated repo; accept its terms on the hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise SourceError(
-            f"{repo}: repo not found or not accessible (check the name; private repos need HF_TOKEN)"
-        ) from None
-    except LocalEntryNotFoundError:
-        raise SourceError(
-            f"{repo}: not in the local cache and the hub cannot be reached "
-            "(HF_HUB_OFFLINE is set or the network is down); download it first or unset HF_HUB_OFFLINE"
-        ) from None
-    except Exception as e:  # HTTP 5xx/429, proxy and transport errors: one line, and what to try
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(
-            f"{repo}: download failed ({type(e).__name__}: {first[:200]}); check the network and HF_ENDPOINT, "
-            "or use a local copy (HF_HUB_OFFLINE=1 reads the cache)"
-        ) from None
-    p = Path(local)
-    return p, repo, p.name  # snapshot folders are named after the resolved commit
-
-
-def open_checkpoint(src: str, revision: str | None = None) -> Checkpoint:
-    root, repo, rev = resolve(src, revision)
-    ck = scan(root)
-    ck.repo, ck.revision = repo, rev
+        ck = hub.open_remote(src, revision)
+    except SourceError as e:  # a repo that does not exist may be a mistyped local path: say both were tried
+        msg = str(e)
+        if msg.startswith(f"{src}: ") and ("not found" in msg or "not in the local cache" in msg):
+            msg = f"{src} (not a local directory either): {msg[len(src) + 2:]}"
+        raise SourceError(msg) from None
+    if download:
+        hub.download(ck)
     return ck
+
+
+def fetch(ck: Checkpoint, progress: bool = False) -> None:
+    """Bring a hub source's files into the local cache (exactly those the conversion reads); nothing
+    for a local directory."""
+    if ck.hub is not None:
+        from . import hub
+
+        hub.download(ck, progress)
 
 
 def scan(root: Path) -> Checkpoint:
@@ -132,28 +126,7 @@ def scan(root: Path) -> Checkpoint:
         headers[s] = read_header(s)
         for name in headers[s]:
             _check_name(name, f"{show_path(s)}: header")
-    tensors: dict[str, TensorInfo] = {}
-    if weight_map is None:
-        for s in shards:
-            tensors.update(headers[s])
-        if not tensors:
-            raise SourceError(f"{show_path(shards[0])}: holds no tensors: the checkpoint is empty")
-    else:
-        for name, fname in weight_map.items():
-            shard = paths[fname]
-            info = headers[shard].get(name)
-            if info is None:
-                raise HeaderError(
-                    f"{show_path(shard)}: tensor {show(name)} named by the index is missing from this shard")
-            tensors[name] = info
-        for s in shards:  # engines load every tensor of a listed shard: one the index omits is not droppable
-            stray = sorted(n for n in headers[s] if n not in tensors or tensors[n].file != s)
-            if stray:
-                more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
-                raise HeaderError(
-                    f"{show_path(s)}: tensor {show(stray[0])} is in this shard but the index does not map it here{more}"
-                )
-    order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
+    tensors = assemble(weight_map, paths if weight_map is not None else {}, shards, headers, show_path)
     warnings: list[str] = []
     config, config_path = None, root / "config.json"
     if config_path.exists():
@@ -179,7 +152,36 @@ def scan(root: Path) -> Checkpoint:
     )
     for p in extra:  # copied into the output: a symlink must not bring in a file from elsewhere
         _confined(root, p, show_path(p))
-    return Checkpoint(root, {t.name: t for t in order}, shards, config, extra_files=extra, warnings=warnings)
+    return Checkpoint(root, tensors, shards, config, extra_files=extra, warnings=warnings)
+
+
+def assemble(weight_map: dict[str, str] | None, paths: dict[str, Path], shards: list[Path],
+             headers: dict[Path, dict[str, TensorInfo]], label: Callable[[Path], str]) -> dict[str, TensorInfo]:
+    """Every tensor, in (file, offset) order, checking that the index and the shard headers agree.
+    paths: index file name -> shard path; label(shard) names a shard in messages."""
+    tensors: dict[str, TensorInfo] = {}
+    if weight_map is None:
+        for s in shards:
+            tensors.update(headers[s])
+        if not tensors:
+            raise SourceError(f"{label(shards[0])}: holds no tensors: the checkpoint is empty")
+    else:
+        for name, fname in weight_map.items():
+            shard = paths[fname]
+            info = headers[shard].get(name)
+            if info is None:
+                raise HeaderError(
+                    f"{label(shard)}: tensor {show(name)} named by the index is missing from this shard")
+            tensors[name] = info
+        for s in shards:  # engines load every tensor of a listed shard: one the index omits is not droppable
+            stray = sorted(n for n in headers[s] if n not in tensors or tensors[n].file != s)
+            if stray:
+                more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+                raise HeaderError(
+                    f"{label(s)}: tensor {show(stray[0])} is in this shard but the index does not map it here{more}"
+                )
+    order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
+    return {t.name: t for t in order}
 
 
 def _check_name(name: str, where: str) -> None:
@@ -201,8 +203,9 @@ def _read_index(path: Path) -> dict[str, str]:
         raise HeaderError(f"{show_path(path)}: no valid weight_map (name -> file)")
     if not wm:
         raise HeaderError(f"{show_path(path)}: weight_map is empty: the checkpoint has no tensors")
+    where = f"{show_path(path)}: weight_map"  # once: DeepSeek-V3's index names 90,000 tensors
     for name, fname in wm.items():
-        _check_name(name, f"{show_path(path)}: weight_map")
+        _check_name(name, where)
         if not fname:
             raise HeaderError(f"{show_path(path)}: weight_map gives tensor {show(name)} an empty shard file name")
     return wm

@@ -84,26 +84,40 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise HeaderError(f"{show_path(path)}: not a regular file")
         size = fst.st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise HeaderError(f"{show_path(path)}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
-                raise HeaderError(f"{show_path(path)}: absurd header length {n} for a file of {size} bytes")
+            n = header_length(f.read(8), size, show_path(path))
             raw = f.read(n)
     except OSError as e:
         raise HeaderError(f"{show_path(path)}: cannot read ({e.strerror or e})") from None
+    return parse_header(path, raw, n, size)
+
+
+def header_length(head: bytes, size: int, where: str) -> int:
+    """The header length from a file's first 8 bytes, checked against the file's size. `where`
+    names the file in messages."""
+    if len(head) < 8:
+        raise HeaderError(f"{where}: truncated safetensors file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
+        raise HeaderError(f"{where}: absurd header length {n} for a file of {size} bytes")
+    return n
+
+
+def parse_header(path: Path, raw: bytes, n: int, size: int, where: str | None = None) -> dict[str, TensorInfo]:
+    """Check and parse the `n` header bytes that follow a file's 8-byte length (from a local read, or
+    from a hub range request: shardquant/source.py), for a file of `size` bytes at `path`; `where`
+    names it in messages (default: the path)."""
+    where = show_path(path) if where is None else where
     if len(raw) != n:
-        raise HeaderError(f"{show_path(path)}: truncated header")
+        raise HeaderError(f"{where}: truncated header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:  # one name, two tensors: which one a reader takes is undefined
-        raise HeaderError(f"{show_path(path)}: header names {short_repr(e.args[0])} twice") from None
+        raise HeaderError(f"{where}: header names {short_repr(e.args[0])} twice") from None
     # ValueError also covers an integer of over 4300 digits, which Python refuses to convert
     except (ValueError, RecursionError) as e:
-        raise HeaderError(f"{show_path(path)}: header is not valid JSON ({type(e).__name__})") from None
+        raise HeaderError(f"{where}: header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
-        raise HeaderError(f"{show_path(path)}: header is not a JSON object")
+        raise HeaderError(f"{where}: header is not a JSON object")
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
     spans = []
@@ -112,19 +126,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if not isinstance(entry, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
             ):
-                raise HeaderError(f"{show_path(path)}: __metadata__ must map strings to strings")
+                raise HeaderError(f"{where}: __metadata__ must map strings to strings")
             continue
-        infos[name] = _entry(path, name, entry, base, size)
+        infos[name] = _entry(path, where, name, entry, base, size)
         spans.append((infos[name].offset, infos[name].offset + infos[name].nbytes, name))
     spans.sort()
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise HeaderError(f"{show_path(path)}: tensors {short_repr(n0)} and {short_repr(n1)} overlap")
+            raise HeaderError(f"{where}: tensors {short_repr(n0)} and {short_repr(n1)} overlap")
     return infos
 
 
-def _entry(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
-    where = f"{show_path(path)}: tensor {short_repr(name)}"
+def _entry(path: Path, file_where: str, name: str, entry: object, base: int, size: int) -> TensorInfo:
+    where = f"{file_where}: tensor {short_repr(name)}"
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -149,7 +163,7 @@ def _entry(path: Path, name: str, entry: object, base: int, size: int) -> Tensor
             f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs {nbytes}"
         )
     if base + offs[1] > size:
-        raise HeaderError(f"{show_path(path)}: truncated: tensor {short_repr(name)} ends past the end of the file")
+        raise HeaderError(f"{file_where}: truncated: tensor {short_repr(name)} ends past the end of the file")
     return TensorInfo(name, dtype, tuple(shape), path, base + offs[0], nbytes)
 
 

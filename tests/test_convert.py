@@ -34,8 +34,7 @@ with warnings.catch_warnings():  # modelopt warns at import that transformers is
 
 INDEX = "model.safetensors.index.json"
 MANIFEST = "scale_manifest.json"
-COPIED = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json", "README.md",
-          "special_tokens_map.json"]
+COPIED = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json", "special_tokens_map.json"]
 README = "# tiny\n\nrandom weights\n"
 QUANT_ALGO = {"nvfp4": "W4A16_NVFP4"}
 # Source shards small enough that fused sets (experts included) straddle shard boundaries.
@@ -344,6 +343,8 @@ def check_output(src: Path, out: Path, fmt: str, policy: str) -> dict:
     for f in COPIED:
         if (src / f).exists():
             assert (out / f).read_bytes() == (src / f).read_bytes(), f
+    # README.md is the model card (shardquant/card.py), the source's card below it
+    assert (out / "README.md").read_text().endswith("\n## Original model card\n\n" + README)
     return man
 
 
@@ -528,7 +529,7 @@ def test_plan_prints_table_and_totals(sources, converted):
     total = next(ln for ln in lines if ln.startswith("total:"))
     assert f"total: {len(man['quantizers'])} quantizers, {len(man['tensors'])} tensors quantized, " \
            f"{len(man['excluded'])} kept" in total
-    assert re.fullmatch(r"estimated peak memory: \d+ MiB", lines[-1])
+    assert any(re.fullmatch(r"estimated peak memory: \d+ MB", ln) for ln in lines)  # decimal units, as every message
 
 
 def test_inspect_summarises(converted):
@@ -598,6 +599,7 @@ def test_hub_cache_snapshot_records_repo_and_revision(sources, converted, tmp_pa
     ref = converted("mixtral", "fp8", "per-expert")
     assert set(file_digests(ref)) == set(file_digests(out))
     for f in file_digests(ref):
-        if f != MANIFEST:  # it names the source; the rest is the same bytes
+        if f not in (MANIFEST, "README.md"):  # they name the source; the rest is the same bytes
             assert (out / f).read_bytes() == (ref / f).read_bytes(), f
+    assert "base_model:\n- org/name\n" in (out / "README.md").read_text()
     assert not any((out / f).is_symlink() for f in file_digests(out))

@@ -1,4 +1,5 @@
-"""Hub failures become one-line messages that say what to do (snapshot_download is stubbed)."""
+"""Hub failures become one-line messages that say what to do (the first hub call, HfApi.resolve_revision,
+is stubbed; tests/test_hub_local.py gives each failure through a local stand-in for the hub's HTTP API)."""
 
 import pytest
 
@@ -36,11 +37,11 @@ def test_hub_failure_is_one_clean_line(tmp_path, monkeypatch, label, exc, hint):
     def fail(*a, **k):
         raise exc
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    monkeypatch.setattr(huggingface_hub.HfApi, "resolve_revision", fail)
     r = CliRunner().invoke(main, ["convert", "org/name", "--revision", "v9", "--format", "nvfp4",
                                   "-o", str(tmp_path / "out"), "-q"])
     assert r.exit_code != 0 and isinstance(r.exception, SystemExit)
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: org/name: "), r.output
+    assert len(lines) == 1 and lines[0].startswith("error: org/name"), r.output
     assert hint in lines[0]
     assert "Traceback" not in r.output and not (tmp_path / "out").exists()

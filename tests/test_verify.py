@@ -31,7 +31,7 @@ from shardquant.convert import convert
 from shardquant.flavors import FLAVORS
 from shardquant.rules import EXPERT_POLICIES
 from shardquant.st import read_header
-from shardquant.report import write_heatmap, write_png
+from shardquant.report import heatmap_layout, write_heatmap, write_png
 from shardquant import verify as verify_mod
 from shardquant.verify import excluded, load_schema, verify, verify_contract
 
@@ -689,14 +689,17 @@ def test_corrupted_weight_is_worst(converted, sources, tmp_path):
     assert report["ok"] is False and report["worst"][0] == f"{victim}.weight"
     assert report["violations"]["sqnr"]["count"] == 1 and len(report["tensors"]) == 56
 
-    # PNG: 2 layers x 7 projections of 16-px cells; only the corrupted cell is red (below the floor)
+    # PNG: 2 layers x 7 projections of 16-px cells (labels around them: tests/test_ux.py); only the
+    # corrupted cell is red (below the floor)
     w_px, h_px, rgb = read_png(png)
-    assert (w_px, h_px) == (7 * 16, 2 * 16)
+    lay = heatmap_layout(rep)
+    assert (w_px, h_px) == (lay.width, lay.height) and lay.cell == 16
     col = [p for L, p, _ in rep.layers() if L == 1].index("mlp.experts.*.up_proj")
-    cells = rgb[8::16, 8::16]  # one pixel from the middle of each cell
+    cells = rgb[lay.grid_y + 8:lay.grid_y + 2 * 16:16, lay.grid_x + 8:lay.grid_x + 7 * 16:16]  # cell middles
+    assert cells.shape == (2, 7, 3)
     assert tuple(cells[1, col]) == (220, 40, 40)
     assert sum(tuple(c) == (220, 40, 40) for c in cells.reshape(-1, 3)) == 1
-    assert write_heatmap(tmp_path / "api.png", rep, cell=4) == (7 * 4, 2 * 4)  # the API the CLI calls
+    assert write_heatmap(tmp_path / "api.png", rep, cell=4, labels=False) == (7 * 4, 2 * 4)  # the bare grid
     assert read_png(tmp_path / "api.png")[2][1 * 4, col * 4].tolist() == [220, 40, 40]
 
 
