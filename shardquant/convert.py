@@ -148,20 +148,18 @@ def convert(
         plan.warnings.append(f"--device auto: converting on the CPU: {backends[0].fallback}")
     if dry_run:
         return Result(plan, None, 0.0, 0, backends[0].name, device=describe(backends))
-    if on_start is not None:
-        on_start(plan, describe(backends))
     _check_apart(out, plan.checkpoint)
     fetch(plan.checkpoint, progress)  # a hub source: download exactly the files the plan reads (shardquant/hub.py)
     od = OutputDir.open(out)
     try:
         with Lock(od) as lock:
-            return _convert_locked(plan, od, lock, backends, force, verify, progress)
+            return _convert_locked(plan, od, lock, backends, force, verify, progress, on_start)
     finally:
         od.close()
 
 
 def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force: bool, verify: bool,
-                    progress: bool) -> Result:
+                    progress: bool, on_start=None) -> Result:
     claim = claim_output(od, plan, force, lock.previous_tokens)
     plan.warnings += claim.warnings
     name, where = backends[0].name, describe(backends)
@@ -170,6 +168,8 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
             _verify(od)
         return Result(plan, od.path, 0.0, 0, name, resumed=len(plan.shards), complete=True, device=where)
     _check_space(od.path, plan, claim.done)
+    if on_start is not None:  # the output is ours to write: now say what runs where
+        on_start(plan, where)
     t0 = time.perf_counter()
     read, scales, sources, extra, again = run(plan, od, backends, progress, claim.journal, claim.done, claim.partial)
     _finish(plan, od, claim.journal, scales, sources, name)

@@ -428,7 +428,7 @@ def test_hub_download_error_is_one_line(tmp_path, out, monkeypatch):
         raise OSError("500 Server Error: Internal Server Error for url: https://huggingface.co/x\n\n"
                       "Request ID: Root=1-abc")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    monkeypatch.setattr(huggingface_hub.HfApi, "resolve_revision", fail)  # the first hub call (shardquant/hub.py)
     monkeypatch.chdir(tmp_path)
     line = assert_clean_failure(convert_cli("org/name", out, "-q"), out, "org/name", "500 Server Error")
     assert "Request ID" not in line
