@@ -46,3 +46,24 @@ def test_bad_sizes_are_refused(text):
 
     with pytest.raises(click.BadParameter):
         _size(None, None, text)
+
+
+def test_e4m3_table_equals_ml_dtypes_for_every_byte():
+    import ml_dtypes
+    import numpy as np
+
+    from shardquant.formats.base import E4M3_VALUES, e4m3_values
+
+    want = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    assert np.array_equal(E4M3_VALUES.view(np.uint32), want.view(np.uint32))  # NaNs and -0.0 included
+    assert np.isnan(e4m3_values(np.array([0x7F, 0xFF], np.uint8))).all()
+
+
+def test_the_command_line_starts_without_ml_dtypes():
+    """ml_dtypes costs about half a second to import; --help and plan do not need it
+    (shardquant/formats/base.py e4m3_dtype loads it on the first encode)."""
+    import subprocess
+    import sys
+
+    code = "import sys, shardquant.cli, shardquant.plan, shardquant.verify; print('ml_dtypes' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-import ml_dtypes
+import functools
+
 import numpy as np
 
 from ..errors import NumericError
@@ -91,9 +92,29 @@ class Format:
                 "block-fp8": self.block_fp8}.get(flavor)
 
 
-# fp32 value of every E4M3 byte (0x7F and 0xFF are NaN). Decoding is one table gather: NumPy's take
-# runs without the GIL, the ml_dtypes cast does not, and verify decodes on many threads at once.
-E4M3_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+def _e4m3_table() -> np.ndarray:
+    """fp32 value of every E4M3 byte, from its bits: sign, 4 exponent bits (bias 7), 3 mantissa bits;
+    exponent 0 is subnormal (m/8 x 2^-6), 0x7F and 0xFF are NaN, there is no Inf. Exact: each value is
+    a small integer times a power of two."""
+    b = np.arange(256)
+    e, m = (b >> 3) & 0xF, b & 7
+    mag = np.where(e == 0, np.ldexp(m / 8.0, -6), np.ldexp(1.0 + m / 8.0, e - 7))
+    mag = np.where((e == 15) & (m == 7), np.nan, mag)
+    return np.where(b & 0x80, -mag, mag).astype(np.float32)
+
+
+# Decoding E4M3 is one table gather: NumPy's take runs without the GIL (the ml_dtypes cast does not, and
+# verify decodes on many threads at once), and building it needs no ml_dtypes (whose import costs half a
+# second of start-up: it is loaded only to encode, e4m3_dtype).
+E4M3_VALUES = _e4m3_table()
+
+
+@functools.cache
+def e4m3_dtype():
+    """ml_dtypes' float8_e4m3fn, imported on first use (encoding only)."""
+    import ml_dtypes
+
+    return ml_dtypes.float8_e4m3fn
 
 
 def e4m3_values(codes: np.ndarray) -> np.ndarray:

@@ -7,9 +7,8 @@ Rounds once, correctly (FORMATS.md section 3); ModelOpt rounds through bf16 and 
 from __future__ import annotations
 
 import numpy as np
-import ml_dtypes
 
-from .base import e4m3_values, E4M3_MAX, Format, magnitude_bits, check_finite, map_rows, to_f32
+from .base import e4m3_dtype, e4m3_values, E4M3_MAX, Format, magnitude_bits, check_finite, map_rows, to_f32
 
 # docs/formats.md, "fp8": engines serve FP8 weights data-free only with dynamic activations. The
 # per-quantizer scale is written once per output row (compressed-tensors `channel` strategy, [out, 1]),
@@ -38,7 +37,6 @@ FORMAT = Format(
     max_scaled=448.0,
     kernel="fp8",
 )
-_E4M3 = ml_dtypes.float8_e4m3fn
 
 
 def global_scale(amax: np.float32) -> np.float32:
@@ -50,7 +48,7 @@ def global_scale(amax: np.float32) -> np.float32:
 
 def e4m3(x: np.ndarray) -> np.ndarray:
     """Round fp32 to E4M3 codes, nearest-even, clamped to +-448 first (a plain cast makes NaN)."""
-    return np.clip(x, -E4M3_MAX, E4M3_MAX).astype(_E4M3).view(np.uint8)
+    return np.clip(x, -E4M3_MAX, E4M3_MAX).astype(e4m3_dtype()).view(np.uint8)
 
 
 class Quantizer:

@@ -8,7 +8,6 @@ No per-quantizer scale: the tiles are the only scales, so members of a fused set
 from __future__ import annotations
 
 import numpy as np
-import ml_dtypes
 
 from .base import e4m3_values, E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, no_global_scale, to_f32
 from .fp8 import e4m3
@@ -42,7 +41,6 @@ FORMAT = Format(
     default_flavor="block-fp8",
 )
 BLOCK = FORMAT.block
-_E4M3 = ml_dtypes.float8_e4m3fn
 FLT_MIN = np.finfo(np.float32).tiny
 
 

@@ -11,7 +11,6 @@ Elements: x / scale (exact), plus its zero point 0.0, clamped to +-448, cast to 
 from __future__ import annotations
 
 import numpy as np
-import ml_dtypes
 
 from .base import e4m3_values, Format, map_rows, no_global_scale
 from .fp8 import e4m3
@@ -46,7 +45,6 @@ FORMAT = Format(
     scale_rule="ct-round-pow2",
 )
 EMAX = 8  # floor(log2(448)), compressed-tensors' _MX_ELEM_OFFSET for 8 bits
-_E4M3 = ml_dtypes.float8_e4m3fn
 
 
 global_scale = no_global_scale

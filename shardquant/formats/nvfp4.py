@@ -10,9 +10,8 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import ml_dtypes
 
-from .base import e4m3_values, E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Format, block_scales_of, map_rows, to_f32
+from .base import e4m3_dtype, e4m3_values, E2M1_MAX, E4M3_MAX, E4M3_MIN_SCALE, Format, block_scales_of, map_rows, to_f32
 
 # docs/formats.md, "nvfp4": weight-only NVFP4 says W4A16_NVFP4 (an `NVFP4` checkpoint without
 # input_scale made older vLLM zero every expert); compressed-tensors' tensor_group strategy.
@@ -44,7 +43,6 @@ PAIR_VALUES = np.stack([_SIGNED[np.arange(256) & 15], _SIGNED[np.arange(256) >> 
 # (to the even code), equal to any other bound rounds down: ModelOpt's searchsorted + odd-bound rule.
 _BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIE_UP = (0.75, 1.75, 3.5)
-_E4M3 = ml_dtypes.float8_e4m3fn
 FLT_MIN = np.finfo(np.float32).tiny  # smallest normal fp32, 2^-126
 
 
@@ -115,7 +113,7 @@ def block_scales(bamax: np.ndarray, s2: np.float32) -> np.ndarray:
         s = bamax / t
     s[s == 0] = 1.0
     np.clip(s, E4M3_MIN_SCALE, E4M3_MAX, out=s)
-    return s.astype(_E4M3).view(np.uint8)
+    return s.astype(e4m3_dtype()).view(np.uint8)
 
 
 class Quantizer:
