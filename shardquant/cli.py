@@ -124,8 +124,11 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_out
         interrupt.describe(lambda: _interrupted_line(plan, output, force))
         _warn(plan, quiet, shown)
         if not quiet:
+            ck = plan.checkpoint
+            down = ck.download_bytes  # a hub source: downloaded while it converts (shardquant/hub.py)
             click.echo(f"converting on {where}: {_count(len(plan.groups), 'quantizer')} into "
-                       f"{_count(len(plan.shards), 'shard')} in {output}", err=True)
+                       f"{_count(len(plan.shards), 'shard')} in {output}"
+                       + (f", downloading {_human(down)} from {ck.repo} as it goes" if down else ""), err=True)
 
     interrupt.describe(lambda: f"interrupted before converting; nothing was written to {output}")
     with _quiet_libraries(quiet, src):

@@ -17,7 +17,7 @@ from .backend import NumpyBackend, describe, get_backends
 from .pipeline import run
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, format_choice, load_rules_file
-from .source import INDEX_NAME, Checkpoint, fetch, open_checkpoint
+from .source import INDEX_NAME, Checkpoint, check_fetch, open_checkpoint, start_fetch
 from .journal import JOURNAL_NAME, Journal, recipe
 from .lock import LOCK_NAME, Lock
 from .output import claim_output
@@ -149,7 +149,9 @@ def convert(
     if dry_run:
         return Result(plan, None, 0.0, 0, backends[0].name, device=describe(backends))
     _check_apart(out, plan.checkpoint)
-    fetch(plan.checkpoint, progress)  # a hub source: download exactly the files the plan reads (shardquant/hub.py)
+    check_fetch(plan.checkpoint)  # a hub source: room in the hub cache for what is left to download
+    # A hub source is downloaded while it is converted, and only once the output is ours: opened,
+    # locked and claimed first, so a refused output is found before anything is fetched.
     od = OutputDir.open(out)
     try:
         with Lock(od) as lock:
@@ -171,8 +173,18 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
     if on_start is not None:  # the output is ours to write: now say what runs where
         on_start(plan, where)
     t0 = time.perf_counter()
-    read, scales, sources, extra, again = run(plan, od, backends, progress, claim.journal, claim.done, claim.partial)
-    _finish(plan, od, claim.journal, scales, sources, name)
+    # a hub source: exactly the files the plan reads, downloading in the background from here; the
+    # pipeline waits for each file before reading it (shardquant/hub.py Downloads)
+    gate = start_fetch(plan.checkpoint, _read_order(plan), progress)
+    try:
+        read, scales, sources, extra, again = run(plan, od, backends, progress, claim.journal, claim.done,
+                                                  claim.partial, gate)
+        if gate is not None:
+            gate.wait_all()  # the copied files (and any a resumed run had hashed already)
+        _finish(plan, od, claim.journal, scales, sources, name)
+    finally:
+        if gate is not None:
+            gate.close()
     if verify:
         _verify(od)
     return Result(plan, od.path, time.perf_counter() - t0, read, name, resumed=len(claim.done),
@@ -180,11 +192,22 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
                   hashed_extra=extra, device=where, reread_bytes=again)
 
 
+def _read_order(plan: Plan) -> list[str]:
+    """Source file names in the order the pipeline first reads from them: the order to download them."""
+    order: dict[str, None] = {}
+    for u in plan.units:
+        for m in ([u.kept] if u.kept is not None else u.group.members):
+            order.setdefault(m.file.name, None)
+    return list(order)
+
+
 def _check_apart(out: Path, ck: Checkpoint) -> None:
     """The source is read-only to the tool: the output may be neither inside it nor around it."""
     o = Path(os.path.realpath(out))
     roots = {Path(os.path.realpath(ck.root))}
     roots |= {Path(os.path.realpath(p)).parent for p in (*ck.shards, *ck.extra_files)}
+    if ck.hub is not None:  # where the cache's blobs of files not downloaded yet will be
+        roots.add(Path(os.path.realpath(ck.root.parent.parent / "blobs")))
     for r in sorted(roots):
         if o == r:
             raise OutputError(f"{out}: the output directory is the source directory")

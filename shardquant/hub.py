@@ -8,13 +8,19 @@ length, then the header) and parsed by the same strict parser as a local file (s
 parse_header). Revisions, tokens, HF_ENDPOINT, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE are all
 huggingface_hub's own handling; only the range reads are written here (see _read_range).
 
-A conversion then downloads, with hf_hub_download into the same cache, the shards the index names,
+A conversion downloads, with hf_hub_download into the same cache, the shards the index names,
 config.json, tokenizer, generation and processor files, chat templates, custom code (*.py), license
 and README files (WANTED): never another weight file beside them (e.g. consolidated.safetensors),
-nor anything in a subfolder. Each shard's header is checked again against the plan once it is
-local. huggingface_hub resumes a connection dropped mid-file within the same call (Range from the
-bytes it has); a file whose download was killed is downloaded again from its start, while every
-file that was complete stays in the cache and is not fetched again.
+nor anything in a subfolder. Downloads and conversion overlap (Downloads): the output is claimed
+first (shardquant/convert.py), then the files download in the background, small files first, then
+the shards in the order the conversion first reads them, DOWNLOAD_THREADS at a time; every read of a
+source file waits until that file is complete (shardquant/pipeline.py _Counter,
+shardquant/provenance.py), so the conversion starts as soon as its first shard is in. Each shard's header is
+checked against the plan once it is local. huggingface_hub resumes a connection dropped mid-file
+within the same call (Range from the bytes it has); a file whose download was killed is downloaded
+again from its start, while every file that was complete stays in the cache and is not fetched
+again, and the output's journal resumes the conversion (its fingerprint names hub files by the
+hub's size and SHA-256, shardquant/journal.py, so it needs no file on disk).
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-import queue
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -80,30 +85,147 @@ def open_remote(repo: str, revision: str | None) -> Checkpoint:
 
 
 def download(ck: Checkpoint, progress: bool = False) -> None:
-    """Download the files of a hub plan that are not in the cache yet, then check that each shard's
-    header is the one planned."""
+    """Download the files of a hub plan that are not in the cache yet and wait for all of them
+    (`verify --source`); each shard's header is checked against the plan."""
+    d = start_download(ck, progress=progress)
+    try:
+        d.wait_all()
+    finally:
+        d.close()
+
+
+def check_space(ck: Checkpoint) -> None:
+    """Refuse before anything is written when the hub cache cannot hold what is left to download."""
     hf = ck.hub
     assert hf is not None
-    todo = hf.missing(ck.root)
-    if todo:
-        need = sum(hf.sizes[f] or 0 for f in todo)
+    need = sum(hf.sizes[f] or 0 for f in hf.missing(ck.root))
+    if need:
         where = _existing_parent(ck.root)
         free = shutil.disk_usage(where).free
         if free < need:
             raise SourceError(f"{hf.repo}: the download needs {need / 1e9:.2f} GB in the hub cache ({where}) but only "
                               f"{free / 1e9:.2f} GB are free; set HF_HUB_CACHE to a larger disk")
-        # the pipeline reads shards in index order: start them in that order, small files first
-        shard_names = {s.name for s in ck.shards}
-        order = sorted(todo, key=lambda f: (f in shard_names, f))
-        with hub_errors(hf.repo, hf.commit), _progress_bars(progress):
-            _fetch_all(hf.repo, hf.commit, order)
-    by_shard: dict[Path, dict[str, TensorInfo]] = {}
-    for t in ck.tensors.values():
-        by_shard.setdefault(t.file, {})[t.name] = t
-    for s in ck.shards:  # the bytes the plan was made from are the bytes that will be converted
-        if os.path.getsize(s) != hf.sizes[s.name] or read_header(s) != by_shard.get(s, {}):  # size: set by the plan
-            raise SourceError(f"{hf.repo}/{show(s.name, quote=False)}: the downloaded file differs from the one planned "
-                              f"(size or header); delete it from the hub cache ({s}) and run again")
+
+
+def start_download(ck: Checkpoint, order: list[str] = (), progress: bool = False,
+                   background: bool = False) -> "Downloads":
+    """Start downloading, in the background, the files of a hub plan that are not in the cache yet:
+    small files first, then the shards in `order` (the order the conversion first reads them), then
+    any others by name. Shards already in the cache have their header checked here."""
+    check_space(ck)
+    return Downloads(ck, list(order), progress and not background)
+
+
+class Downloads:
+    """The files of a hub plan, downloading DOWNLOAD_THREADS at a time on daemon threads (as
+    hf_hub_download writes them: a file appears under its name in the snapshot only once complete).
+    wait(path) blocks until that file is complete and its header checked, or raises its download's
+    error as one line naming it; after a failure no further file is started and waiting for any of
+    them raises that failure. close() (the conversion ends, fails or is interrupted) wakes every
+    waiter; files under way finish on their threads, or die with the process."""
+
+    POLL = 0.2  # seconds between checks while waiting: Ctrl-C (shardquant/interrupt.py) is seen at once
+
+    def __init__(self, ck: Checkpoint, order: list[str], progress: bool):
+        hf = ck.hub
+        assert hf is not None
+        self.repo, self.commit, self.root, self.hf = hf.repo, hf.commit, ck.root, hf
+        self._planned: dict[str, dict[str, TensorInfo]] = {s.name: {} for s in ck.shards}
+        for t in ck.tensors.values():
+            self._planned[t.file.name][t.name] = t
+        self._lock = threading.Lock()
+        self._events = {f: threading.Event() for f in hf.sizes}
+        self._errors: dict[str, str] = {}
+        self._failed: str | None = None
+        self._closed = False
+        todo = set(hf.missing(ck.root))
+        for f, ev in self._events.items():
+            if f not in todo:
+                ev.set()
+        for s in ck.shards:  # in the cache already: the bytes the plan was made from?
+            if s.name not in todo:
+                self._check(s.name)
+        rank = {n: i for i, n in enumerate(order)}
+        self._queue = sorted(todo, key=lambda f: (f in self._planned, rank.get(f, len(rank)), f))
+        self._bars = contextlib.ExitStack()
+        self._bars.enter_context(_progress_bars(progress))
+        self._threads = [threading.Thread(target=self._work, name="shardquant-download", daemon=True)
+                         for _ in range(min(DOWNLOAD_THREADS, len(self._queue)))]
+        for t in self._threads:
+            t.start()
+
+    def _check(self, name: str) -> None:
+        """A shard's size and header are the ones planned: the bytes the plan was made from are the bytes
+        that will be converted."""
+        if name not in self._planned:
+            return
+        p = self.root / name
+        if os.path.getsize(p) != self.hf.sizes[name] or read_header(p) != self._planned[name]:
+            raise SourceError(f"{self.repo}/{show(name, quote=False)}: the downloaded file differs from the one planned "
+                              f"(size or header); delete it from the hub cache ({p}) and run again")
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if self._failed is not None or self._closed or not self._queue:
+                    return
+                name = self._queue.pop(0)
+            error = None
+            try:
+                with hub_errors(self.repo, self.commit):
+                    _fetch(self.repo, self.commit, name)
+                    self._check(name)
+            except ShardquantError as e:
+                msg = str(e)
+                head = f"{self.repo}: "
+                error = (f"{self.repo}/{show(name, quote=False)}: {msg[len(head):]}" if msg.startswith(head)
+                         else msg)
+            except BaseException as e:  # hub_errors lets nothing else through; still one line
+                error = f"{self.repo}/{show(name, quote=False)}: download failed ({type(e).__name__}: {_first(e)})"
+            with self._lock:
+                if error is not None:
+                    self._errors[name] = error
+                    if self._failed is None:
+                        self._failed = error
+                        for n in self._queue:  # never started: waiting for them gives this failure
+                            self._errors[n] = error
+                            self._events[n].set()
+                        self._queue.clear()
+                self._events[name].set()
+
+    def ready(self, path) -> bool:
+        """The file is complete (or not one of the hub plan's files)."""
+        name = Path(path).name
+        ev = self._events.get(name)
+        return ev is None or (ev.is_set() and name not in self._errors)
+
+    def wait(self, path) -> None:
+        """Block until the file is complete; its download's failure as a SourceError."""
+        name = Path(path).name
+        ev = self._events.get(name)
+        if ev is None:
+            return
+        while not ev.wait(self.POLL):
+            pass
+        error = self._errors.get(name)
+        if error is not None:
+            raise SourceError(error)
+
+    def wait_all(self) -> None:
+        for name in self._events:
+            self.wait(self.root / name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.clear()
+            for n, ev in self._events.items():
+                if not ev.is_set():
+                    self._errors.setdefault(n, f"{self.repo}/{show(n, quote=False)}: the download was stopped")
+                    ev.set()
+        self._bars.close()
 
 
 def _open_remote(repo: str, revision: str | None) -> Checkpoint:
@@ -230,36 +352,6 @@ def _listing(api, repo: str, commit: str, root: Path, warnings: list[str]) -> tu
             if blob.parent.name == "blobs" and len(blob.name) == 64:
                 sha[p.name] = blob.name
     return sizes, sha
-
-
-def _fetch_all(repo: str, commit: str, names: list[str]) -> None:
-    """hf_hub_download each file, DOWNLOAD_THREADS at a time, started in order. After a failure no
-    further file is started. The threads are daemons: an interrupt (Ctrl-C) ends the process at once
-    instead of waiting for the files under way (whose temporary files huggingface_hub then leaves)."""
-    todo = queue.SimpleQueue()
-    for n in names:
-        todo.put(n)
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        while not errors:
-            try:
-                name = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                _fetch(repo, commit, name)
-            except BaseException as e:  # handed to the caller
-                errors.append(e)
-
-    threads = [threading.Thread(target=work, name="shardquant-download", daemon=True)
-               for _ in range(min(DOWNLOAD_THREADS, len(names)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def _fetch(repo: str, commit: str, filename: str) -> str:

@@ -45,7 +45,8 @@ def recipe(plan: Plan) -> str:
         "expert_policy": plan.expert_policy,
         "exclude_modules": plan.exclude_modules,
         "shards": [[fname, hashlib.sha256(encode_header(ts, SHARD_METADATA)).hexdigest()] for fname, ts in plan.shards],
-        "source": [[p.name, p.stat().st_size, hub_sha256(p, ck)] for p in files],
+        "source": [[p.name, *_hub_id(p, ck)] if ck.hub is not None else [p.name, p.stat().st_size, hub_sha256(p, ck)]
+                   for p in files],
         "config": hashlib.sha256(json.dumps(ck.config, sort_keys=True).encode()).hexdigest(),
     }
     if len(plan.formats) > 1:  # mixed precision: which quantizer takes which format
@@ -56,11 +57,25 @@ def recipe(plan: Plan) -> str:
 def fingerprint(plan: Plan) -> str:
     """The recipe plus the identity of every source file on this machine (size, mtime and ctime:
     ctime changes on any write and cannot be set back, so a source rewritten in place with its
-    size and mtime kept is still noticed)."""
+    size and mtime kept is still noticed). A hub source's files are identified by the hub itself:
+    repo, commit, and each file's size and (LFS files) SHA-256 from the plan's file listing, so the
+    fingerprint needs no file on disk and a conversion can start before its downloads end
+    (shardquant/convert.py); the SHA-256 of every file is still checked as it is read
+    (shardquant/provenance.py)."""
     from .provenance import source_files
 
-    ids = [[p.name, *identity(p)] for p in source_files(plan.checkpoint)]
+    ck = plan.checkpoint
+    if ck.hub is not None:
+        ids = [["hub", ck.hub.repo, ck.hub.commit]] + [[p.name, *_hub_id(p, ck)] for p in source_files(ck)]
+    else:
+        ids = [[p.name, *identity(p)] for p in source_files(ck)]
     return hashlib.sha256(json.dumps([recipe(plan), ids]).encode()).hexdigest()
+
+
+def _hub_id(p, ck) -> list:
+    """A hub file's size and SHA-256 (None for a file not in LFS) as the plan's listing gives them:
+    the values the cached file's size and blob name have once it is downloaded (shardquant/hub.py)."""
+    return [ck.hub.sizes.get(p.name), ck.hub.sha256.get(p.name)]
 
 
 def identity(p) -> list[int]:

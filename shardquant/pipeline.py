@@ -28,15 +28,19 @@ CHECKPOINT_SECONDS = 2.0
 
 class _Counter:
     """Bytes read from the source, across threads (the benchmark checks it equals the source size);
-    each first read of a tensor is also handed to the source hasher (shardquant/provenance.py)."""
+    each first read of a tensor is also handed to the source hasher (shardquant/provenance.py). A hub
+    source still downloading (shardquant/hub.py Downloads): each read first waits for its file."""
 
-    def __init__(self, hasher=None) -> None:
+    def __init__(self, hasher=None, gate=None) -> None:
+        self.gate = gate
         self.n = 0
         self.again = 0  # of which second reads (groups read twice): the speed counts source bytes once
         self.hasher = hasher
         self._lock = threading.Lock()
 
     def read(self, info, first: bool = True) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.wait(info.file)
         raw = read_raw(info)
         with self._lock:
             self.n += info.nbytes
@@ -312,9 +316,10 @@ class _Devices:
 
 
 def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Journal,
-        done: set[str], partial: dict | None = None) -> tuple[int, dict, dict, int, int]:
+        done: set[str], partial: dict | None = None, gate=None) -> tuple[int, dict, dict, int, int]:
     """Stream every unit through the backends into the shards. `partial`: shards resumed mid-way
-    (shardquant/output.py Claim.partial). Returns (bytes read, scales by quantizer, each source file's
+    (shardquant/output.py Claim.partial). `gate`: a hub source's downloads under way
+    (shardquant/hub.py Downloads): every read of a source file waits until that file is complete. Returns (bytes read, scales by quantizer, each source file's
     {"sha256", "size", "checked_against_hub"}, bytes the hasher read on its own: headers, padding,
     tensors of kept shards; bytes of the first count read a second time: groups read twice)."""
     scales: dict[str, tuple[float, float]] = {}
@@ -324,10 +329,10 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     todo = {id(u) for u in units}
     unread = {(t.file.name, t.offset) for u in plan.units if id(u) not in todo
               for t in ([u.kept] if u.kept is not None else u.group.members)}
-    hasher = SourceHasher(plan.checkpoint, journal.sources, unread)
+    hasher = SourceHasher(plan.checkpoint, journal.sources, unread, gate)
     shards = _Shards(plan, od, journal, done, scales, lock, hasher, partial)
     writer = _Writer(shards)
-    counter = _Counter(hasher)
+    counter = _Counter(hasher, gate)
     bar = _bar(sum(u.source_bytes for u in units), progress)
     reader = _Reader(units, counter)
     stop = threading.Event()

@@ -407,18 +407,25 @@ def _shard(order: list[OutTensor], max_size: int) -> list[tuple[str, list[OutTen
 
 # `plan`'s time estimate: deliberately conservative constants, not a measurement of this machine.
 # docs/benchmarks/README.md measured 0.30 (nvfp4) to 0.63 (fp8) GB/s of source on 2 CPU cores, and
-# 0.67 to 0.85 GB/s on an H200, where the disk was the limit. Hub downloads are done before the
-# conversion starts (shardquant/hub.py), so their times add.
+# 0.67 to 0.85 GB/s on an H200, where the disk was the limit. Hub downloads overlap the conversion
+# (shardquant/hub.py): the slower of the two sets the pace, and the last shard to arrive is converted
+# after its download ends.
 ESTIMATE_DOWNLOAD_BPS = 100e6
 ESTIMATE_CONVERT_BPS = {"CPU": 0.25e9, "GPU": 0.5e9}
 
 
 def estimated_seconds(plan: Plan) -> tuple[float, str]:
-    """(seconds, the assumptions behind them) for downloading what is not cached, then converting."""
+    """(seconds, the assumptions behind them) for downloading what is not cached while converting."""
     where = "GPU" if getattr(plan, "device_memory", None) is not None else "CPU"
-    down = plan.checkpoint.download_bytes
+    ck = plan.checkpoint
+    down = ck.download_bytes
     read = plan.source_bytes * getattr(plan, "read_factor", 1.0)
-    secs = down / ESTIMATE_DOWNLOAD_BPS + read / ESTIMATE_CONVERT_BPS[where]
-    how = (f"download at {ESTIMATE_DOWNLOAD_BPS / 1e6:.0f} MB/s, then " if down else "") + (
-        f"conversion at {ESTIMATE_CONVERT_BPS[where] / 1e9:.2f} GB/s of source read on the {where}")
+    rate = ESTIMATE_CONVERT_BPS[where]
+    secs = read / rate
+    if down:
+        missing = set(ck.hub.missing(ck.root))
+        last = max((ck.hub.sizes.get(s.name) or 0 for s in ck.shards if s.name in missing), default=0)
+        secs = max(down / ESTIMATE_DOWNLOAD_BPS, secs) + last / rate
+    how = (f"download at {ESTIMATE_DOWNLOAD_BPS / 1e6:.0f} MB/s while " if down else "") + (
+        f"conversion at {rate / 1e9:.2f} GB/s of source read on the {where}")
     return secs, how

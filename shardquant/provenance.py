@@ -8,6 +8,10 @@ keeps) are read by the hasher itself, which is the only extra I/O. A file whose 
 pass the bound is finished by reading its remainder at the end (counted in `extra_bytes`).
 Hashing runs on its own thread; hashlib releases the GIL while it hashes.
 
+A hub source may still be downloading while it is converted (shardquant/hub.py Downloads): the
+hasher starts a file (its size, its header) only once the file is complete; the first tensor the
+pipeline reads from a file means it is (the pipeline waits for it), and finish() waits for the rest.
+
 For a hub source the expected value is known before reading: the hub cache names each large
 file's blob by its LFS object id, which is the file's SHA-256. A mismatch is an error.
 """
@@ -19,6 +23,7 @@ import os
 import queue
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +48,15 @@ def hub_sha256(p: Path, ck) -> str | None:
 def source_files(ck) -> list[Path]:
     """Every file of the source that the conversion reads: shards, index, config and copied files."""
     index = ck.root / "model.safetensors.index.json"
-    files = {*ck.shards, *ck.extra_files, *([index] if index.is_file() else [])}
+    has_index = index.name in ck.hub.sizes if getattr(ck, "hub", None) is not None else index.is_file()
+    files = {*ck.shards, *ck.extra_files, *([index] if has_index else [])}
     return sorted(files, key=lambda p: p.name)
 
 
 class _File:
     def __init__(self, path: Path, spans: list[tuple[int, int]], self_read: set[int]):
         self.path = path
-        self.size = path.stat().st_size
+        self.size: int | None = None  # set when the file is started: complete on disk
         self.spans = spans  # tensors' (offset, nbytes), sorted
         self.self_read = self_read  # offsets of tensors the conversion will not read
         self.i = 0
@@ -64,10 +70,12 @@ class _File:
 class SourceHasher:
     """feed() from the reader threads; finish() once every conversion read is done."""
 
-    def __init__(self, ck, skip_files: dict[str, dict], unread: set[tuple[str, int]]):
+    def __init__(self, ck, skip_files: dict[str, dict], unread: set[tuple[str, int]], gate=None):
         """skip_files: source files already hashed by an earlier run of this conversion (same
-        identity), by name; unread: (file name, offset) of tensors this run will not read."""
+        identity), by name; unread: (file name, offset) of tensors this run will not read; gate: a hub
+        source's downloads (ready(path), wait(path)), None for a local directory."""
         self.ck = ck
+        self.gate = gate
         self.results: dict[str, dict] = {}
         self.extra_bytes = 0
         self._lock = threading.Lock()
@@ -83,6 +91,8 @@ class SourceHasher:
                 continue
             sp = sorted(spans.get(p, []))
             self.files[p] = _File(p, sp, {o for o, _ in sp if (p.name, o) in unread or p not in ck.shards})
+        self._unstarted = list(self.files.values())
+        self._next_look = 0.0
         self.error: BaseException | None = None
         self._t = threading.Thread(target=self._work, name="shardquant-hash", daemon=True)
         self._t.start()
@@ -102,10 +112,11 @@ class SourceHasher:
 
     def _work(self) -> None:
         try:
-            for f in self.files.values():
-                self._advance(f)  # headers, and leading tensors this run does not read
+            self._start_ready()  # headers, and leading tensors this run does not read
             while (item := self._q.get()) is not None:
                 f, off, raw = item
+                if f.size is None:  # the pipeline read from it: the file is complete
+                    self._start(f)
                 if f.digest is None and not f.deferred and off >= f.cursor:
                     f.pending[off] = raw
                     self._advance(f)
@@ -115,10 +126,31 @@ class SourceHasher:
                     for a in f.pending.values():
                         self._release(a.nbytes)
                     f.pending.clear()
+                if self._unstarted and time.monotonic() >= self._next_look:  # files completed since
+                    self._start_ready()
         except BaseException as e:  # handed to finish()
             self.error = e
             while self._q.get() is not None:
                 pass
+
+    def _start_ready(self) -> None:
+        """Start, and hash as far as possible, the files not started yet that are complete on disk."""
+        self._next_look = time.monotonic() + 0.5
+        for f in list(self._unstarted):
+            if self.gate is None or self.gate.ready(f.path):
+                self._start(f)
+
+    def _start(self, f: _File, wait: bool = False) -> None:
+        if f.size is not None:
+            return
+        if wait and self.gate is not None:
+            self.gate.wait(f.path)
+        try:
+            f.size = f.path.stat().st_size
+        except OSError as e:
+            raise SourceError(f"{f.path}: cannot read ({e.strerror or e})") from None
+        self._unstarted.remove(f)
+        self._advance(f)
 
     def _release(self, n: int) -> None:
         with self._lock:
@@ -179,7 +211,9 @@ class SourceHasher:
         for f in self.files.values():
             if f.digest is None:
                 f.pending.clear()
-                self._advance(f, to_end=True)
+                self._start(f, wait=True)
+                if f.digest is None:
+                    self._advance(f, to_end=True)
         out = {}
         for p in source_files(self.ck):
             rec = self.results[p.name]

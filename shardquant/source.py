@@ -36,9 +36,10 @@ class Checkpoint:
     revision: str | None = None
     extra_files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the output will lack; the plan repeats them
-    # A hub source (shardquant/hub.py): the repo's files the conversion reads, with their sizes. Until
-    # fetch() runs, `root` is the hub cache's snapshot folder, which may not hold them yet (a plan
-    # reads the index, config.json and every shard's header over HTTP ranges, nothing more).
+    # A hub source (shardquant/hub.py): the repo's files the conversion reads, with their sizes. `root`
+    # is the hub cache's snapshot folder, which may not hold them yet (a plan reads the index,
+    # config.json and every shard's header over HTTP ranges, nothing more; a conversion downloads the
+    # rest while it converts: start_fetch).
     hub: HubFiles | None = None
 
     @property
@@ -54,7 +55,7 @@ class Checkpoint:
 
 def open_checkpoint(src: str, revision: str | None = None, *, download: bool = True) -> Checkpoint:
     """A local directory, or a hub repo id (org/name). For a hub repo, download=False plans from the
-    index, config.json and the shard headers alone (fetch() downloads the rest before converting);
+    index, config.json and the shard headers alone (a conversion downloads the rest as it converts);
     download=True also downloads the files the conversion reads (e.g. for `verify --source`)."""
     path = Path(src).expanduser()
     if path.exists():
@@ -83,13 +84,23 @@ def open_checkpoint(src: str, revision: str | None = None, *, download: bool = T
     return ck
 
 
-def fetch(ck: Checkpoint, progress: bool = False) -> None:
-    """Bring a hub source's files into the local cache (exactly those the conversion reads); nothing
-    for a local directory."""
+def check_fetch(ck: Checkpoint) -> None:
+    """A hub source: refuse now if the hub cache lacks the space for what is left to download."""
     if ck.hub is not None:
         from . import hub
 
-        hub.download(ck, progress)
+        hub.check_space(ck)
+
+
+def start_fetch(ck: Checkpoint, order: list[str] = (), progress: bool = False):
+    """A hub source: start downloading, in the background, exactly the files the conversion reads,
+    and return the handle whose wait(path) blocks until a file is complete (shardquant/hub.py
+    Downloads); None for a local directory, whose files are all there."""
+    if ck.hub is None:
+        return None
+    from . import hub
+
+    return hub.start_download(ck, order, progress, background=True)
 
 
 def scan(root: Path) -> Checkpoint:

@@ -75,6 +75,9 @@ class StandIn:
         self.stalled = threading.Event()
         self.release = threading.Event()
         self.api_status: int | None = None  # answer every api/models call with this (5xx)
+        # file name -> event: a whole-file GET of it (a download, not a header's range) waits for the event
+        self.hold: dict[str, threading.Event] = {}
+        self.fail: dict[str, int] = {}  # file name -> HTTP status for every whole-file GET of it
         self.hub = _Server(self, "hub")
         self.cdn = _Server(self, "cdn")
 
@@ -149,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [urllib.parse.unquote(p) for p in url.path.split("/")[1:]]
         rec = {"server": self.server.kind, "method": self.command, "path": urllib.parse.unquote(url.path),
                "file": None, "range": self.headers.get("Range"), "auth": self.headers.get("Authorization"),
-               "status": None, "sent": 0}
+               "status": None, "sent": 0, "t0": time.monotonic(), "t1": None}
         with stand.lock:
             stand.log.append(rec)
         try:
@@ -163,6 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(rec, 404, {"error": "not found"})
         except (BrokenPipeError, ConnectionResetError):
             pass
+        rec["t1"] = time.monotonic()  # the response sent (or abandoned)
 
     def _authorized(self) -> bool:
         return self.headers.get("Authorization") == f"Bearer {TOKEN}"
@@ -262,6 +266,11 @@ class _Handler(BaseHTTPRequestHandler):
         size = path.stat().st_size
         start, end, status = 0, size - 1, 200
         rng = self.headers.get("Range")
+        if body and rng is None and name in stand.fail:
+            self._reply(rec, stand.fail[name], {"error": "Internal failure"})
+            return
+        if body and rng is None and name in stand.hold:
+            stand.hold[name].wait(60)
         if rng and rng.startswith("bytes="):
             a, _, b = rng[6:].partition("-")
             start, end, status = int(a), min(int(b), size - 1) if b else size - 1, 206
@@ -562,6 +571,206 @@ def test_killed_download_resumes(hub, tiny, tmp_path, monkeypatch):
     orphans = sorted(p.name for p in (cache / "models--org--tiny" / "blobs").glob("*.incomplete"))
     print(f"\nkilled mid-{victim}: {len(complete)} files kept from the cache, {sorted(again)} fetched again; "
           f"{len(orphans)} temporary file(s) of the killed process left in the cache's blobs/")
+
+
+# ---------------------------------------------------------------------------------------------
+# downloads and conversion overlap (shardquant/hub.py Downloads, shardquant/convert.py)
+
+JOURNAL = ".shardquant-journal.json"
+
+
+def read_order(repo: Repo, **kw) -> list[str]:
+    """The source shards in the order the conversion first reads them (the order they are downloaded)."""
+    from shardquant.convert import _read_order, prepare
+
+    return _read_order(prepare(str(repo.root), "nvfp4", **kw))
+
+
+def test_conversion_starts_before_the_download_ends(hub, tiny, tmp_path, monkeypatch):
+    """The last shard's download is held on the server until the output's first shard is being
+    written: a conversion that waited for the whole repo would never get there. Its reads of that
+    shard come after the release, and the output is the local conversion's, byte for byte."""
+    from shardquant import pipeline
+    from shardquant.convert import convert
+
+    last = read_order(tiny)[-1]
+    hub.hold[last] = threading.Event()
+    reads: list[tuple[float, str]] = []
+    read_raw = pipeline.read_raw
+
+    def timed(info):
+        reads.append((time.monotonic(), info.file.name))
+        return read_raw(info)
+
+    monkeypatch.setattr(pipeline, "read_raw", timed)
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def go():
+        try:
+            result["res"] = convert("org/tiny", out, "nvfp4", device="cpu")
+        except BaseException as e:  # looked at below
+            result["error"] = e
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=go)
+    worker.start()
+    seen = None
+    while seen is None and worker.is_alive() and time.monotonic() < t0 + 30:
+        if out.is_dir():
+            seen = next((p.name for p in out.iterdir() if p.name.endswith(".sqtmp") and ".safetensors." in p.name), None)
+        time.sleep(0.005)
+    released = time.monotonic()
+    hub.hold[last].set()
+    worker.join(60)
+    assert seen is not None and "error" not in result, result
+    gets = [q for q in hub.requests() if q["file"] == last and q["method"] == "GET" and q["range"] is None]
+    assert len(gets) == 1 and gets[0]["status"] == 200
+    end = gets[0]["t1"]
+    first = reads[0][0]
+    assert first < released < end
+    assert min(t for t, n in reads if n == last) > released  # never read before it was complete
+    starts = {q["file"]: q["t0"] for q in hub.requests() if q["method"] == "GET" and q["range"] is None and q["file"]}
+    print(f"\noverlap: first shard download started {starts[read_order(tiny)[0]] - t0:.3f} s, first read "
+          f"{first - t0:.3f} s, output temporary {seen} seen {released - t0:.3f} s, {last} download ended "
+          f"{end - t0:.3f} s, first read of it {min(t for t, n in reads if n == last) - t0:.3f} s, "
+          f"done {time.monotonic() - t0:.3f} s")
+    local = tmp_path / "local"
+    assert cli("convert", str(tiny.root), "--format", "nvfp4", "-o", str(local), "-q", "--device", "cpu").exit_code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in local.iterdir() if p.name != "notes.txt")
+    for n in names:
+        if n not in (MANIFEST, "README.md"):  # these two name the source
+            assert (out / n).read_bytes() == (local / n).read_bytes(), n
+    man = json.loads((out / MANIFEST).read_text())
+    assert all(v["checked_against_hub"] for k, v in man["source"]["files"].items() if k.endswith(".safetensors"))
+
+
+def test_refused_output_is_found_before_any_download(hub, tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("someone else's\n")
+    line = one_line_error(cli("convert", "org/tiny", "--format", "nvfp4", "-o", str(out), "-q", "--device", "cpu"),
+                          str(out))
+    assert "not empty" in line
+    assert fetched(hub) == {INDEX_NAME, "config.json"}  # the plan's; no shard, no copied file
+    assert not [q for q in hub.requests() if q["method"] == "GET" and q["file"] in shard_names(tiny) and not q["range"]]
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_finished_output_downloads_nothing(hub, tiny, tmp_path, monkeypatch):
+    """A re-run onto a finished output from a machine without the weights: checked, nothing fetched
+    (the output's record names the hub files by size and SHA-256, shardquant/journal.py recipe)."""
+    out = tmp_path / "out"
+    assert cli("convert", "org/tiny", "--format", "nvfp4", "-o", str(out), "-q", "--device", "cpu").exit_code == 0
+    use_cache(monkeypatch, tmp_path / "empty-cache")
+    hub.clear()
+    r = cli("convert", "org/tiny", "--format", "nvfp4", "-o", str(out), "--device", "cpu")
+    assert r.exit_code == 0 and "already complete" in r.output, r.output
+    assert fetched(hub) == {INDEX_NAME, "config.json"}
+
+
+def test_download_failure_mid_conversion_is_one_line(hub, tiny, tmp_path):
+    """The last shard's download fails while the first shards convert: one line naming the file;
+    the run is resumable, and a second run finishes it."""
+    order = read_order(tiny, max_shard_size=40_000)
+    victim = order[-1]
+    hub.fail[victim] = 403
+    out = tmp_path / "out"
+    args = ("convert", "org/tiny", "--format", "nvfp4", "-o", str(out), "-q", "--device", "cpu",
+            "--max-shard-size", "40KB")
+    line = one_line_error(cli(*args), f"org/tiny/{victim}")
+    assert "HTTP 403" in line, line
+    print(f"\nmid-conversion download failure: {line}")
+    assert (out / JOURNAL).exists() and not (out / INDEX_NAME).exists()
+    assert {q["file"] for q in hub.requests() if q["method"] == "GET" and not q["range"] and q["status"] == 200} \
+        >= set(order[:-1])
+    del hub.fail[victim]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    local = tmp_path / "local"
+    assert cli("convert", str(tiny.root), *args[2:5], str(local), *args[6:]).exit_code == 0
+    for p in out.iterdir():
+        if p.name not in (MANIFEST, "README.md"):
+            assert (local / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_killed_mid_conversion_resumes(hub, tiny, tmp_path, monkeypatch):
+    """Killed while the last shard downloads and the first output shards are already written: the
+    re-run keeps those shards (not rewritten), downloads only what the cache lacks, and the output is
+    an uninterrupted run's."""
+    opts = ("--format", "nvfp4", "-q", "--device", "cpu", "--max-shard-size", "40KB")
+    use_cache(monkeypatch, tmp_path / "cache-ref")
+    ref = tmp_path / "ref"
+    assert cli("convert", "org/tiny", "-o", str(ref), *opts).exit_code == 0
+    hub.clear()
+    cache = tmp_path / "cache"
+    use_cache(monkeypatch, cache)
+    victim = read_order(tiny, max_shard_size=40_000)[-1]
+    hub.faults[victim] = ("stall", tiny.files[victim].stat().st_size // 2)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "shardquant.cli", "convert", "org/tiny", "-o", str(out), *opts],
+                         cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    finished: dict[str, tuple] = {}
+    try:
+        assert hub.stalled.wait(30), p.communicate(timeout=5)[0]
+        deadline = time.monotonic() + 30
+        while not finished and time.monotonic() < deadline:
+            try:
+                files = json.loads((out / JOURNAL).read_text())["files"]
+            except (OSError, ValueError):
+                files = {}
+            finished = {n: ((out / n).stat().st_ino, (out / n).stat().st_mtime_ns) for n, rec in files.items()
+                        if rec and n.endswith(".safetensors")}
+            time.sleep(0.01)
+    finally:
+        p.kill()
+        p.wait()
+    hub.release.set()
+    assert finished, "no output shard was finished while the last source shard downloaded"
+    assert not (out / INDEX_NAME).exists()
+    snap = cache / "models--org--tiny" / "snapshots" / tiny.commit
+    complete = {n for n in tiny.files if (snap / n).exists()}
+    assert victim not in complete
+    hub.clear()
+    r = cli("convert", "org/tiny", "-o", str(out), *opts)
+    assert r.exit_code == 0, r.output
+    again = fetched(hub)
+    assert victim in again and not again & complete, (again, complete)
+    for n, ident in finished.items():  # kept, not written again
+        assert ((out / n).stat().st_ino, (out / n).stat().st_mtime_ns) == ident, n
+    _same_dirs(ref, out)
+    print(f"\nkilled while {victim} downloaded: {sorted(finished)} already finished and kept; "
+          f"fetched again: {sorted(again)}")
+
+
+def test_ctrl_c_while_waiting_for_a_download(hub, tiny, tmp_path):
+    """Ctrl-C while the conversion waits for a shard still downloading: one line, status 130, at once."""
+    import signal
+
+    victim = read_order(tiny)[-1]
+    hub.faults[victim] = ("stall", tiny.files[victim].stat().st_size // 2)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "shardquant.cli", "convert", "org/tiny", "--format", "nvfp4",
+                          "-o", str(out), "-q", "--device", "cpu"], cwd=ROOT, env=dict(os.environ),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert hub.stalled.wait(30), p.communicate(timeout=5)[0]
+        deadline = time.monotonic() + 30
+        while not list(out.glob(".model-*.sqtmp")) and time.monotonic() < deadline:  # converting
+            time.sleep(0.01)
+        time.sleep(0.3)  # now waiting for the stalled shard
+        t = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        text = p.communicate(timeout=10)[0].decode()
+        took = time.monotonic() - t
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 130, text
+    assert text.strip().startswith("interrupted") and len(text.strip().splitlines()) == 1, text
+    assert took < 1.5, took
+    print(f"\nCtrl-C while waiting for {victim}: exited in {took:.2f} s: {text.strip()}")
 
 
 # ---------------------------------------------------------------------------------------------
