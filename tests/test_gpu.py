@@ -238,3 +238,18 @@ def test_devices_all_equals_cpu(tmp_path):
     assert b.backend == "cupy" and b.bytes_read == a.bytes_read == a.plan.source_bytes
     for p in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert filecmp.cmp(p, tmp_path / "gpus" / p.name, shallow=False)
+
+
+def test_group_over_the_host_budget_is_read_once_onto_the_gpu(tmp_path):
+    """plan.Group.on_device on a real GPU: a shared expert group over --memory-budget is read once,
+    member by member, held on the device, and gives the CPU's bytes (the CPU reads it twice)."""
+    from shardquant.convert import convert
+
+    src = write_checkpoint(tmp_path / "src", qwen3_moe(hidden=128, layers=2, experts=8, inter=64), shard_bytes=300_000)
+    a = convert(str(src), tmp_path / "cpu", "nvfp4", device="cpu", memory_budget=100_000)
+    b = convert(str(src), tmp_path / "gpu", "nvfp4", device="cuda", memory_budget=100_000)
+    assert any(g.two_pass for g in a.plan.groups) and a.bytes_read > a.plan.source_bytes
+    assert any(g.on_device for g in b.plan.groups) and not any(g.two_pass for g in b.plan.groups)
+    assert b.bytes_read == b.plan.source_bytes and b.plan.read_factor == 1.0
+    for p in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        assert filecmp.cmp(p, tmp_path / "gpu" / p.name, shallow=False), p.name
