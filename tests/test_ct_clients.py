@@ -46,7 +46,7 @@ import loguru
 import transformers
 from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer, convert_checkpoint
 from transformers import (
-    AutoModelForCausalLM, CompressedTensorsConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+    CompressedTensorsConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
 
@@ -55,6 +55,7 @@ from shardquant.convert import convert
 from shardquant.flavors import FLAVORS
 from shardquant.st import read_header, read_raw
 from shardquant.testing import served
+from test_clients import bf16_steps, load, logits, manifest, rel  # the same helpers (tests/test_clients.py)
 
 transformers.logging.set_verbosity_error()
 loguru.logger.disable("compressed_tensors")  # its per-file DEBUG lines
@@ -65,8 +66,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 CT = "compressed-tensors"
 FLAVOR = FLAVORS[CT]
 BF16 = torch.bfloat16
-# Fixed input ids: 3 sequences of 16 tokens spread over the 256-token vocabulary.
-IDS = (torch.arange(48).reshape(3, 16) * 37 + 5) % 256
 MIN_COSINE = 0.999
 
 # ---------------------------------------------------------------------------------------------
@@ -280,21 +279,8 @@ def ct_dequantized(converted, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-def load(path: Path, **kw):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=BF16, **kw)
-
-
 def load_dequantized(path: Path):
     return load(path, quantization_config=CompressedTensorsConfig(dequantize=True))
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits.float()
-
-
-def manifest(path: Path) -> dict:
-    return json.loads((path / "scale_manifest.json").read_text())
 
 
 def headers(path: Path) -> dict:
@@ -328,19 +314,6 @@ def our_weights(path: Path) -> dict[str, np.ndarray]:
             assert stored.tobytes() == want.tobytes(), f"{src}: {role} is not the manifest's global scale"
         out[src] = formats.get(fmt).dequantize_stored(weight, scale, per_quantizer)
     return out
-
-
-def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many bf16 values apart a and b are (both bf16; +0 and -0 are the same)."""
-    def key(x):
-        bits = x.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return (key(a) - key(b)).abs()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

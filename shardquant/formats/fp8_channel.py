@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, mag_to_f32, no_global_scale, nonfinite, to_f32
+from . import fp8
 from .fp8 import dequantize as _dequantize_tensor
 from .fp8 import e4m3
 
@@ -22,13 +23,8 @@ FORMAT = Format(
     name="fp8-channel", element="E4M3", num_bits=8, weight_dtype="F8_E4M3", elems_per_byte=1, granularity="row",
     block_size=None, scale_dtype="F32", global_scale=False, activations="dynamic-token",
     modelopt=None,
-    compressed_tensors={
-        "format": "float-quantized",
-        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
-        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
-                              "dynamic": True},
-        "tensor_scale": "row",
-    },
+    # the same spelling as --format fp8 (per-row [out, 1] scales either way): verify tells them apart by the manifest
+    compressed_tensors=fp8.FORMAT.compressed_tensors,
     refused={"modelopt": "ModelOpt's FP8_PER_CHANNEL_PER_TOKEN is refused by SGLang and has no MoE path in vLLM "
                          "or TensorRT-LLM (docs/formats.md 4.1); use --flavor compressed-tensors (channel weights, "
                          "dynamic per-token activations) or --format nvfp4",
