@@ -319,9 +319,10 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         done: set[str], partial: dict | None = None, gate=None) -> tuple[int, dict, dict, int, int]:
     """Stream every unit through the backends into the shards. `partial`: shards resumed mid-way
     (shardquant/output.py Claim.partial). `gate`: a hub source's downloads under way
-    (shardquant/hub.py Downloads): every read of a source file waits until that file is complete. Returns (bytes read, scales by quantizer, each source file's
-    {"sha256", "size", "checked_against_hub"}, bytes the hasher read on its own: headers, padding,
-    tensors of kept shards; bytes of the first count read a second time: groups read twice)."""
+    (shardquant/hub.py Downloads): every read of a source file waits until that file is complete.
+    Returns (bytes read, scales by quantizer, each source file's {"sha256", "size",
+    "checked_against_hub"}, bytes the hasher read on its own: headers, padding, tensors of kept
+    shards; bytes of the first count read a second time: groups read twice)."""
     scales: dict[str, tuple[float, float]] = {}
     lock = threading.Lock()
     partial = partial or {}

@@ -108,7 +108,7 @@ class Plan:
         if len(self.formats) < 2:
             return {}
         fmt_of = {module_name(m.name): g.format for g in self.groups for m in g.members}
-        widened: dict[str, dict[str, set[str]]] = {}  # how wide -> pattern -> formats of its modules
+        widened: list[dict[str, set[str]]] = [{}, {}, {}]  # per width: pattern -> formats of its modules
         shapes = {}
         for mod, f in fmt_of.items():
             parts = mod.split(".")
@@ -117,10 +117,10 @@ class Plan:
             cands = [_widen(parts, nums), _widen(parts, nums[1:]), _widen(parts, [])]
             shapes[mod] = cands
             for width, pat in enumerate(cands):
-                widened.setdefault(str(width), {}).setdefault(pat, set()).add(f)
+                widened[width].setdefault(pat, set()).add(f)
         out: dict[str, list[str]] = {f: [] for f in self.formats}
         for mod, f in fmt_of.items():
-            pat = next(p for w, p in enumerate(shapes[mod]) if widened[str(w)][p] == {f})
+            pat = next(p for w, p in enumerate(shapes[mod]) if widened[w][p] == {f})
             if pat not in out[f]:
                 out[f].append(pat)
         return {f: [f"re:^{p}$" for p in sorted(pats)] for f, pats in out.items()}

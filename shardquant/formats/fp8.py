@@ -46,6 +46,14 @@ def global_scale(amax: np.float32) -> np.float32:
     return np.float32(1.0) if scale < np.finfo(np.float32).tiny else scale
 
 
+def scales_of(amax: np.ndarray) -> np.ndarray:
+    """global_scale over an array of amaxes (fp8_block's tiles, fp8_channel's rows): amax / 448,
+    correctly rounded fp32; 1.0 for a zero amax and for a scale that would be subnormal."""
+    s = (np.asarray(amax).astype(np.float32) / np.float32(E4M3_MAX)).astype(np.float32)
+    s[s < np.finfo(np.float32).tiny] = 1.0
+    return s
+
+
 def e4m3(x: np.ndarray) -> np.ndarray:
     """Round fp32 to E4M3 codes, nearest-even, clamped to +-448 first (a plain cast makes NaN)."""
     return np.clip(x, -E4M3_MAX, E4M3_MAX).astype(e4m3_dtype()).view(np.uint8)

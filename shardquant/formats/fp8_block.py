@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import e4m3_values, E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, no_global_scale, to_f32
-from .fp8 import e4m3
+from .base import e4m3_values, Format, check_finite, magnitude_bits, map_rows, no_global_scale, to_f32
+from .fp8 import e4m3, scales_of
 
 # docs/formats.md section 5 and "9. FP8 spellings that serve without calibration": `quant_method: "fp8"`
 # with `weight_block_size: [128, 128]` and dynamic activations (tensors `weight`, `weight_scale_inv`)
@@ -41,7 +41,6 @@ FORMAT = Format(
     default_flavor="block-fp8",
 )
 BLOCK = FORMAT.block
-FLT_MIN = np.finfo(np.float32).tiny
 
 
 global_scale = no_global_scale
@@ -50,9 +49,7 @@ global_scale = no_global_scale
 def tile_scales(tamax: np.ndarray) -> np.ndarray:
     """fp32 tile scales: amax / 448, correctly rounded; 1.0 for a zero tile and for a scale that
     would be subnormal (as formats/fp8.py global_scale)."""
-    s = (tamax.astype(np.float32) / np.float32(E4M3_MAX)).astype(np.float32)
-    s[s < FLT_MIN] = 1.0
-    return s
+    return scales_of(tamax)
 
 
 def _expand(s: np.ndarray, rows: int, cols: int) -> np.ndarray:

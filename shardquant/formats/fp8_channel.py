@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import E4M3_MAX, Format, check_finite, magnitude_bits, map_rows, mag_to_f32, no_global_scale, nonfinite, to_f32
+from .base import Format, check_finite, magnitude_bits, map_rows, mag_to_f32, no_global_scale, nonfinite, to_f32
 from . import fp8
 from .fp8 import dequantize as _dequantize_tensor
 from .fp8 import e4m3
@@ -45,9 +45,7 @@ global_scale = no_global_scale
 def row_scales(row_amax: np.ndarray) -> np.ndarray:
     """fp32 [rows, 1]: each row's amax / 448, correctly rounded; 1.0 for a zero row and for a scale
     that would be subnormal (formats/fp8.py global_scale, row by row)."""
-    s = (row_amax.astype(np.float32) / np.float32(E4M3_MAX)).astype(np.float32)
-    s[s < np.finfo(np.float32).tiny] = 1.0
-    return s.reshape(-1, 1)
+    return fp8.scales_of(row_amax).reshape(-1, 1)
 
 
 class Quantizer:
