@@ -7,7 +7,9 @@ import re
 import sys
 from pathlib import Path
 
-from . import interrupt
+from . import interrupt, trace
+
+trace.mark("python-ready")  # the interpreter is up and this module is being imported
 
 if __name__ == "__main__" or interrupt.is_command():  # Ctrl-C in the imports below (most of a second): one line
     interrupt.install()
@@ -234,7 +236,10 @@ def _engine_names() -> list[str]:
 @click.option("--engine", multiple=True, type=click.Choice(_engine_names()),
               help="Check this engine's loading contract (repeatable): any finding of it fails. Default: every "
                    "engine, summarised, failing only a checkpoint that none of them serves.")
-def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_hashes, quiet, engine) -> None:
+@click.option("--device", default="auto", show_default=True,
+              help="With --source: where tensors are decoded and compared: auto (a GPU when CuPy sees one), cpu, "
+                   "cuda or cuda:N. The verdicts are the same.")
+def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_hashes, quiet, engine, device) -> None:
     """Check that DIRECTORY is a well-formed NVFP4/FP8 checkpoint (modelopt or compressed-tensors
     flavor, from any producer) and that every file matches the scale manifest's sizes and SHA-256
     (when it has one); exit status 1 on any violation."""
@@ -248,7 +253,7 @@ def verify_cmd(directory, source, revision, json_file, plot, min_sqnr, top, no_h
         raise click.UsageError("--plot needs --source")
     with _quiet_libraries(quiet, source):
         rep = _guard(lambda: verify(directory, source, revision=revision, min_sqnr=min_sqnr, hashes=not no_hashes,
-                                    engines=list(engine) or None))
+                                    engines=list(engine) or None, device=device))
     if not quiet:
         head, _, verdict = render(rep, top=top).rpartition("\n")  # the engines' lines before the verdict
         click.echo("\n".join([head, *engines.summary_lines(rep), verdict]))

@@ -7,11 +7,13 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import card, flavors, formats, manifest
+from . import card, flavors, formats, manifest, trace
 from .errors import OutputError, ShardquantError, SourceError
 from .backend import NumpyBackend, describe, get_backends
 from .pipeline import run
@@ -119,17 +121,28 @@ def convert(
 
     >>> convert("examples/tiny-moe", "out/tiny-nvfp4", "nvfp4")  # doctest: +SKIP
     """
-    backends = get_backends(device, devices, gpu_memory)
+    # The GPU starts (CuPy's import, the CUDA context, the kernels: shardquant/cuda) while the source's
+    # headers are read and the plan is made; the plan asks for the GPU's budget only if a quantizer
+    # exceeds --memory-budget (shardquant/plan.py make_plan).
+    trace.mark("convert")
+    starting = _in_background(lambda: get_backends(device, devices, gpu_memory))
 
-    def planned(device_memory: int | None) -> Plan:
+    def budget_of(backends: list) -> int | None:
+        return min(b.device_budget for b in backends) if backends[0].device_budget is not None else None
+
+    def planned(device_memory) -> Plan:
         return prepare(
             src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
             include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
             memory_budget=memory_budget, flavor=flavor, format_for=format_for, device_memory=device_memory,
         )
 
-    budget = min(b.device_budget for b in backends) if backends[0].device_budget is not None else None
-    plan = planned(budget)
+    plan = planned(lambda: budget_of(starting.result()))
+    backends = starting.result()
+    budget = budget_of(backends)
+    if plan.device_memory is None:
+        plan.device_memory = budget  # no decision depended on it (make_plan)
+    trace.mark("planned")
     out = Path(output).expanduser()
     no_kernel = [f for f in plan.formats if not formats.declared(f).kernel]
     if budget is not None and no_kernel:
@@ -182,6 +195,7 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
         if gate is not None:
             gate.wait_all()  # the copied files (and any a resumed run had hashed already)
         _finish(plan, od, claim.journal, scales, sources, name)
+        trace.mark("finished")
     finally:
         if gate is not None:
             gate.close()
@@ -190,6 +204,20 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
     return Result(plan, od.path, time.perf_counter() - t0, read, name, resumed=len(claim.done),
                   resumed_bytes=sum(p[2] for p in claim.partial.values()),
                   hashed_extra=extra, device=where, reread_bytes=again)
+
+
+def _in_background(fn) -> Future:
+    """fn() on a daemon thread; its result (or its exception) from the returned future."""
+    fut: Future = Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # raised where the result is asked for
+            fut.set_exception(e)
+
+    threading.Thread(target=work, name="shardquant-start", daemon=True).start()
+    return fut
 
 
 def _read_order(plan: Plan) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import flavors, formats
+from . import flavors, formats, trace
 from .journal import SHARD_METADATA, Journal
 from .provenance import SourceHasher
 from .plan import PREFETCH_BYTES, WRITE_AHEAD_BYTES, Plan, Unit
@@ -41,6 +41,8 @@ class _Counter:
     def read(self, info, first: bool = True) -> np.ndarray:
         if self.gate is not None:
             self.gate.wait(info.file)
+        if not self.n:
+            trace.mark("first-read")
         raw = read_raw(info)
         with self._lock:
             self.n += info.nbytes

@@ -4,8 +4,10 @@ memory bound."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
+from typing import Callable
 from dataclasses import dataclass, field
 
 from . import formats
@@ -149,11 +151,24 @@ def make_plan(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     strict: bool = False,
     flavor: str | None = None,
-    device_memory: int | None = None,
+    device_memory: int | None | Callable[[], int | None] = None,
 ) -> Plan:
     """flavor None: the format's default flavor if it spells every format the plan uses, else the
     first flavor that does. device_memory: GPU bytes one quantizer may be held in (a GPU conversion);
-    a group larger than memory_budget that fits there is read once, member by member, onto the GPU."""
+    a group larger than memory_budget that fits there is read once, member by member, onto the GPU.
+    It may be a function, called only when some group exceeds memory_budget (the GPU is then being
+    started while the plan is made: shardquant/convert.py); otherwise the caller sets
+    Plan.device_memory once it knows it, which changes no decision."""
+    if callable(device_memory):
+        ask = device_memory
+
+        @functools.cache
+        def gpu_bytes() -> int | None:
+            return ask()
+    else:
+        def gpu_bytes() -> int | None:
+            return device_memory
+    gpu_asked = False
     if flavor is not None and flavor not in FLAVORS:
         raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")
     warnings: list[str] = list(ck.warnings)
@@ -214,12 +229,13 @@ def make_plan(
             continue
         g = Group(key, decisions[names[0]].rule, members, format=gfmt)
         if g.source_bytes > memory_budget:
-            g.on_device = device_memory is not None and g.source_bytes <= device_memory
+            gpu_asked = True
+            g.on_device = gpu_bytes() is not None and g.source_bytes <= gpu_bytes()
             g.two_pass = not g.on_device
         if g.two_pass:
             warnings.append(f"quantizer {show(key, quote=False)} ({g.source_bytes / 1e9:.1f} GB) exceeds the "
                             "memory budget: read twice"
-                            + ("" if device_memory is None else " (and the GPU memory budget)"))
+                            + ("" if gpu_bytes() is None else " (and the GPU memory budget)"))
         groups.append(g)
 
     # a filter that does nothing is most often a typo: named, and an error with --strict
@@ -282,7 +298,8 @@ def make_plan(
     })
     return Plan(
         ck, fmt, rules.expert_policy, flavor, groups, units, outputs, out_tensors,
-        _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget, device_memory,
+        _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget,
+        gpu_bytes() if gpu_asked or not callable(device_memory) else None,
     )
 
 

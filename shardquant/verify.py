@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from . import formats, manifest
-from .errors import HeaderError, SourceError
+from .errors import HeaderError, ShardquantError, SourceError
 from .flavors import FLAVORS, Flavor
 from .formats.base import to_f32
 from .rules import BUILTIN_RULES, FLOAT_DTYPES, QUANTIZE, Decision, RuleSet
@@ -803,6 +803,7 @@ class _Checked:
     warnings: list[str]
     files_listed: int | None = None  # files the manifest lists (None: no usable files table)
     hashed: bool = False
+    files: _FileCheck | None = None  # defer_files: hashes still running, their violations not yet in `violations`
 
 
 def verify_contract(path: str | Path, *, hashes: bool = True, ignore: frozenset[str] = frozenset()) -> list[Violation]:
@@ -814,7 +815,11 @@ def verify_contract(path: str | Path, *, hashes: bool = True, ignore: frozenset[
     return _contract(Path(path), hashes, ignore).violations
 
 
-def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozenset()) -> _Checked:
+def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozenset(),
+              defer_files: bool = False) -> _Checked:
+    """defer_files: leave the file hashes running (verify --source compares meanwhile, so the disk
+    reads the output's files and the source at once) and hand them over in `_Checked.files`; the
+    caller must `finish()` or `close()` them."""
     if not root.is_dir():
         raise SourceError(f"{root}: not a directory")
     try:
@@ -870,10 +875,16 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
         found += _moe_fp8_served(ann, mods)
         if man is not None and fl is not None and ann.formats:
             _check_manifest(man, ann, fl, tensors, mods, gs, found)
-        found[:0] = fc.finish()
-    finally:
+        if not defer_files:
+            found[:0] = fc.finish()
+    except BaseException:
         fc.close()
-    return _Checked(root, ann, tensors, mods, good, gs, man, found, warnings, fc.listed, fc.hashed)
+        raise
+    finally:
+        if not defer_files:
+            fc.close()
+    return _Checked(root, ann, tensors, mods, good, gs, man, found, warnings, fc.listed, fc.hashed,
+                    fc if defer_files else None)
 
 
 _RULES = RuleSet(expert_policy="per-expert")  # per-expert keys: gate == up within each expert
@@ -1093,15 +1104,31 @@ def load_schema() -> dict:
 # numerics against the source
 
 def verify(path: str | Path, source: str | None = None, *, revision: str | None = None,
-           min_sqnr: float | None = None, hashes: bool = True, engines: list[str] | None = None) -> Report:
+           min_sqnr: float | None = None, hashes: bool = True, engines: list[str] | None = None,
+           device: str = "auto") -> Report:
     """The files and contract of `path` (as verify_contract); with `source` (directory or hub repo
     id) also every quantized tensor dequantized against its source tensor and every kept tensor
     compared byte for byte. A tensor under `min_sqnr` dB (default DEFAULT_MIN_SQNR of the format) is
     a violation. hashes=False skips reading whole files for their SHA-256 (sizes are still checked).
     The engines' loading contracts (shardquant/engines.py, attached as `report.engines`): engines=None
-    checks every engine and fails only a checkpoint none serves; named engines fail on any finding."""
+    checks every engine and fails only a checkpoint none serves; named engines fail on any finding.
+    device: where --source comparisons run: "cpu", "cuda[:N]", or "auto" (a GPU when CuPy sees one);
+    both give the same verdicts (the sums agree to float64 rounding, max |W| exactly)."""
     t0 = time.perf_counter()
-    c = _contract(Path(path), hashes)
+    gpu = _compare_device(device) if source is not None else None
+    c = _contract(Path(path), hashes, defer_files=source is not None)
+    try:
+        rep = _verify_checked(c, path, source, revision, min_sqnr, hashes, engines, gpu)
+        if c.files is not None:
+            rep.violations[:0] = c.files.finish()  # file violations first, as without --source
+    finally:
+        if c.files is not None:
+            c.files.close()
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _verify_checked(c: _Checked, path, source, revision, min_sqnr, hashes, engines, gpu) -> Report:
     rep = Report(str(path), c.ann.flavor, ", ".join(c.ann.formats) or None, c.ann.producer,
                  sum(m.quantized for m in c.mods.values()), c.violations, c.warnings,
                  files_checked=c.files_listed, hashed=c.hashed)
@@ -1114,13 +1141,31 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
     if source is not None and c.ann.formats:
         rep.source = source
         rep.min_sqnr = min(DEFAULT_MIN_SQNR[f] for f in c.ann.formats) if min_sqnr is None else min_sqnr
-        _compare(c, source, revision, rep, min_sqnr)
-    rep.seconds = time.perf_counter() - t0
+        _compare(c, source, revision, rep, min_sqnr, gpu)
     return rep
 
 
-def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sqnr: float | None = None) -> None:
-    """Each quantized tensor against its source at its own format's SQNR floor (or `min_sqnr`)."""
+def _compare_device(device: str):
+    """verify --device: None for the CPU, else a shardquant.cuda Device."""
+    if device == "cpu":
+        return None
+    if device == "auto":
+        from .cuda import available
+
+        if not available():
+            return None
+        device = "cuda"
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        from .cuda import get_device
+
+        return get_device(device)
+    raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+
+
+def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sqnr: float | None = None,
+             gpu=None) -> None:
+    """Each quantized tensor against its source at its own format's SQNR floor (or `min_sqnr`); on
+    `gpu` (a shardquant.cuda Device) when given, decoded and reduced there."""
     ck = open_checkpoint(source, revision)
     fl = FLAVORS[c.ann.flavor]
     qs = c.man["quantizers"] if c.man is not None else {}
@@ -1150,6 +1195,8 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sq
             continue
         work.append((key, m, src, fmt))
 
+    work.sort(key=lambda it: (str(it[2].file), it[2].offset))  # the source read in file order
+
     def measure(item) -> tuple[float, float, np.float32]:
         """(signal, noise, max |source|) of one tensor, a cache-sized band of rows at a time: the fp32
         source, the dequantized band and their difference never leave the CPU's caches."""
@@ -1173,8 +1220,32 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sq
                 signal, noise, top = signal + s, noise + n, max(top, np.float32(np.max(np.abs(ref), initial=0)))
         return signal, noise, top
 
-    # NumPy and file reads release the GIL: tensors are compared in parallel, a few in flight per thread.
-    for (key, m, src, fmt), (signal, noise, tamax) in zip(work, _in_parallel(measure, work)):
+    def measure_gpu(item) -> tuple[float, float, np.float32]:
+        """The same three numbers from the GPU (kernels.cu error_power): only file reads stay on the CPU."""
+        key, m, src, fmt = item
+        layout, st = formats.declared(fmt), m.tensors[fl.scale_name]
+        scale = _scale_values(st)
+        rows, cols = src.shape
+        if layout.block:
+            tile = layout.block
+        elif scale.size == 1:
+            tile = (max(rows, 1), max(cols, 1))
+        elif layout.block_size and scale.size != rows:
+            tile = (1, layout.block_size)
+        else:
+            tile = (1, max(cols, 1))  # one scale per output row
+        if scale.size != -(-rows // tile[0]) * -(-cols // tile[1]):
+            return measure(item)  # a shape the contract did not expect: the reference path decides
+        gs = c.gs.get(key) if layout.global_scale else None  # FP8's scale is `scale` itself; MX have none
+        pq = np.float32(1) / gs if gs is not None and fl.inverted(fmt) else gs
+        kind = 0 if st.dtype in FLOAT_DTYPES else (1 if layout.scale_dtype == "F8_E4M3" else 2)
+        code = 1 if layout.element == "E2M1" else 0
+        return gpu.error_power(read_raw(src), src.dtype, read_raw(m.tensors[fl.weight_name(fmt)]), code, scale,
+                               kind, tile, np.float32(1) if pq is None else np.float32(pq))
+
+    # NumPy, CUDA and file reads release the GIL: tensors are compared in parallel, a few in flight per thread.
+    for (key, m, src, fmt), (signal, noise, tamax) in zip(work, _in_parallel(measure if gpu is None else measure_gpu,
+                                                                              work)):
         qkey = quantizer_of.get(key) or _decide(key).key or m.name
         layer, proj = _layer_proj(key)
         st = TensorStat(key, int(np.prod(src.shape)), signal, noise, qkey, layer, proj)

@@ -12,7 +12,7 @@ from shardquant import formats
 from shardquant.backend import CupyBackend, NumpyBackend
 from shardquant.cuda import available
 from shardquant.formats.base import tensor_amax
-from shardquant.testing import qwen3_moe, write_checkpoint
+from shardquant.testing import qwen3_moe, served, write_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -253,3 +253,148 @@ def test_group_over_the_host_budget_is_read_once_onto_the_gpu(tmp_path):
     assert b.bytes_read == b.plan.source_bytes and b.plan.read_factor == 1.0
     for p in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert filecmp.cmp(p, tmp_path / "gpu" / p.name, shallow=False), p.name
+
+
+def _verify_both(out, src):
+    from shardquant.verify import verify
+
+    a = verify(out, str(src), device="cpu")
+    b = verify(out, str(src), device="cuda")
+    assert [(v.rule, v.name) for v in a.violations] == [(v.rule, v.name) for v in b.violations]
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors] and a.tensors
+    for x, y in zip(a.tensors, b.tensors):
+        # NumPy sums fp32 products blockwise, the kernel in float64: equal to fp32 rounding
+        assert x.signal == pytest.approx(y.signal, rel=1e-5), x.name
+        assert x.noise == pytest.approx(y.noise, rel=1e-4, abs=1e-30) or (np.isnan(x.noise) and np.isnan(y.noise)), x.name
+    return a, b
+
+
+@pytest.mark.parametrize("fmt,flavor", served())
+def test_verify_on_gpu_equals_cpu(tmp_path, fmt, flavor):
+    """verify --source --device cuda (kernels.cu error_power) gives the CPU's verdicts: the same
+    violations (the manifest's amax is checked against the GPU's max |W| exactly), the same sums."""
+    from shardquant.convert import convert
+
+    model = qwen3_moe(hidden=256, layers=2, experts=4, inter=128, heads=2, kv_heads=2, head_dim=64)
+    src = write_checkpoint(tmp_path / "src", model, shard_bytes=300_000)
+    convert(str(src), tmp_path / "out", fmt, device="cpu", flavor=flavor)
+    a, b = _verify_both(tmp_path / "out", src)
+    assert a.ok and b.ok
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8", "fp8-block"])
+def test_verify_on_gpu_finds_what_the_cpu_finds(tmp_path, fmt):
+    """Random bytes in a stored weight (E4M3 NaN codes 0x7f/0xff among them): both paths fail the same
+    tensor with the same numbers."""
+    from shardquant.convert import convert
+    from shardquant.st import read_header
+
+    model = qwen3_moe(hidden=256, layers=1, experts=4, inter=128, heads=2, kv_heads=2, head_dim=64)
+    src = write_checkpoint(tmp_path / "src", model, shard_bytes=10**9)
+    out = tmp_path / "out"
+    convert(str(src), out, fmt, device="cpu")
+    shard = next(out.glob("model-*.safetensors"))
+    (t,) = [t for n, t in read_header(shard).items() if "experts.2.up_proj.weight" in n and "scale" not in n
+            and len(t.shape) == 2]  # the codes only: bad scales are the contract's (verify._check_scales)
+    with open(shard, "r+b") as f:  # random codes in place
+        f.seek(t.offset)
+        f.write(np.random.default_rng(3).integers(0, 256, t.nbytes, dtype=np.uint8).tobytes())
+    from shardquant.verify import verify  # the files table now disagrees with the shard: hashes off
+
+    a = verify(out, str(src), device="cpu", hashes=False)
+    b = verify(out, str(src), device="cuda", hashes=False)
+    assert [(v.rule, v.name) for v in a.violations] == [(v.rule, v.name) for v in b.violations]
+    assert any(v.rule == "sqnr" and "experts.2.up_proj" in v.name for v in b.violations)
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.name == y.name
+        if np.isfinite(x.noise):
+            assert x.noise == pytest.approx(y.noise, rel=1e-4), x.name
+        else:
+            assert not np.isfinite(y.noise), x.name
+
+
+def test_kernel_cache_is_used_and_survives_damage(tmp_path, monkeypatch):
+    """The first process compiles and stores the image; the next loads it without compiling; a
+    damaged entry is compiled again and replaced."""
+    import shardquant.cuda as sc
+    from cupy.cuda import compiler
+
+    monkeypatch.setenv("SHARDQUANT_CACHE_DIR", str(tmp_path))
+    first = sc._Module(0)
+    entries = list((tmp_path / "kernels").glob("*.bin"))
+    assert len(entries) == 1
+    real = compiler.compile_using_nvrtc
+
+    def refuse(*a, **k):
+        raise AssertionError("compiled although the cache holds the image")
+
+    monkeypatch.setattr(compiler, "compile_using_nvrtc", refuse)
+    second = sc._Module(0)
+    assert second.names == first.names
+    data = bytearray(entries[0].read_bytes())
+    data[-64] ^= 0xFF
+    entries[0].write_bytes(bytes(data))
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(compiler, "compile_using_nvrtc", counted)
+    third = sc._Module(0)
+    assert calls == [1] and third.names == first.names
+    assert sc._cache_load(entries[0].stem) is not None  # replaced by a good entry
+
+
+@pytest.mark.parametrize("code", [0, 1])
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nan", [False, True])
+def test_error_power_kernel_against_float64(gpu, code, kind, dtype, nan):
+    """kernels.cu error_power on every code and scale kind against a float64 reference of the same
+    fp32 products: E8M0 bytes 0 (2^-127), 127 and 254 (2^127, over a block of zero codes) planted;
+    with `nan`, an E4M3 NaN code (0x7f) or a NaN scale (E4M3 0x7f, E8M0 255) makes the noise NaN."""
+    from shardquant.formats.base import E4M3_VALUES, to_f32
+
+    dev = gpu.dev
+    rng = np.random.default_rng(7 + code + 3 * kind)
+    rows, cols = 37, 256
+    tile = (1, 32) if kind != 0 else (16, 128)
+    src = _raw(rng.standard_normal((rows, cols)), dtype)
+    w = rng.integers(0, 256, (rows, cols // (2 if code else 1)), dtype=np.uint8)
+    if not code:
+        w[(w & 0x7F) == 0x7F] = 0  # no NaN codes unless planted
+    srows, scols = -(-rows // tile[0]), -(-cols // tile[1])
+    if kind == 0:
+        scale = rng.uniform(0.5, 2.0, (srows, scols)).astype(np.float32)
+    elif kind == 1:
+        scale = rng.integers(0, 127, (srows, scols), dtype=np.uint8)
+    else:
+        scale = rng.integers(100, 140, (srows, scols), dtype=np.uint8)
+        scale[0, :3] = [0, 127, 254]
+        w[0, (2 * 32) // (2 if code else 1):(3 * 32) // (2 if code else 1)] = 0  # the 2^127 block: zero codes
+    if nan:
+        if kind == 0:
+            w[1, 0] = 0x7F if not code else w[1, 0]
+            scale[0, 0] = np.nan if code else scale[0, 0]
+        else:
+            scale[1, 1] = 0x7F if kind == 1 else 255
+    sval = {0: lambda: scale, 1: lambda: E4M3_VALUES[scale],
+            2: lambda: np.where(scale == 255, np.float32(np.nan),
+                                np.ldexp(np.float64(1), scale.astype(np.int32) - 127)).astype(np.float32)}[kind]()
+    if code:
+        e2m1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+        vals = np.stack([e2m1[w & 15], e2m1[w >> 4]], -1).reshape(rows, cols)
+    else:
+        vals = E4M3_VALUES[w]
+    pq = np.float32(0.375)
+    per = np.repeat(np.repeat(sval, tile[0], 0)[:rows], tile[1], 1)[:, :cols]
+    with np.errstate(invalid="ignore", over="ignore"):
+        deq = (vals * (per * pq)).astype(np.float32)
+    ref = to_f32(src, dtype).astype(np.float64)
+    want_s, want_n = float(np.sum(ref * ref)), float(np.sum((deq.astype(np.float64) - ref) ** 2))
+    assert np.isnan(want_n) == nan
+    s, n, top = dev.error_power(src, dtype, w, code, scale, kind, tile, pq)
+    assert s == pytest.approx(want_s, rel=1e-12)
+    assert np.isnan(n) if nan else n == pytest.approx(want_n, rel=1e-12)
+    assert top == np.float32(np.max(np.abs(to_f32(src, dtype))))

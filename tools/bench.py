@@ -111,8 +111,10 @@ def read_and_write(src: Path, where: Path, nbytes: int, cold: bool) -> float:
 
 CHILD = """
 import json, resource, sys
+from shardquant import trace
+trace.mark("python-ready")
 from shardquant.convert import convert
-r = convert(sys.argv[1], sys.argv[2], sys.argv[3], device=sys.argv[4])
+r = convert(sys.argv[1], sys.argv[2], sys.argv[3], device=sys.argv[4], expert_policy=sys.argv[5])
 print(json.dumps({"seconds": r.seconds, "bytes_read": r.bytes_read, "source_bytes": r.plan.source_bytes,
                   "output_bytes": r.plan.output_bytes, "peak_estimate": r.plan.peak_bytes,
                   "backend": r.backend, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -123,18 +125,18 @@ VERIFY_CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 from shardquant.verify import verify
-rep = verify(sys.argv[1], sys.argv[2])
+rep = verify(sys.argv[1], sys.argv[2], device=sys.argv[3])
 assert rep.ok, rep.violations[:3]
 print(json.dumps({"seconds": rep.seconds, "tensors": len(rep.tensors)}))
 """
 
 
-def verify_once(src: Path, out: Path, cold: bool) -> dict:
+def verify_once(src: Path, out: Path, cold: bool, device: str = "auto") -> dict:
     """`verify OUT --source SRC` in a fresh interpreter (cold: both evicted first): in-run and whole-process seconds."""
     if cold:
         drop_cache(sorted(src.glob("*.safetensors")) + sorted(out.glob("*.safetensors")))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", VERIFY_CHILD, str(out), str(src)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", VERIFY_CHILD, str(out), str(src), device], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"verify failed:\n{p.stderr}")
@@ -143,22 +145,39 @@ def verify_once(src: Path, out: Path, cold: bool) -> dict:
     return info
 
 
-def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, pythonpath: str | None = None) -> dict:
-    """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS. With
+def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, pythonpath: str | None = None,
+                 policy: str = "shared") -> dict:
+    """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS, and its
+    milestones (shardquant/trace.py) in seconds after the interpreter was started. With
     `pythonpath`, the shardquant package found there runs (an earlier release, for --vs)."""
     shutil.rmtree(out, ignore_errors=True)
     if cold:
         drop_cache(sorted(src.glob("*.safetensors")))
-    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    log = out.parent / "trace.jsonl"
+    log.unlink(missing_ok=True)
+    env = dict(os.environ, SHARDQUANT_TRACE=str(log), **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    spawned = time.time()
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device], capture_output=True, text=True,
-                       env=env)
+    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device, policy], capture_output=True,
+                       text=True, env=env)
     wall = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"conversion failed:\n{p.stderr}")
     info = json.loads(p.stdout.strip().splitlines()[-1])
     info["wall"] = wall
+    marks = read_trace(log)
+    info.update({f"at_{k.replace('-', '_')}": t - spawned for k, t in marks.items()})
     return info
+
+
+def read_trace(path: Path) -> dict[str, float]:
+    """{milestone: wall-clock time} of a child's SHARDQUANT_TRACE file (shardquant/trace.py's format)."""
+    out: dict[str, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            out.setdefault(e["event"], e["t"])
+    return out
 
 
 def main() -> None:
@@ -166,6 +185,8 @@ def main() -> None:
     ap.add_argument("--size", type=float, action="append", help="checkpoint size in GB (repeatable)")
     ap.add_argument("--formats", default="nvfp4,fp8")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--policies", default="shared", help="expert policies, comma-separated: shared,per-expert")
+    ap.add_argument("--verify-device", default="auto", help="verify --device for --verify")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="evict the source from the page cache before each read")
     ap.add_argument("--workdir", default=os.environ.get("SHARDQUANT_BENCH_DIR", "/tmp/shardquant-bench"))
@@ -181,20 +202,20 @@ def main() -> None:
     results = []
     for size in args.size or [2.0]:
         src = build(work, size)
-        for fmt in args.formats.split(","):
+        for fmt, policy in [(f, p) for f in args.formats.split(",") for p in args.policies.split(",")]:
             rows = []
             for _ in range(args.runs):  # read baseline and conversion alternate, same files
                 rt, nread = read_all(src, args.cold)
-                info = convert_once(src, work / "out", fmt, args.device, args.cold)
+                info = convert_once(src, work / "out", fmt, args.device, args.cold, policy=policy)
                 wt = write_baseline(work, info["output_bytes"])
                 info["both_s"] = read_and_write(src, work, info["output_bytes"], args.cold)
                 if args.vs:
-                    base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs)
+                    base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs, policy)
                     info["vs_seconds"], info["vs_wall"] = base["seconds"], base["wall"]
                     info["ratio_seconds"], info["ratio_wall"] = info["seconds"] / base["seconds"], info["wall"] / base["wall"]
                 if args.verify:  # reading source + output once, then verify over the same files
                     info["vread_s"], info["vread_bytes"] = read_all([src, work / "out"], args.cold)
-                    v = verify_once(src, work / "out", args.cold)
+                    v = verify_once(src, work / "out", args.cold, args.verify_device)
                     info["verify_s"], info["verify_wall"] = v["seconds"], v["wall"]
                 rows.append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
             med = {k: statistics.median(r[k] for r in rows)
@@ -202,7 +223,7 @@ def main() -> None:
             src_b, out_b = rows[0]["source_bytes"], rows[0]["output_bytes"]
             disk_s = med["read_s"] + med["write_s"]
             res = {
-                "size_gb": size, "format": fmt, "device": args.device, "backend": rows[0]["backend"],
+                "size_gb": size, "format": fmt, "policy": policy, "device": args.device, "backend": rows[0]["backend"],
                 "runs": args.runs, "cold": args.cold, "source_gb": src_b / 1e9, "output_gb": out_b / 1e9,
                 "convert_gb_s": src_b / med["seconds"] / 1e9,
                 "wall_gb_s": src_b / med["wall"] / 1e9,
@@ -219,6 +240,11 @@ def main() -> None:
                 "peak_rss_mib": med["rss"] / 2**20,
                 "peak_bound_mib": rows[0]["peak_estimate"] / 2**20,
             }
+            # start-up and finish, seconds after the interpreter was started (medians; shardquant/trace.py)
+            for k in sorted({k for r in rows for k in r if k.startswith("at_")}):
+                res[k] = statistics.median(r[k] for r in rows if k in r)
+            if "at_finished" in res:
+                res["after_finish_s"] = med["wall"] - res["at_finished"]
             if args.verify:
                 vmed = {k: statistics.median(r[k] for r in rows) for k in ("vread_s", "verify_s", "verify_wall")}
                 res["verify_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_s"] / 1e9
@@ -235,16 +261,24 @@ def main() -> None:
     shutil.rmtree(work / "out", ignore_errors=True)
     print(f"# {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}, "
           f"{'cold' if args.cold else 'warm'} page cache, medians of {args.runs}")
-    print("| size GB | format | backend | convert MB/s (in run) | whole process MB/s | read+write at once MB/s | "
+    print("| size GB | format | policy | backend | convert MB/s (in run) | whole process MB/s | read+write at once MB/s | "
           "whole process / that limit | in run / that limit | read MB/s | write MB/s | bytes read/source | "
           "peak RSS MiB | bound MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['size_gb']:g} | {r['format']} | {r['backend']} | {r['convert_gb_s'] * 1e3:.0f} | "
+        print(f"| {r['size_gb']:g} | {r['format']} | {r['policy']} | {r['backend']} | {r['convert_gb_s'] * 1e3:.0f} | "
               f"{r['wall_gb_s'] * 1e3:.0f} | {r['concurrent_limit_gb_s'] * 1e3:.0f} | "
               f"{r['wall_over_concurrent_limit']:.2f} | {r['convert_over_concurrent_limit']:.2f} | "
               f"{r['read_gb_s'] * 1e3:.0f} | {r['write_gb_s'] * 1e3:.0f} | {r['bytes_read_over_source']:.3f} | "
               f"{r['peak_rss_mib']:.0f} | {r['peak_bound_mib']:.0f} |")
+    print("\n| size GB | format | policy | python ready s | plan made s | first source byte s | finished s | "
+          "after finish s | whole process s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        at = [r.get(k) for k in ("at_python_ready", "at_planned", "at_first_read", "at_finished", "after_finish_s")]
+        print(f"| {r['size_gb']:g} | {r['format']} | {r['policy']} | "
+              + " | ".join("-" if v is None else f"{v:.2f}" for v in at)
+              + f" | {r['source_gb'] / r['wall_gb_s']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@ imports cupy; everything else asks `available()` first."""
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +44,9 @@ _OPTIONS = ("--std=c++14", "--ftz=false", "--prec-div=true", "--prec-sqrt=true",
 class _Module:
     """The kernels compiled once per device. CuPy's RawModule appends -ftz=true to every NVRTC
     compile, which would flush subnormal inputs and scales; so compile through CuPy's NVRTC
-    wrapper with our options, and prove the result keeps subnormals (`ieee_probe`) before use."""
+    wrapper with our options, and prove the result keeps subnormals (`ieee_probe`) before use.
+    The compiled image is kept on disk (`kernel_cache_dir`): a later process loads it in
+    milliseconds instead of compiling for seconds."""
 
     def __init__(self, device: int):
         import cupy
@@ -49,15 +57,25 @@ class _Module:
             names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>",
                       f"mxfp8_quant<{t}>", f"mxfp4_quant<{t}>"]
             names += [f"{k}<{t}, {v}>" for k in ("fp8_channel_quant", "fp8_block_quant") for v in (_VEC[dtype], 1)]
+            names += [f"error_power<{t}, {c}, {s}>" for c in (0, 1) for s in (0, 1, 2)]
         with cupy.cuda.Device(device):
-            try:
-                obj, mapping = compiler.compile_using_nvrtc(_SRC.read_text(), options=_OPTIONS, name_expressions=names)
-            except TypeError:  # an older CuPy without name expressions here
-                raise ShardquantError("this CuPy cannot compile the kernels without -ftz; use CuPy >= 13 or --device cpu") from None
+            source = _SRC.read_text()
+            key = _cache_key(cupy, device, source, names)
+            cached = _cache_load(key)
+            if cached is not None:
+                obj, mapping = cached
+            else:
+                try:
+                    obj, mapping = compiler.compile_using_nvrtc(source, options=_OPTIONS, name_expressions=names)
+                except TypeError:  # an older CuPy without name expressions here
+                    raise ShardquantError("this CuPy cannot compile the kernels without -ftz; use CuPy >= 13 or "
+                                          "--device cpu") from None
             self.mod = function.Module()
             self.mod.load(obj)
-            self.names = mapping
+            self.names = dict(mapping)
             self._probe(cupy)
+            if cached is None:
+                _cache_store(key, obj, self.names)  # only an image that passed the probe
 
     def get(self, name: str):
         return self.mod.get_function(self.names[name])
@@ -74,9 +92,104 @@ class _Module:
                                   "cannot be guaranteed on this GPU stack: use --device cpu")
 
 
-@functools.lru_cache(maxsize=None)
+KERNEL_CACHE_VERSION = 1  # bump when the cache entry's layout changes
+
+
+def kernel_cache_dir() -> Path | None:
+    """Where compiled kernels are kept: $SHARDQUANT_CACHE_DIR, else $XDG_CACHE_HOME/shardquant, else
+    ~/.cache/shardquant; SHARDQUANT_CACHE_DIR set to "" keeps none (every process compiles)."""
+    env = os.environ.get("SHARDQUANT_CACHE_DIR")
+    if env is not None:
+        return Path(env).expanduser() / "kernels" if env else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shardquant" / "kernels"
+
+
+def _cache_key(cupy, device: int, source: str, names: list[str]) -> str:
+    """Everything the compiled image depends on: the source, options and template instances; CuPy,
+    NVRTC and driver versions; the device's architecture."""
+    try:
+        nvrtc = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+    except Exception:  # the key only gets coarser
+        nvrtc = "?"
+    parts = [str(KERNEL_CACHE_VERSION), source, " ".join(_OPTIONS), "\n".join(names), cupy.__version__, nvrtc,
+             str(cupy.cuda.runtime.driverGetVersion()), str(cupy.cuda.Device(device).compute_capability)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
+
+
+_MAGIC = b"SQKC1\n"
+
+
+def _cache_load(key: str) -> tuple[bytes, dict] | None:
+    """(image, name mapping) of a cache entry whose checksum holds, else None (absent, torn, foreign)."""
+    root = kernel_cache_dir()
+    if root is None:
+        return None
+    try:
+        with open(root / f"{key}.bin", "rb") as f:
+            data = f.read(64 << 20)
+        if not data.startswith(_MAGIC):
+            return None
+        head_len = int.from_bytes(data[len(_MAGIC):len(_MAGIC) + 4], "little")
+        start = len(_MAGIC) + 4
+        head = json.loads(data[start:start + head_len])
+        image = data[start + head_len:]
+        if hashlib.sha256(image).hexdigest() != head["sha256"] or not isinstance(head["names"], dict):
+            return None
+        return image, {str(k): str(v) for k, v in head["names"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _cache_store(key: str, image, names: dict) -> None:
+    """Publish an entry whole (a temporary file renamed into place): a concurrent reader sees the old
+    entry or the new one. Failing to write is not an error: the next process compiles again."""
+    root = kernel_cache_dir()
+    if root is None:
+        return
+    image = image.encode() if isinstance(image, str) else bytes(image)
+    head = json.dumps({"sha256": hashlib.sha256(image).hexdigest(), "names": names}).encode()
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(_MAGIC + len(head).to_bytes(4, "little") + head + image)
+        os.replace(tmp, root / f"{key}.bin")
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+_modules: dict[int, concurrent.futures.Future] = {}
+_modules_lock = threading.Lock()
+
+
+def _start_module(device: int) -> concurrent.futures.Future:
+    """Load (or compile) the kernels for `device` on a background thread, once per process: the
+    conversion reads its first bytes meanwhile; the first launch waits for it (`_module`)."""
+    with _modules_lock:
+        fut = _modules.get(device)
+        if fut is None:
+            fut = concurrent.futures.Future()
+            _modules[device] = fut
+
+            def work() -> None:
+                try:
+                    fut.set_result(_Module(device))
+                except BaseException as e:  # raised again by the first launch
+                    fut.set_exception(e)
+
+            threading.Thread(target=work, name="shardquant-kernels", daemon=True).start()
+    return fut
+
+
 def _module(device: int) -> _Module:
-    return _Module(device)
+    return _start_module(device).result()
 
 
 def _kernel(device: int, name: str, dtype: str, *args: int):
@@ -99,7 +212,7 @@ class Device:
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self._thr, self._thr_key = None, None
-        _module(index)
+        _start_module(index)
 
     def to_device(self, raw: np.ndarray):
         """Copy to the device on this device's stream (the caller keeps `raw` alive until the
@@ -251,6 +364,27 @@ class Device:
         """Device arrays (packed E2M1 uint8 [rows, cols/2], low nibble first; E8M0 bytes uint8 [rows, cols/32]);
         formats/mxfp4.py."""
         return self._mx("mxfp4_quant", x, dtype, name, x.shape[1] // 2)
+
+    def error_power(self, src: np.ndarray, dtype: str, weight: np.ndarray, code: int, scale: np.ndarray,
+                    scale_kind: int, tile: tuple[int, int], pq: float) -> tuple[float, float, np.float32]:
+        """verify --source on the GPU: (sum ref^2, sum (deq - ref)^2, max |ref|) of one stored tensor
+        against its raw source [rows, cols] (kernels.cu error_power: code 0 E4M3 / 1 packed E2M1;
+        scale_kind 0 fp32 / 1 E4M3 / 2 E8M0; tile: weight rows x columns one scale covers)."""
+        rows, cols = src.shape
+        with self.device, self.stream:
+            out = self.cp.zeros(2, dtype=self.cp.float64)
+            top = self.cp.zeros(1, dtype=self.cp.uint32)
+            if src.size:
+                x, w = self.to_device(np.ascontiguousarray(src)), self.to_device(np.ascontiguousarray(weight))
+                sc = self.to_device(np.ascontiguousarray(scale, dtype=np.float32 if scale_kind == 0 else np.uint8))
+                blocks = int(min(rows, 8 * 132))
+                _kernel(self.index, "error_power", dtype, code, scale_kind)(
+                    (blocks,), (_THREADS,), (x, w, sc, np.int64(rows), np.uint32(cols), np.uint32(tile[0]),
+                                             np.uint32(tile[1]), np.uint32(sc.size // max(1, -(-rows // tile[0]))),
+                                             np.float32(pq), out, top), stream=self.stream)
+            sums, m = out.get(stream=self.stream), top.get(stream=self.stream)
+            self.stream.synchronize()
+        return float(sums[0]), float(sums[1]), np.uint32(m[0]).view(np.float32)
 
     def to_host(self, *xs) -> list[np.ndarray]:
         """Device arrays back to NumPy, after everything queued on this device's stream."""

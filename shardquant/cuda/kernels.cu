@@ -403,3 +403,74 @@ __global__ void ieee_probe(float tiny, unsigned int* out) {
     out[2] = tiny > 0.0f ? 1u : 0u;
     out[3] = tiny == 0.0f ? 1u : 0u;
 }
+
+// verify --source (shardquant/verify.py _compare): one stored tensor dequantized against its
+// source, reduced to sum ref^2, sum (deq - ref)^2 (float64) and max |ref| (fp32 magnitude bits),
+// without writing the dequantized values anywhere. CODE 0: E4M3 codes, one per byte; 1: E2M1
+// codes packed two per byte, low nibble first. SCALE 0: fp32 scales; 1: E4M3 codes; 2: E8M0 bytes.
+// Scale of element (r, c): scale[(r / tile_r) * scale_cols + c / tile_c], times pq (NVFP4's s2, or
+// 1): deq = value * (scale * pq), the order of formats/*.py dequantize.
+__device__ __forceinline__ float e4m3_value(unsigned int c) {  // E4M3FN: 0x7f and 0xff are NaN
+    return (c & 0x7fu) == 0x7fu ? __uint_as_float(0x7fc00000u) : e4m3_to_f32(c);
+}
+
+__device__ __forceinline__ float e2m1_value(unsigned int c) {
+    const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    float v = mags[c & 7u];
+    return (c & 8u) ? -v : v;
+}
+
+__device__ __forceinline__ float e8m0_value(unsigned int b) {  // 2^(b - 127); 0 is 2^-127, 255 NaN
+    if (b == 255u) return __uint_as_float(0x7fc00000u);
+    return b ? __uint_as_float(b << 23) : __uint_as_float(0x00400000u);
+}
+
+template <typename T, int CODE, int SCALE>
+__global__ void __launch_bounds__(256) error_power(const typename Store<T>::type* __restrict__ src,
+                                                   const unsigned char* __restrict__ w,
+                                                   const void* __restrict__ scale, long long rows, unsigned int cols,
+                                                   unsigned int tile_r, unsigned int tile_c, unsigned int scale_cols,
+                                                   float pq, double* __restrict__ sums, unsigned int* __restrict__ top) {
+    double s = 0.0, n = 0.0;
+    unsigned int m = 0u;
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const long long base = r * (long long)cols;
+        const long long srow = (long long)(r / tile_r) * scale_cols;
+        for (unsigned int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const long long i = base + c;
+            const float ref = Raw<T>::f32(src[i]);
+            float v;
+            if (CODE == 0) v = e4m3_value(w[i]);
+            else v = e2m1_value((w[i >> 1] >> ((unsigned int)(i & 1) * 4u)) & 0xfu);
+            const long long si = srow + c / tile_c;
+            float sc;
+            if (SCALE == 0) sc = reinterpret_cast<const float*>(scale)[si];
+            else if (SCALE == 1) sc = e4m3_value(reinterpret_cast<const unsigned char*>(scale)[si]);
+            else sc = e8m0_value(reinterpret_cast<const unsigned char*>(scale)[si]);
+            const float deq = __fmul_rn(v, __fmul_rn(sc, pq));
+            const double d = (double)deq - (double)ref;
+            s += (double)ref * (double)ref;
+            n += d * d;
+            m = max(m, __float_as_uint(fabsf(ref)));  // NaN's bits exceed every finite magnitude's
+        }
+    }
+    __shared__ double ss[256], sn[256];
+    __shared__ unsigned int sm[256];
+    ss[threadIdx.x] = s;
+    sn[threadIdx.x] = n;
+    sm[threadIdx.x] = m;
+    __syncthreads();
+    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) {
+            ss[threadIdx.x] += ss[threadIdx.x + k];
+            sn[threadIdx.x] += sn[threadIdx.x + k];
+            sm[threadIdx.x] = max(sm[threadIdx.x], sm[threadIdx.x + k]);
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        atomicAdd(sums, ss[0]);
+        atomicAdd(sums + 1, sn[0]);
+        atomicMax(top, sm[0]);
+    }
+}

@@ -1,0 +1,37 @@
+"""Milestones of one process, for the benchmarks (tools/bench.py start-up table): with
+SHARDQUANT_TRACE=FILE set, each `mark(event)` appends one JSON line {"event", "t"} (wall-clock
+seconds, comparable with the parent's clock) to FILE. Unset, `mark` costs one dictionary lookup."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+_seen: set[str] = set()
+
+
+def mark(event: str, once: bool = True) -> None:
+    path = os.environ.get("SHARDQUANT_TRACE")
+    if not path or (once and event in _seen):
+        return
+    _seen.add(event)
+    line = json.dumps({"event": event, "t": time.time(), "pid": os.getpid()}) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+    except OSError:  # a benchmark aid: never a reason for a conversion to fail
+        pass
+
+
+def read(path: str) -> dict[str, float]:
+    """{event: first time} of a trace file (tools/bench.py)."""
+    out: dict[str, float] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                e = json.loads(line)
+                out.setdefault(e["event"], e["t"])
+    except FileNotFoundError:
+        pass
+    return out

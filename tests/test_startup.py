@@ -1,0 +1,147 @@
+"""Start-up: the compiled-kernel cache on disk (shardquant/cuda), the GPU started while the plan is
+made (shardquant/plan.py make_plan with a budget function), and the milestones a benchmark reads
+(shardquant/trace.py). The GPU side of the cache is in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from shardquant import cuda, testing, trace
+from shardquant.cli import main
+from shardquant.rules import RuleSet
+from shardquant.plan import make_plan
+from shardquant.source import scan
+from shardquant.st import STORAGE
+
+
+def zeros(spec, rng):
+    _, dtype, shape = spec
+    return np.zeros(shape, STORAGE[dtype])
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "kernels"
+
+
+def test_cache_round_trip(cache):
+    image = bytes(range(256)) * 40
+    cuda._cache_store("k1", image, {"amax_bits<float>": "_Z9amax_bitsIfEvPKT_xPj"})
+    assert cuda._cache_load("k1") == (image, {"amax_bits<float>": "_Z9amax_bitsIfEvPKT_xPj"})
+    assert cuda._cache_load("k2") is None  # another key: another compile
+    assert [p.name for p in cache.iterdir()] == ["k1.bin"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
+def test_a_damaged_entry_is_not_loaded(cache, damage):
+    image = b"\x7fELF" + bytes(4000)
+    cuda._cache_store("k", image, {"a": "b"})
+    p = cache / "k.bin"
+    data = bytearray(p.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 1
+    elif damage == "truncate":
+        data = data[:-1]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(b"PK\x03\x04" + bytes(100))
+    p.write_bytes(bytes(data))
+    assert cuda._cache_load("k") is None
+
+
+def test_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDQUANT_CACHE_DIR", "")
+    assert cuda.kernel_cache_dir() is None
+    cuda._cache_store("k", b"x", {})
+    assert cuda._cache_load("k") is None
+
+
+def test_default_cache_follows_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHARDQUANT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cuda.kernel_cache_dir() == tmp_path / "xdg" / "shardquant" / "kernels"
+
+
+def test_an_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("SHARDQUANT_CACHE_DIR", str(blocker))
+    cuda._cache_store("k", b"image", {})  # cannot create file/kernels: silently compiles next time
+    assert cuda._cache_load("k") is None
+
+
+def _moe(tmp_path):
+    return scan(testing.write_checkpoint(tmp_path / "ck", testing.qwen3_moe(), shard_bytes=16 * 1024, data=zeros))
+
+
+def test_the_gpu_budget_is_asked_only_when_a_group_needs_it(tmp_path):
+    ck = _moe(tmp_path)
+    asked = []
+
+    def budget():
+        asked.append(1)
+        return 10**12
+
+    rules = RuleSet(expert_policy="shared", num_layers=2)
+    p = make_plan(ck, "nvfp4", rules, device_memory=budget)
+    assert asked == [] and p.device_memory is None and not any(g.on_device or g.two_pass for g in p.groups)
+    big = max(g.source_bytes for g in p.groups)
+    q = make_plan(ck, "nvfp4", rules, memory_budget=big - 1, device_memory=budget)
+    assert asked == [1]  # once, however many groups ask
+    assert q.device_memory == 10**12 and any(g.on_device for g in q.groups) and not any(g.two_pass for g in q.groups)
+    r = make_plan(ck, "nvfp4", rules, memory_budget=big - 1, device_memory=lambda: None)  # the CPU after all
+    assert any(g.two_pass for g in r.groups) and r.device_memory is None
+
+
+def test_a_gpu_start_failure_surfaces_from_convert(tmp_path, monkeypatch):
+    """The GPU starts on a thread; its error is the conversion's, one line, nothing written."""
+    from shardquant import convert as conv
+    from shardquant.errors import ShardquantError
+
+    src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(), shard_bytes=16 * 1024)
+
+    def broken(*a, **k):
+        raise ShardquantError("no CUDA device visible to cupy")
+
+    monkeypatch.setattr(conv, "get_backends", broken)
+    with pytest.raises(ShardquantError, match="no CUDA device"):
+        conv.convert(str(src), tmp_path / "out", "nvfp4", device="cuda")
+    assert not (tmp_path / "out").exists()
+
+
+def test_trace_milestones_in_order(tmp_path):
+    src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(), shard_bytes=16 * 1024)
+    log = tmp_path / "trace.jsonl"
+    env = dict(os.environ, SHARDQUANT_TRACE=str(log))
+    r = subprocess.run([sys.executable, "-m", "shardquant", "convert", str(src), "-o", str(tmp_path / "out"),
+                        "--format", "nvfp4", "--device", "cpu", "-q"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    marks = trace.read(str(log))
+    order = ["python-ready", "convert", "planned", "first-read", "finished"]
+    assert list(marks) == order
+    assert all(marks[a] <= marks[b] for a, b in zip(order, order[1:]))
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len({e["pid"] for e in lines}) == 1 and len(lines) == len(order)  # each once
+
+
+def test_no_trace_without_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHARDQUANT_TRACE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    trace.mark("anything")
+    assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_verify_device_is_checked():
+    r = CliRunner().invoke(main, ["verify", "examples/tiny-moe", "--source", "examples/tiny-moe", "--device", "tpu"])
+    assert r.exit_code != 0 and "--device must be auto, cpu, cuda or cuda:N" in r.output
+    assert "Traceback" not in r.output
