@@ -343,6 +343,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     def quantize_group(backend, g, data, job: _Job) -> None:
         fmt = formats.get(g.format)  # mixed precision: each quantizer its own format
         two_pass = data is None  # the reader did not read it: members are read here, one at a time
+        held_on_device: set[int] = set()  # members whose read budget went back after the amax
         if two_pass and g.on_device and backend.device_budget is not None:
             # held on the GPU (plan.Group.on_device): each member read once, uploaded, reduced, kept
             handles = []
@@ -371,7 +372,17 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                     handles.append(h if fits else None)
                     yield h, m.dtype, m.name
 
-            amax = max(backend.amaxes(loaded()), default=np.float32(0))
+            amax = max(backend.amaxes(loaded()), default=np.float32(0))  # synchronizes: every copy is done
+            # Members held on the device need no host copy any more: their read budget goes back now,
+            # so the reader reads the next group while this one is quantized and written.
+            early = 0
+            for i, m in enumerate(g.members):
+                if handles[i] is not None and handles[i] is not data[i]:
+                    data[i] = None
+                    early += m.nbytes
+                    held_on_device.add(i)
+            if early:
+                reader.release(early)
         gs = fmt.global_scale(np.float32(amax))
         with lock:
             scales[g.key] = (float(amax), float(gs))
@@ -391,7 +402,8 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                 outs.append((names.get("global_scale", names["scale"]), fl.scalar(g.format, gs, m.shape)))
             for j, (name, arr) in enumerate(outs):  # the last output releases the member's read budget
                 last = j == len(outs) - 1
-                job.put((name, arr, (0 if two_pass else m.nbytes) if last else 0, m.nbytes if last else 0))
+                owed = 0 if two_pass or i in held_on_device else m.nbytes
+                job.put((name, arr, owed if last else 0, m.nbytes if last else 0))
 
     devices = _Devices(backends, quantize_group)
     pending: deque[_Job] = deque()

@@ -36,6 +36,7 @@ import os
 import re
 import reprlib
 import stat
+import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -1115,7 +1116,7 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
     device: where --source comparisons run: "cpu", "cuda[:N]", or "auto" (a GPU when CuPy sees one);
     both give the same verdicts (the sums agree to float64 rounding, max |W| exactly)."""
     t0 = time.perf_counter()
-    gpu = _compare_device(device) if source is not None else None
+    gpu = _compare_device(device) if source is not None else None  # starting while the contract is checked
     c = _contract(Path(path), hashes, defer_files=source is not None)
     try:
         rep = _verify_checked(c, path, source, revision, min_sqnr, hashes, engines, gpu)
@@ -1145,21 +1146,32 @@ def _verify_checked(c: _Checked, path, source, revision, min_sqnr, hashes, engin
     return rep
 
 
-def _compare_device(device: str):
-    """verify --device: None for the CPU, else a shardquant.cuda Device."""
+def _compare_device(device: str) -> Future | None:
+    """verify --device: None for the CPU, else a future of a shardquant.cuda Device, started on a
+    thread (CuPy's import and the CUDA context take most of a second: the contract is checked and
+    the first tensors are read meanwhile)."""
     if device == "cpu":
         return None
+    if device != "auto" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     if device == "auto":
-        from .cuda import available
+        from .backend import nvidia_driver
 
-        if not available():
+        if nvidia_driver() is None:  # no NVIDIA driver on this machine: no reason to import CuPy at all
             return None
-        device = "cuda"
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
-        from .cuda import get_device
+    fut: Future = Future()
 
-        return get_device(device)
-    raise ShardquantError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    def start() -> None:
+        try:
+            from .cuda import available, get_device
+
+            fut.set_result(None if device == "auto" and not available() else get_device(
+                "cuda" if device == "auto" else device))
+        except BaseException as e:  # raised where the device is first needed
+            fut.set_exception(e)
+
+    threading.Thread(target=start, name="shardquant-gpu-start", daemon=True).start()
+    return fut
 
 
 def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sqnr: float | None = None,
@@ -1240,12 +1252,39 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sq
         pq = np.float32(1) / gs if gs is not None and fl.inverted(fmt) else gs
         kind = 0 if st.dtype in FLOAT_DTYPES else (1 if layout.scale_dtype == "F8_E4M3" else 2)
         code = 1 if layout.element == "E2M1" else 0
-        return gpu.error_power(read_raw(src), src.dtype, read_raw(m.tensors[fl.weight_name(fmt)]), code, scale,
+        return gpu.result().error_power(read_raw(src), src.dtype, read_raw(m.tensors[fl.weight_name(fmt)]), code, scale,
                                kind, tile, np.float32(1) if pq is None else np.float32(pq))
 
-    # NumPy, CUDA and file reads release the GIL: tensors are compared in parallel, a few in flight per thread.
-    for (key, m, src, fmt), (signal, noise, tamax) in zip(work, _in_parallel(measure if gpu is None else measure_gpu,
-                                                                              work)):
+    quantized = {k for k, m in c.mods.items() if m.quantized}
+    kept = []  # (source, output) of tensors kept as they were: compared byte for byte on the same pool
+    for name, s in ck.tensors.items():
+        if name in quantized:
+            continue
+        o = c.tensors.get(name)
+        if o is None:
+            rep.violations.append(Violation("source", name, "source tensor neither quantized nor kept in the output"))
+        elif (o.dtype, o.shape) != (s.dtype, s.shape):
+            rep.violations.append(Violation("source", name, f"kept as {o.dtype}{list(o.shape)}, source is "
+                                            f"{s.dtype}{list(s.shape)}"))
+        else:
+            kept.append((s, o))
+
+    def one(item):
+        if len(item) == 2:  # a kept tensor
+            return bool(np.array_equal(read_raw(item[1]), read_raw(item[0])))
+        if gpu is not None and gpu.result() is not None:
+            return measure_gpu(item)
+        return measure(item)
+
+    # NumPy, CUDA and file reads release the GIL: tensors are compared in parallel, a few in flight per
+    # thread. On the GPU the threads only read and upload: as many as the conversion's readers.
+    from .pipeline import READ_THREADS
+
+    results = list(_in_parallel(one, work + kept, threads=READ_THREADS if gpu is not None else None))
+    for (s, o), same in zip(kept, results[len(work):]):
+        if not same:
+            rep.violations.append(Violation("source", s.name, "kept tensor differs from the source, byte for byte"))
+    for (key, m, src, fmt), (signal, noise, tamax) in zip(work, results[:len(work)]):
         qkey = quantizer_of.get(key) or _decide(key).key or m.name
         layer, proj = _layer_proj(key)
         st = TensorStat(key, int(np.prod(src.shape)), signal, noise, qkey, layer, proj)
@@ -1261,18 +1300,6 @@ def _compare(c: _Checked, source: str, revision: str | None, rep: Report, min_sq
         if len([s for s in q["members"] if s in c.good]) == len(q["members"]) and _f32(q["amax"]) != a:
             rep.violations.append(Violation("manifest", qkey, f"amax {short_repr(q['amax'])}, but max |W| of the "
                                             f"source members is {float(a)!r}"))
-    quantized = {k for k, m in c.mods.items() if m.quantized}
-    for name, s in ck.tensors.items():
-        if name in quantized:
-            continue
-        o = c.tensors.get(name)
-        if o is None:
-            rep.violations.append(Violation("source", name, "source tensor neither quantized nor kept in the output"))
-        elif (o.dtype, o.shape) != (s.dtype, s.shape):
-            rep.violations.append(Violation("source", name, f"kept as {o.dtype}{list(o.shape)}, source is "
-                                            f"{s.dtype}{list(s.shape)}"))
-        elif not np.array_equal(read_raw(o), read_raw(s)):
-            rep.violations.append(Violation("source", name, "kept tensor differs from the source, byte for byte"))
 
 
 def _scale_values(t: TensorInfo) -> np.ndarray:
@@ -1287,12 +1314,12 @@ def _widened_scale(declared: str, stored: str) -> bool:
     return declared == "F32" and stored in ("BF16", "F16")
 
 
-def _in_parallel(fn, items: list, ahead: int = 2):
-    """fn over items on a thread pool, results in order, at most `ahead` per thread in flight (each
-    holds a tensor's fp32 source and dequantized copies)."""
-    from .formats.base import threads
+def _in_parallel(fn, items: list, ahead: int = 2, threads: int | None = None):
+    """fn over items on a thread pool (`threads`, default formats/base.py threads()), results in
+    order, at most `ahead` per thread in flight (each holds a tensor's fp32 source and dequantized copies)."""
+    from .formats import base
 
-    n = threads()
+    n = threads or base.threads()
     if n == 1 or len(items) < 2:
         yield from map(fn, items)
         return
