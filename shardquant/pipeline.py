@@ -61,6 +61,7 @@ class _Reader:
         self.units, self.counter = units, counter
         self.budget = max((u.source_bytes for u in units if not _two(u)), default=0) + PREFETCH_BYTES
         self.held = 0
+        self.waited = 0.0  # seconds the consumer waited for read data (shardquant/trace.py "pipeline")
         self.cv = threading.Condition()
         self.q: queue.Queue = queue.Queue()
         self.stop = False
@@ -100,12 +101,14 @@ class _Reader:
 
     def __iter__(self) -> Iterator[tuple[Unit, list[np.ndarray] | None]]:
         while True:
+            t0 = time.perf_counter()
             u, futures = self.q.get()
             if u is None:
                 if isinstance(futures, BaseException):
                     raise futures
                 return
             data = None if futures is None else [f.result() for f in futures]
+            self.waited += time.perf_counter() - t0
             futures = None
             yield u, data
             data = None
@@ -212,6 +215,7 @@ class _Writer:
         self.q: queue.Queue = queue.Queue()
         self.cv = threading.Condition()
         self.pending = 0
+        self.idle = 0.0  # seconds with nothing to write (shardquant/trace.py "pipeline")
         self.error: BaseException | None = None
         self.t = threading.Thread(target=self._work, name="shardquant-writer", daemon=True)
         self.t.start()
@@ -226,7 +230,9 @@ class _Writer:
 
     def _work(self) -> None:
         while True:
+            t0 = time.perf_counter()
             item = self.q.get()
+            self.idle += time.perf_counter() - t0
             if item is None:
                 return
             name, data = item
@@ -436,6 +442,8 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             drain_one()
         writer.close()
         sources = hasher.finish()
+        trace.mark("pipeline", reader_wait_s=round(reader.waited, 3), writer_idle_s=round(writer.idle, 3),
+                   units=len(units))
     except BaseException:
         stop.set()
         hasher.abort()

@@ -11,12 +11,17 @@ import time
 _seen: set[str] = set()
 
 
-def mark(event: str, once: bool = True) -> None:
+def enabled() -> bool:
+    return bool(os.environ.get("SHARDQUANT_TRACE"))
+
+
+def mark(event: str, once: bool = True, **fields) -> None:
+    """Append {"event", "t", "pid", **fields}; with `once`, only the first mark of each event."""
     path = os.environ.get("SHARDQUANT_TRACE")
     if not path or (once and event in _seen):
         return
     _seen.add(event)
-    line = json.dumps({"event": event, "t": time.time(), "pid": os.getpid()}) + "\n"
+    line = json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **fields}) + "\n"
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats, manifest
+from . import formats, manifest, trace
 from .errors import HeaderError, ShardquantError, SourceError
 from .flavors import FLAVORS, Flavor
 from .formats.base import to_f32
@@ -1118,10 +1118,13 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
     t0 = time.perf_counter()
     gpu = _compare_device(device) if source is not None else None  # starting while the contract is checked
     c = _contract(Path(path), hashes, defer_files=source is not None)
+    trace.mark("verify-contract")
     try:
         rep = _verify_checked(c, path, source, revision, min_sqnr, hashes, engines, gpu)
+        trace.mark("verify-compared")
         if c.files is not None:
             rep.violations[:0] = c.files.finish()  # file violations first, as without --source
+            trace.mark("verify-hashed")
     finally:
         if c.files is not None:
             c.files.close()
@@ -1137,6 +1140,7 @@ def _verify_checked(c: _Checked, path, source, revision, min_sqnr, hashes, engin
 
     rep.engines = engine_rules.check(path, engines, c.tensors)
     rep.violations += rep.engines.violations
+    trace.mark("verify-engines")
     if c.files_listed is not None and not hashes:
         rep.warnings.append("file contents not hashed (--no-hashes): sizes checked, SHA-256 not")
     if source is not None and c.ann.formats:

@@ -127,11 +127,13 @@ def test_trace_milestones_in_order(tmp_path):
                         "--format", "nvfp4", "--device", "cpu", "-q"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     marks = trace.read(str(log))
-    order = ["python-ready", "convert", "planned", "first-read", "finished"]
+    order = ["python-ready", "convert", "planned", "first-read", "pipeline", "finished"]
     assert list(marks) == order
     assert all(marks[a] <= marks[b] for a, b in zip(order, order[1:]))
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert len({e["pid"] for e in lines}) == 1 and len(lines) == len(order)  # each once
+    (waits,) = [e for e in lines if e["event"] == "pipeline"]  # where the pipeline waited, for tools/bench.py
+    assert waits["units"] > 0 and waits["reader_wait_s"] >= 0 and waits["writer_idle_s"] >= 0
 
 
 def test_no_trace_without_the_variable(tmp_path, monkeypatch):

@@ -166,7 +166,8 @@ def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, python
     info = json.loads(p.stdout.strip().splitlines()[-1])
     info["wall"] = wall
     marks = read_trace(log)
-    info.update({f"at_{k.replace('-', '_')}": t - spawned for k, t in marks.items()})
+    info.update({(k if k.endswith("_s") else f"at_{k.replace('-', '_')}"): (t if k.endswith("_s") else t - spawned)
+                 for k, t in marks.items()})
     return info
 
 
@@ -177,6 +178,7 @@ def read_trace(path: Path) -> dict[str, float]:
         for line in path.read_text().splitlines():
             e = json.loads(line)
             out.setdefault(e["event"], e["t"])
+            out.update({k: v for k, v in e.items() if k.endswith("_s")})  # the pipeline's waits
     return out
 
 
@@ -241,7 +243,7 @@ def main() -> None:
                 "peak_bound_mib": rows[0]["peak_estimate"] / 2**20,
             }
             # start-up and finish, seconds after the interpreter was started (medians; shardquant/trace.py)
-            for k in sorted({k for r in rows for k in r if k.startswith("at_")}):
+            for k in sorted({k for r in rows for k in r if k.startswith("at_") or k in ("reader_wait_s", "writer_idle_s")}):
                 res[k] = statistics.median(r[k] for r in rows if k in r)
             if "at_finished" in res:
                 res["after_finish_s"] = med["wall"] - res["at_finished"]
