@@ -843,6 +843,7 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
         fl = FLAVORS.get(ann.flavor) if ann.flavor else None
         good: dict[str, Module] = {}
         gs: dict[str, np.float32] = {}
+        checked = _checked_modules(mods, ann, fl)
         for key, m in mods.items():
             is_out = excluded(m.base, ann.exclude, ann.flavor)
             if is_out and m.quantized:
@@ -861,12 +862,11 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
                 if fl is not None and ann.targets:
                     found.append(Violation("config", m.name, "quantized, but no config group targets it"))
                 continue
-            try:
-                problems = _check_module(m, fl, fmt, ann.quant_algo) + _check_scales(m, fl, fmt)
-                v = _global_value(m, fl, fmt)
-            except HeaderError as e:  # a shard shrunk or vanished since its header was read
-                found.append(Violation("index", m.name, str(e)))
+            result = checked[key].result()
+            if isinstance(result, HeaderError):  # a shard shrunk or vanished since its header was read
+                found.append(Violation("index", m.name, str(result)))
                 continue
+            problems, v = result
             found += problems
             if v is not None:
                 gs[key] = v
@@ -886,6 +886,33 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
             fc.close()
     return _Checked(root, ann, tensors, mods, good, gs, man, found, warnings, fc.listed, fc.hashed,
                     fc if defer_files else None)
+
+
+CHECK_THREADS = 8  # scale tensors are small and scattered: reads in flight hide the disk's latency
+
+
+def _checked_modules(mods: dict[str, Module], ann: Announced, fl: Flavor | None) -> dict[str, Future]:
+    """(_check_module + _check_scales problems, global scale) of every quantized module the contract
+    will look at, or the HeaderError of one whose shard changed, computed on a few threads (each
+    reads a module's small scale tensors); the caller takes them in its own order."""
+    out: dict[str, Future] = {}
+    if fl is None:
+        return out
+
+    def one(m: Module, fmt: str):
+        try:
+            return _check_module(m, fl, fmt, ann.quant_algo) + _check_scales(m, fl, fmt), _global_value(m, fl, fmt)
+        except HeaderError as e:
+            return e
+
+    todo = [(k, m, ann.format_of(m.base)) for k, m in mods.items() if m.quantized]
+    todo = [(k, m, f) for k, m, f in todo if f is not None]
+    if not todo:
+        return out
+    with ThreadPoolExecutor(min(CHECK_THREADS, len(todo)), thread_name_prefix="shardquant-check") as pool:
+        for k, m, f in todo:
+            out[k] = pool.submit(one, m, f)
+    return out
 
 
 _RULES = RuleSet(expert_policy="per-expert")  # per-expert keys: gate == up within each expert
