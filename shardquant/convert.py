@@ -7,13 +7,12 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import card, flavors, formats, manifest, trace
+from .background import in_background
 from .errors import OutputError, ShardquantError, SourceError
 from .backend import NumpyBackend, describe, get_backends
 from .pipeline import run
@@ -125,7 +124,7 @@ def convert(
     # headers are read and the plan is made; the plan asks for the GPU's budget only if a quantizer
     # exceeds --memory-budget (shardquant/plan.py make_plan).
     trace.mark("convert")
-    starting = _in_background(lambda: get_backends(device, devices, gpu_memory))
+    starting = in_background(lambda: get_backends(device, devices, gpu_memory))
 
     def budget_of(backends: list) -> int | None:
         return min(b.device_budget for b in backends) if backends[0].device_budget is not None else None
@@ -204,20 +203,6 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
     return Result(plan, od.path, time.perf_counter() - t0, read, name, resumed=len(claim.done),
                   resumed_bytes=sum(p[2] for p in claim.partial.values()),
                   hashed_extra=extra, device=where, reread_bytes=again)
-
-
-def _in_background(fn) -> Future:
-    """fn() on a daemon thread; its result (or its exception) from the returned future."""
-    fut: Future = Future()
-
-    def work() -> None:
-        try:
-            fut.set_result(fn())
-        except BaseException as e:  # raised where the result is asked for
-            fut.set_exception(e)
-
-    threading.Thread(target=work, name="shardquant-start", daemon=True).start()
-    return fut
 
 
 def _read_order(plan: Plan) -> list[str]:

@@ -36,7 +36,6 @@ import os
 import re
 import reprlib
 import stat
-import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from . import formats, manifest, trace
+from .background import in_background
 from .errors import HeaderError, ShardquantError, SourceError
 from .flavors import FLAVORS, Flavor
 from .formats.base import to_f32
@@ -1194,19 +1194,12 @@ def _compare_device(device: str) -> Future | None:
 
         if nvidia_driver() is None:  # no NVIDIA driver on this machine: no reason to import CuPy at all
             return None
-    fut: Future = Future()
+    def start():
+        from .cuda import available, get_device
 
-    def start() -> None:
-        try:
-            from .cuda import available, get_device
+        return None if device == "auto" and not available() else get_device("cuda" if device == "auto" else device)
 
-            fut.set_result(None if device == "auto" and not available() else get_device(
-                "cuda" if device == "auto" else device))
-        except BaseException as e:  # raised where the device is first needed
-            fut.set_exception(e)
-
-    threading.Thread(target=start, name="shardquant-gpu-start", daemon=True).start()
-    return fut
+    return in_background(start, "shardquant-gpu-start")  # raised where the device is first needed
 
 
 def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=None) -> None:
@@ -1362,7 +1355,7 @@ def _read_ahead(ck) -> None:
             except OSError:  # a hint only; the comparison reports unreadable files
                 return
 
-    threading.Thread(target=work, name="shardquant-read-ahead", daemon=True).start()
+    in_background(work, "shardquant-read-ahead")
 
 
 def _mem_available() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..background import in_background
 from ..errors import ShardquantError
 
 _SRC = Path(__file__).with_name("kernels.cu")
@@ -174,17 +175,8 @@ def _start_module(device: int) -> concurrent.futures.Future:
     conversion reads its first bytes meanwhile; the first launch waits for it (`_module`)."""
     with _modules_lock:
         fut = _modules.get(device)
-        if fut is None:
-            fut = concurrent.futures.Future()
-            _modules[device] = fut
-
-            def work() -> None:
-                try:
-                    fut.set_result(_Module(device))
-                except BaseException as e:  # raised again by the first launch
-                    fut.set_exception(e)
-
-            threading.Thread(target=work, name="shardquant-kernels", daemon=True).start()
+        if fut is None:  # an error is raised again by the first launch
+            fut = _modules[device] = in_background(lambda: _Module(device), "shardquant-kernels")
     return fut
 
 
