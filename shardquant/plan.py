@@ -159,15 +159,7 @@ def make_plan(
     It may be a function, called only when some group exceeds memory_budget (the GPU is then being
     started while the plan is made: shardquant/convert.py); otherwise the caller sets
     Plan.device_memory once it knows it, which changes no decision."""
-    if callable(device_memory):
-        ask = device_memory
-
-        @functools.cache
-        def gpu_bytes() -> int | None:
-            return ask()
-    else:
-        def gpu_bytes() -> int | None:
-            return device_memory
+    gpu_bytes = functools.cache(device_memory if callable(device_memory) else lambda: device_memory)
     gpu_asked = False
     if flavor is not None and flavor not in FLAVORS:
         raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")

@@ -29,14 +29,14 @@ def mark(event: str, once: bool = True, **fields) -> None:
         pass
 
 
-def read(path: str) -> dict[str, float]:
-    """{event: first time} of a trace file (tools/bench.py)."""
-    out: dict[str, float] = {}
+def read(path) -> dict[str, dict]:
+    """{event: its first record} of a trace file, in the order first seen (tools/bench.py)."""
+    out: dict[str, dict] = {}
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 e = json.loads(line)
-                out.setdefault(e["event"], e["t"])
+                out.setdefault(e["event"], e)
     except FileNotFoundError:
         pass
     return out

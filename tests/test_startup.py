@@ -130,7 +130,7 @@ def test_trace_milestones_in_order(tmp_path):
     marks = trace.read(str(log))
     order = ["python-ready", "convert", "planned", "first-read", "pipeline", "finished"]
     assert list(marks) == order
-    assert all(marks[a] <= marks[b] for a, b in zip(order, order[1:]))
+    assert all(marks[a]["t"] <= marks[b]["t"] for a, b in zip(order, order[1:]))
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert len({e["pid"] for e in lines}) == 1 and len(lines) == len(order)  # each once
     (waits,) = [e for e in lines if e["event"] == "pipeline"]  # where the pipeline waited, for tools/bench.py

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from shardquant import trace
 from shardquant.testing import Model, fast_data, qwen3_moe, write_checkpoint
 
 HIDDEN, INTER, EXPERTS, HEADS, KV, HD, VOCAB = 2048, 768, 128, 32, 4, 128, 151936
@@ -172,13 +173,12 @@ def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, python
 
 
 def read_trace(path: Path) -> dict[str, float]:
-    """{milestone: wall-clock time} of a child's SHARDQUANT_TRACE file (shardquant/trace.py's format)."""
+    """{milestone: wall-clock time} of a child's SHARDQUANT_TRACE file, and the pipeline's waits
+    (fields ending in _s, seconds)."""
     out: dict[str, float] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            e = json.loads(line)
-            out.setdefault(e["event"], e["t"])
-            out.update({k: v for k, v in e.items() if k.endswith("_s")})  # the pipeline's waits
+    for event, e in trace.read(path).items():
+        out[event] = e["t"]
+        out.update({k: v for k, v in e.items() if k.endswith("_s")})
     return out
 
 
