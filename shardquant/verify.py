@@ -843,7 +843,6 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
         fl = FLAVORS.get(ann.flavor) if ann.flavor else None
         good: dict[str, Module] = {}
         gs: dict[str, np.float32] = {}
-        checked = _checked_modules(mods, ann, fl)
         for key, m in mods.items():
             is_out = excluded(m.base, ann.exclude, ann.flavor)
             if is_out and m.quantized:
@@ -862,11 +861,12 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
                 if fl is not None and ann.targets:
                     found.append(Violation("config", m.name, "quantized, but no config group targets it"))
                 continue
-            result = checked[key].result()
-            if isinstance(result, HeaderError):  # a shard shrunk or vanished since its header was read
-                found.append(Violation("index", m.name, str(result)))
+            try:
+                problems = _check_module(m, fl, fmt, ann.quant_algo) + _check_scales(m, fl, fmt)
+                v = _global_value(m, fl, fmt)
+            except HeaderError as e:  # a shard shrunk or vanished since its header was read
+                found.append(Violation("index", m.name, str(e)))
                 continue
-            problems, v = result
             found += problems
             if v is not None:
                 gs[key] = v
@@ -886,33 +886,6 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
             fc.close()
     return _Checked(root, ann, tensors, mods, good, gs, man, found, warnings, fc.listed, fc.hashed,
                     fc if defer_files else None)
-
-
-CHECK_THREADS = 8  # scale tensors are small and scattered: reads in flight hide the disk's latency
-
-
-def _checked_modules(mods: dict[str, Module], ann: Announced, fl: Flavor | None) -> dict[str, Future]:
-    """(_check_module + _check_scales problems, global scale) of every quantized module the contract
-    will look at, or the HeaderError of one whose shard changed, computed on a few threads (each
-    reads a module's small scale tensors); the caller takes them in its own order."""
-    out: dict[str, Future] = {}
-    if fl is None:
-        return out
-
-    def one(m: Module, fmt: str):
-        try:
-            return _check_module(m, fl, fmt, ann.quant_algo) + _check_scales(m, fl, fmt), _global_value(m, fl, fmt)
-        except HeaderError as e:
-            return e
-
-    todo = [(k, m, ann.format_of(m.base)) for k, m in mods.items() if m.quantized]
-    todo = [(k, m, f) for k, m, f in todo if f is not None]
-    if not todo:
-        return out
-    with ThreadPoolExecutor(min(CHECK_THREADS, len(todo)), thread_name_prefix="shardquant-check") as pool:
-        for k, m, f in todo:
-            out[k] = pool.submit(one, m, f)
-    return out
 
 
 _RULES = RuleSet(expert_policy="per-expert")  # per-expert keys: gate == up within each expert
@@ -1144,10 +1117,7 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
     both give the same verdicts (the sums agree to float64 rounding, max |W| exactly)."""
     t0 = time.perf_counter()
     gpu = _compare_device(device) if source is not None else None  # starting while the contract is checked
-    ck = None
-    if source is not None:  # headers only; its first bytes are read ahead while the contract is checked
-        ck = open_checkpoint(source, revision)
-        _read_ahead(ck)
+    ck = open_checkpoint(source, revision) if source is not None else None
     c = _contract(Path(path), hashes, defer_files=source is not None)
     trace.mark("verify-contract")
     try:
@@ -1183,8 +1153,8 @@ def _verify_checked(c: _Checked, path, source, ck, min_sqnr, hashes, engines, gp
 
 def _compare_device(device: str) -> Future | None:
     """verify --device: None for the CPU, else a future of a shardquant.cuda Device, started on a
-    thread (CuPy's import and the CUDA context take most of a second: the contract is checked and
-    the first tensors are read meanwhile)."""
+    thread (CuPy's import and the CUDA context take most of a second: the contract is checked
+    meanwhile)."""
     if device == "cpu":
         return None
     if device != "auto" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -1204,7 +1174,9 @@ def _compare_device(device: str) -> Future | None:
 
 def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=None) -> None:
     """Each quantized tensor against its source at its own format's SQNR floor (or `min_sqnr`); on
-    `gpu` (a future of a shardquant.cuda Device) when given, decoded and reduced there."""
+    `gpu` (a future of a shardquant.cuda Device, started while the contract was checked) when it
+    gives one, decoded and reduced there."""
+    dev = gpu.result() if gpu is not None else None
     fl = FLAVORS[c.ann.flavor]
     qs = c.man["quantizers"] if c.man is not None else {}
     quantizer_of = {src: e["quantizer"] for src, e in (c.man or {}).get("tensors", {}).items()
@@ -1278,7 +1250,7 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=No
         pq = np.float32(1) / gs if gs is not None and fl.inverted(fmt) else gs
         kind = 0 if st.dtype in FLOAT_DTYPES else (1 if layout.scale_dtype == "F8_E4M3" else 2)
         code = 1 if layout.element == "E2M1" else 0
-        return gpu.result().error_power(read_raw(src), src.dtype, read_raw(m.tensors[fl.weight_name(fmt)]), code, scale,
+        return dev.error_power(read_raw(src), src.dtype, read_raw(m.tensors[fl.weight_name(fmt)]), code, scale,
                                kind, tile, np.float32(1) if pq is None else np.float32(pq))
 
     quantized = {k for k, m in c.mods.items() if m.quantized}
@@ -1298,15 +1270,13 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=No
     def one(item):
         if len(item) == 2:  # a kept tensor
             return bool(np.array_equal(read_raw(item[1]), read_raw(item[0])))
-        if gpu is not None and gpu.result() is not None:
-            return measure_gpu(item)
-        return measure(item)
+        return measure(item) if dev is None else measure_gpu(item)
 
     # NumPy, CUDA and file reads release the GIL: tensors are compared in parallel, a few in flight per
     # thread. On the GPU the threads only read and upload: as many as the conversion's readers.
     from .pipeline import READ_THREADS
 
-    results = list(_in_parallel(one, work + kept, threads=READ_THREADS if gpu is not None else None))
+    results = list(_in_parallel(one, work + kept, threads=READ_THREADS if dev is not None else None))
     for (s, o), same in zip(kept, results[len(work):]):
         if not same:
             rep.violations.append(Violation("source", s.name, "kept tensor differs from the source, byte for byte"))
@@ -1326,47 +1296,6 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=No
         if len([s for s in q["members"] if s in c.good]) == len(q["members"]) and _f32(q["amax"]) != a:
             rep.violations.append(Violation("manifest", qkey, f"amax {short_repr(q['amax'])}, but max |W| of the "
                                             f"source members is {float(a)!r}"))
-
-
-READ_AHEAD_FRACTION = 0.25  # of the memory the kernel calls available: the page cache holds what is read ahead
-
-
-def _read_ahead(ck) -> None:
-    """Ask the kernel (POSIX_FADV_WILLNEED) to start reading the source's shards, in the order the
-    comparison reads them, up to READ_AHEAD_FRACTION of available memory: the disk works while the
-    contract is checked. A hint: where it is not supported, nothing happens."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    budget = int(_mem_available() * READ_AHEAD_FRACTION)
-
-    def work() -> None:
-        left = budget
-        for p in sorted(set(ck.shards), key=str):
-            if left <= 0:
-                return
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    size = os.fstat(fd).st_size
-                    os.posix_fadvise(fd, 0, min(size, left), os.POSIX_FADV_WILLNEED)
-                    left -= size
-                finally:
-                    os.close(fd)
-            except OSError:  # a hint only; the comparison reports unreadable files
-                return
-
-    in_background(work, "shardquant-read-ahead")
-
-
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 2 << 30
 
 
 def _scale_values(t: TensorInfo) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import sys
 from pathlib import Path
 
@@ -149,33 +148,3 @@ def test_verify_device_is_checked():
     assert r.exit_code != 0 and "--device must be auto, cpu, cuda or cuda:N" in r.output
     assert "Traceback" not in r.output
 
-
-def test_verify_reads_the_source_ahead_within_its_budget(tmp_path, monkeypatch):
-    """verify --source asks the kernel to read the source's shards ahead (POSIX_FADV_WILLNEED), in
-    order, no further than READ_AHEAD_FRACTION of available memory."""
-    import threading
-
-    from shardquant import verify as v
-    from shardquant.source import open_checkpoint
-
-    if not hasattr(os, "posix_fadvise"):
-        pytest.skip("no posix_fadvise on this platform: the read-ahead is a no-op here")
-    src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(), shard_bytes=16 * 1024)
-    ck = open_checkpoint(str(src))
-    sizes = [p.stat().st_size for p in sorted(ck.shards, key=str)]
-    assert len(sizes) > 3
-    calls, done = [], threading.Event()
-
-    def advise(fd, offset, length, how):
-        calls.append((offset, length, how))
-        if len(calls) == 3:
-            done.set()
-
-    monkeypatch.setattr(os, "posix_fadvise", advise)
-    budget = sum(sizes[:2]) + sizes[2] // 2  # two whole shards and half of the third
-    monkeypatch.setattr(v, "_mem_available", lambda: int(budget / v.READ_AHEAD_FRACTION) + 1)
-    v._read_ahead(ck)
-    assert done.wait(10)
-    time.sleep(0.05)
-    assert calls[:2] == [(0, sizes[0], os.POSIX_FADV_WILLNEED), (0, sizes[1], os.POSIX_FADV_WILLNEED)]
-    assert len(calls) == 3 and calls[2][1] <= sizes[2] // 2 + 1
