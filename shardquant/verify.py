@@ -805,6 +805,9 @@ class _Checked:
     files_listed: int | None = None  # files the manifest lists (None: no usable files table)
     hashed: bool = False
     files: _FileCheck | None = None  # defer_files: hashes still running, their violations not yet in `violations`
+    fl: Flavor | None = None
+    pending: dict[str, str] | None = None  # defer_data: modules (key -> format) whose scale values are
+    # not checked yet (in `good` meanwhile, their global scales not yet in `gs`); None once checked
 
 
 def verify_contract(path: str | Path, *, hashes: bool = True, ignore: frozenset[str] = frozenset()) -> list[Violation]:
@@ -817,10 +820,12 @@ def verify_contract(path: str | Path, *, hashes: bool = True, ignore: frozenset[
 
 
 def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozenset(),
-              defer_files: bool = False) -> _Checked:
+              defer_files: bool = False, defer_data: bool = False) -> _Checked:
     """defer_files: leave the file hashes running (verify --source compares meanwhile, so the disk
     reads the output's files and the source at once) and hand them over in `_Checked.files`; the
-    caller must `finish()` or `close()` them."""
+    caller must `finish()` or `close()` them. defer_data: check headers only; the modules' scale
+    values (`_Checked.pending`) and what needs them are left to `_finish_data`, which verify
+    --source runs as it reads each module for its comparison: every scale tensor is read once."""
     if not root.is_dir():
         raise SourceError(f"{root}: not a directory")
     try:
@@ -830,6 +835,7 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
     found: list[Violation] = []
     warnings: list[str] = []
     raw, man = _read_manifest(root, found, warnings)
+    trace.mark("contract-manifest-read")
     fc = _start_files(root, raw, hashes, warnings, ignore)
     try:
         prefer = frozenset({man.get("format")} | {q.get("format") for q in man.get("quantizers", {}).values()}
@@ -840,9 +846,11 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
                                    "the producer (it always writes one)"))
         tensors = read_tensors(root, found, warnings)
         mods = modules(tensors)
+        trace.mark("contract-headers")
         fl = FLAVORS.get(ann.flavor) if ann.flavor else None
         good: dict[str, Module] = {}
         gs: dict[str, np.float32] = {}
+        pending: dict[str, str] = {}  # defer_data: module key -> format, scale values not yet read
         for key, m in mods.items():
             is_out = excluded(m.base, ann.exclude, ann.flavor)
             if is_out and m.quantized:
@@ -861,21 +869,26 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
                 if fl is not None and ann.targets:
                     found.append(Violation("config", m.name, "quantized, but no config group targets it"))
                 continue
-            try:
-                problems = _check_module(m, fl, fmt, ann.quant_algo) + _check_scales(m, fl, fmt)
-                v = _global_value(m, fl, fmt)
-            except HeaderError as e:  # a shard shrunk or vanished since its header was read
-                found.append(Violation("index", m.name, str(e)))
-                continue
+            problems = _check_module(m, fl, fmt, ann.quant_algo)
             found += problems
+            if problems:
+                continue
+            good[key] = m
+            if defer_data:
+                pending[key] = fmt
+                continue
+            data, v = _check_data(m, fl, fmt)
+            found += data
             if v is not None:
                 gs[key] = v
-            if not problems:
-                good[key] = m
-        found += _fused(mods, gs)
-        found += _moe_fp8_served(ann, mods)
-        if man is not None and fl is not None and ann.formats:
-            _check_manifest(man, ann, fl, tensors, mods, gs, found)
+            if data:
+                del good[key]
+        trace.mark("contract-modules")
+        c = _Checked(root, ann, tensors, mods, good, gs, man, found, warnings, fc.listed, fc.hashed,
+                     fc if defer_files else None, fl, pending if defer_data else None)
+        if not defer_data:
+            c.violations += _contract_tail(c)
+        trace.mark("contract-manifest-checked")
         if not defer_files:
             found[:0] = fc.finish()
     except BaseException:
@@ -884,8 +897,44 @@ def _contract(root: Path, hashes: bool = True, ignore: frozenset[str] = frozense
     finally:
         if not defer_files:
             fc.close()
-    return _Checked(root, ann, tensors, mods, good, gs, man, found, warnings, fc.listed, fc.hashed,
-                    fc if defer_files else None)
+    return c
+
+
+def _check_data(m: Module, fl: Flavor, fmt: str) -> tuple[list[Violation], np.float32 | None]:
+    """The checks of a module's scale values (read from its files), and its stored global scale."""
+    try:
+        return _check_scales(m, fl, fmt), _global_value(m, fl, fmt)
+    except HeaderError as e:  # a shard shrunk or vanished since its header was read
+        return [Violation("index", m.name, str(e))], None
+
+
+def _contract_tail(c: _Checked) -> list[Violation]:
+    """The checks that need every module's global scale: fused sets, the engines' FP8 MoE schemes,
+    the manifest against the checkpoint."""
+    found = _fused(c.mods, c.gs) + _moe_fp8_served(c.ann, c.mods)
+    if c.man is not None and c.fl is not None and c.ann.formats:
+        _check_manifest(c.man, c.ann, c.fl, c.tensors, c.mods, c.gs, found)
+    return found
+
+
+def _finish_data(c: _Checked, results: dict[str, tuple[list[Violation], np.float32 | None]]) -> list[Violation]:
+    """defer_data: fold the data checks of the pending modules (`results`, by key; the missing ones
+    are run here) into `c` and return their violations in module order, then the contract's tail.
+    Nothing when the contract checked them itself."""
+    if c.pending is None:
+        return []
+    found: list[Violation] = []
+    for key, fmt in c.pending.items():
+        data, v = results[key] if key in results else _check_data(c.mods[key], c.fl, fmt)
+        found += data
+        if v is not None:
+            c.gs[key] = v
+        if data:
+            c.good.pop(key, None)
+    c.pending = None
+    return found + _contract_tail(c)
+
+
 
 
 _RULES = RuleSet(expert_policy="per-expert")  # per-expert keys: gate == up within each expert
@@ -1116,9 +1165,11 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
     device: where --source comparisons run: "cpu", "cuda[:N]", or "auto" (a GPU when CuPy sees one);
     both give the same verdicts (the sums agree to float64 rounding, max |W| exactly)."""
     t0 = time.perf_counter()
+    trace.mark("verify-start")
     gpu = _compare_device(device) if source is not None else None  # starting while the contract is checked
     ck = open_checkpoint(source, revision) if source is not None else None
-    c = _contract(Path(path), hashes, defer_files=source is not None)
+    trace.mark("verify-source-opened")
+    c = _contract(Path(path), hashes, defer_files=source is not None, defer_data=source is not None)
     trace.mark("verify-contract")
     try:
         rep = _verify_checked(c, path, source, ck, min_sqnr, hashes, engines, gpu)
@@ -1137,6 +1188,7 @@ def _verify_checked(c: _Checked, path, source, ck, min_sqnr, hashes, engines, gp
     rep = Report(str(path), c.ann.flavor, ", ".join(c.ann.formats) or None, c.ann.producer,
                  sum(m.quantized for m in c.mods.values()), c.violations, c.warnings,
                  files_checked=c.files_listed, hashed=c.hashed)
+    contract_end = len(rep.violations)  # the data checks' findings go here, ahead of the engines'
     from . import engines as engine_rules  # imports this module: not at the top
 
     rep.engines = engine_rules.check(path, engines, c.tensors)
@@ -1144,10 +1196,12 @@ def _verify_checked(c: _Checked, path, source, ck, min_sqnr, hashes, engines, gp
     trace.mark("verify-engines")
     if c.files_listed is not None and not hashes:
         rep.warnings.append("file contents not hashed (--no-hashes): sizes checked, SHA-256 not")
+    data: dict[str, tuple[list[Violation], np.float32 | None]] = {}
     if ck is not None and c.ann.formats:
         rep.source = source
         rep.min_sqnr = min(DEFAULT_MIN_SQNR[f] for f in c.ann.formats) if min_sqnr is None else min_sqnr
-        _compare(c, ck, rep, min_sqnr, gpu)
+        data = _compare(c, ck, rep, min_sqnr, gpu)
+    rep.violations[contract_end:contract_end] = _finish_data(c, data)
     return rep
 
 
@@ -1172,10 +1226,12 @@ def _compare_device(device: str) -> Future | None:
     return in_background(start, "shardquant-gpu-start")  # raised where the device is first needed
 
 
-def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=None) -> None:
+def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
+             gpu=None) -> dict[str, tuple[list[Violation], np.float32 | None]]:
     """Each quantized tensor against its source at its own format's SQNR floor (or `min_sqnr`); on
     `gpu` (a future of a shardquant.cuda Device, started while the contract was checked) when it
-    gives one, decoded and reduced there."""
+    gives one, decoded and reduced there. Returns the data checks of the contract's pending modules
+    it ran (by key), for _finish_data."""
     dev = gpu.result() if gpu is not None else None
     fl = FLAVORS[c.ann.flavor]
     qs = c.man["quantizers"] if c.man is not None else {}
@@ -1191,7 +1247,8 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=No
             rep.violations.append(Violation("source", m.name, f"quantized, but the source has no {key}"))
             continue
         fmt = c.ann.format_of(m.base)
-        if fmt is None or key not in c.good or (formats.declared(fmt).quantizer_scale and key not in c.gs):
+        if fmt is None or key not in c.good or (key not in (c.pending or ()) and formats.declared(fmt).quantizer_scale
+                                                and key not in c.gs):
             continue  # malformed: already reported by the contract
         w = m.tensors[fl.weight_name(fmt)]
         layout = formats.declared(fmt)
@@ -1268,9 +1325,19 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=No
             kept.append((s, o))
 
     def one(item):
-        if len(item) == 2:  # a kept tensor
+        """A kept tensor: equal or not. A quantized one: (its data checks if the contract left them
+        here, else None; its three numbers, or None where the scales are malformed)."""
+        if len(item) == 2:
             return bool(np.array_equal(read_raw(item[1]), read_raw(item[0])))
-        return measure(item) if dev is None else measure_gpu(item)
+        key, m, _, fmt = item
+        data = None
+        if c.pending and key in c.pending:  # the scales are read here, once, just before the comparison reads them again
+            data = _check_data(m, fl, fmt)
+            if data[0] or (formats.declared(fmt).quantizer_scale and data[1] is None):
+                return data, None
+            if data[1] is not None:
+                c.gs[key] = data[1]
+        return data, (measure(item) if dev is None else measure_gpu(item))
 
     # NumPy, CUDA and file reads release the GIL: tensors are compared in parallel, a few in flight per
     # thread. On the GPU the threads only read and upload: as many as the conversion's readers.
@@ -1280,7 +1347,14 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=No
     for (s, o), same in zip(kept, results[len(work):]):
         if not same:
             rep.violations.append(Violation("source", s.name, "kept tensor differs from the source, byte for byte"))
-    for (key, m, src, fmt), (signal, noise, tamax) in zip(work, results[:len(work)]):
+    data: dict[str, tuple[list[Violation], np.float32 | None]] = {}
+    for (key, m, src, fmt), (checked, power) in zip(work, results[:len(work)]):
+        if checked is not None:
+            data[key] = checked
+        if power is None:
+            c.good.pop(key, None)
+            continue
+        signal, noise, tamax = power
         qkey = quantizer_of.get(key) or _decide(key).key or m.name
         layer, proj = _layer_proj(key)
         st = TensorStat(key, int(np.prod(src.shape)), signal, noise, qkey, layer, proj)
@@ -1296,6 +1370,7 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None, gpu=No
         if len([s for s in q["members"] if s in c.good]) == len(q["members"]) and _f32(q["amax"]) != a:
             rep.violations.append(Violation("manifest", qkey, f"amax {short_repr(q['amax'])}, but max |W| of the "
                                             f"source members is {float(a)!r}"))
+    return data
 
 
 def _scale_values(t: TensorInfo) -> np.ndarray:

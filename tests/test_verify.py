@@ -718,6 +718,29 @@ def test_kept_tensor_changed_is_found_with_source(broken, sources):
     assert [(v.rule, v.name) for v in rep.violations] == [("source", "lm_head.weight")]
 
 
+@pytest.mark.parametrize("flavor", ["modelopt", CT])
+def test_scale_checks_with_source_find_what_the_contract_finds(broken, sources, flavor):
+    """verify --source checks each module's scale values as it reads the module for its comparison
+    (shardquant/verify.py _finish_data): the same findings, in the same order, as the contract alone;
+    a module whose scales are malformed gets no SQNR (its numbers would mean nothing)."""
+    d = broken("qwen3_moe", "nvfp4", flavor, "per-expert")
+    nan = "model.layers.0.mlp.experts.5.down_proj"
+    s = tensor(d, f"{nan}.weight_scale").view(torch.uint8).clone()
+    s[3, 1] = 0x7F
+    rewrite(d, {f"{nan}.weight_scale": s.view(torch.float8_e4m3fn),
+                **_scaled(d, f"model.layers.1.mlp.experts.2.up_proj.{GLOBAL[flavor]}", 2),
+                f"{O_PROJ}.{GLOBAL[flavor]}": torch.full_like(tensor(d, f"{O_PROJ}.{GLOBAL[flavor]}"), math.nan)})
+    alone = [(v.rule, v.name, v.detail) for v in verify(d).violations]
+    assert {r for r, _, _ in alone} == {"block-scale", "global-scale", "fused-scale", "manifest"}
+    rep = verify(d, str(sources["qwen3_moe"]), device="cpu")
+    found = [(v.rule, v.name, v.detail) for v in rep.violations]
+    assert [f for f in found if f[0] != "sqnr"] == alone
+    compared = {t.name for t in rep.tensors}
+    assert f"{nan}.weight" not in compared and f"{O_PROJ}.weight" not in compared
+    assert "model.layers.1.mlp.experts.2.up_proj.weight" in compared  # well-formed: compared, and far off
+    assert ("sqnr", "model.layers.1.mlp.experts.2.up_proj.weight") in {f[:2] for f in found}
+
+
 def test_manifest_amax_checked_against_source(broken, sources):
     """amax, global scale and weight_scale_2 of o_proj all agreeing, with an amax 0.01% off: the
     contract cannot see it (and NVFP4's error hides it), the source can."""

@@ -124,7 +124,8 @@ print(json.dumps({"seconds": r.seconds, "bytes_read": r.bytes_read, "source_byte
 
 VERIFY_CHILD = """
 import json, sys, time
-t0 = time.perf_counter()
+from shardquant import trace
+trace.mark("python-ready")
 from shardquant.verify import verify
 rep = verify(sys.argv[1], sys.argv[2], device=sys.argv[3])
 assert rep.ok, rep.violations[:3]
@@ -136,13 +137,18 @@ def verify_once(src: Path, out: Path, cold: bool, device: str = "auto") -> dict:
     """`verify OUT --source SRC` in a fresh interpreter (cold: both evicted first): in-run and whole-process seconds."""
     if cold:
         drop_cache(sorted(src.glob("*.safetensors")) + sorted(out.glob("*.safetensors")))
+    log = out.parent / "verify-trace.jsonl"
+    log.unlink(missing_ok=True)
+    spawned = time.time()
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", VERIFY_CHILD, str(out), str(src), device], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", VERIFY_CHILD, str(out), str(src), device], capture_output=True, text=True,
+                       env=dict(os.environ, SHARDQUANT_TRACE=str(log)))
     wall = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"verify failed:\n{p.stderr}")
     info = json.loads(p.stdout.strip().splitlines()[-1])
     info["wall"] = wall
+    info["marks"] = {k: round(t - spawned, 3) for k, t in read_trace(log).items() if not k.endswith("_s")}
     return info
 
 
@@ -219,6 +225,7 @@ def main() -> None:
                     info["vread_s"], info["vread_bytes"] = read_all([src, work / "out"], args.cold)
                     v = verify_once(src, work / "out", args.cold, args.verify_device)
                     info["verify_s"], info["verify_wall"] = v["seconds"], v["wall"]
+                    print("# verify marks (s after spawn):", json.dumps(v["marks"]), flush=True)
                 rows.append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
             med = {k: statistics.median(r[k] for r in rows)
                    for k in ("read_s", "write_s", "both_s", "seconds", "wall", "rss")}
