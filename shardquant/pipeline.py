@@ -20,7 +20,9 @@ from .plan import PREFETCH_BYTES, WRITE_AHEAD_BYTES, Plan, Unit
 from .st import encode_header, read_raw
 from .writer import NewFile, OutputDir
 
-READ_THREADS = 4
+# Reads in flight: on the H200 machine's disk, per-tensor reads in plan order on 4 threads reach 0.92
+# of one sequential reader, on 8 threads 1.01 (tools/bench_reads.py, docs/benchmarks/README.md).
+READ_THREADS = 8
 # A shard being written is made durable and recorded this often: an interrupted conversion loses at
 # most this much writing, plus the quantizer straddling the checkpoint (README, "Resume").
 CHECKPOINT_SECONDS = 2.0
@@ -294,6 +296,7 @@ class _Devices:
     def __init__(self, backends: list, work):
         self.free: queue.Queue = queue.Queue()
         self.tasks: queue.Queue = queue.Queue()
+        self.busy = 0.0  # seconds the devices spent on groups, outputs handed over included (trace)
         self.threads = []
         for b in backends:
             self.free.put(b)
@@ -307,9 +310,11 @@ class _Devices:
             if task is None:
                 return
             backend, args, job = task
+            t0 = time.perf_counter()
             try:
                 work(backend, *args, job)
                 job.put(_DONE)
+                self.busy += time.perf_counter() - t0
             except BaseException as e:  # handed to the writer side, which raises it
                 try:
                     job.put(e)
@@ -441,8 +446,11 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         while pending:
             drain_one()
         writer.close()
+        t_hash = time.perf_counter()
         sources = hasher.finish()
         trace.mark("pipeline", reader_wait_s=round(reader.waited, 3), writer_idle_s=round(writer.idle, 3),
+                   device_busy_s=round(devices.busy, 3), hash_busy_s=round(hasher.busy, 3),
+                   hash_finish_s=round(time.perf_counter() - t_hash, 3), hash_extra_bytes=hasher.extra_bytes,
                    units=len(units))
     except BaseException:
         stop.set()

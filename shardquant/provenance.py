@@ -4,8 +4,10 @@ The pipeline reads tensors in quantizer order, not file order, and SHA-256 must 
 in order. So each file keeps a cursor: a tensor read at the cursor is hashed at once; one read ahead
 of it is held (bounded by HOLD_BYTES in all) until the gap before it is filled; the header, the
 padding between tensors and the tensors this run does not read (those of shards a resumed run
-keeps) are read by the hasher itself, which is the only extra I/O. A file whose held tensors would
-pass the bound is finished by reading its remainder at the end (counted in `extra_bytes`).
+keeps) are read by the hasher itself, which is the only extra I/O. A tensor read ahead while
+HOLD_BYTES are held is dropped and read again by the hasher when its cursor gets there (from the page
+cache, most often; counted in `extra_bytes`): hashing keeps pace with the conversion instead of
+being left for its end (a shared expert group reads gate and up of every expert before any down).
 Hashing runs on its own thread; hashlib releases the GIL while it hashes.
 
 A hub source may still be downloading while it is converted (shardquant/hub.py Downloads): the
@@ -78,6 +80,7 @@ class SourceHasher:
         self.gate = gate
         self.results: dict[str, dict] = {}
         self.extra_bytes = 0
+        self.busy = 0.0  # seconds the hashing thread spent on tensors handed to it (shardquant/trace.py)
         self._lock = threading.Lock()
         self._held = 0
         self._q: queue.Queue = queue.Queue()
@@ -105,19 +108,24 @@ class SourceHasher:
             if f.deferred:
                 return
             if self._held + info.nbytes > HOLD_BYTES:
-                f.deferred = True
-                return
-            self._held += info.nbytes
+                raw = None  # not held: the hasher reads it itself when its cursor gets there
+            else:
+                self._held += info.nbytes
         self._q.put((f, info.offset, raw))
 
     def _work(self) -> None:
         try:
             self._start_ready()  # headers, and leading tensors this run does not read
             while (item := self._q.get()) is not None:
+                t0 = time.perf_counter()
                 f, off, raw = item
                 if f.size is None:  # the pipeline read from it: the file is complete
                     self._start(f)
-                if f.digest is None and not f.deferred and off >= f.cursor:
+                if raw is None:
+                    if f.digest is None and not f.deferred and off >= f.cursor:
+                        f.self_read.add(off)
+                        self._advance(f)
+                elif f.digest is None and not f.deferred and off >= f.cursor:
                     f.pending[off] = raw
                     self._advance(f)
                 else:
@@ -128,6 +136,7 @@ class SourceHasher:
                     f.pending.clear()
                 if self._unstarted and time.monotonic() >= self._next_look:  # files completed since
                     self._start_ready()
+                self.busy += time.perf_counter() - t0
         except BaseException as e:  # handed to finish()
             self.error = e
             while self._q.get() is not None:

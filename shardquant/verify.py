@@ -1191,17 +1191,19 @@ def _verify_checked(c: _Checked, path, source, ck, min_sqnr, hashes, engines, gp
     contract_end = len(rep.violations)  # the data checks' findings go here, ahead of the engines'
     from . import engines as engine_rules  # imports this module: not at the top
 
-    rep.engines = engine_rules.check(path, engines, c.tensors)
-    rep.violations += rep.engines.violations
-    trace.mark("verify-engines")
+    compare = ck is not None and c.ann.formats
+    # the engines' rules read a few scattered values: beside the comparison, which reads everything
+    job = in_background(lambda: engine_rules.check(path, engines, c.tensors), "shardquant-engines") if compare else None
     if c.files_listed is not None and not hashes:
         rep.warnings.append("file contents not hashed (--no-hashes): sizes checked, SHA-256 not")
     data: dict[str, tuple[list[Violation], np.float32 | None]] = {}
-    if ck is not None and c.ann.formats:
+    if compare:
         rep.source = source
         rep.min_sqnr = min(DEFAULT_MIN_SQNR[f] for f in c.ann.formats) if min_sqnr is None else min_sqnr
         data = _compare(c, ck, rep, min_sqnr, gpu)
-    rep.violations[contract_end:contract_end] = _finish_data(c, data)
+    rep.engines = job.result() if job is not None else engine_rules.check(path, engines, c.tensors)
+    trace.mark("verify-engines")
+    rep.violations[contract_end:contract_end] = _finish_data(c, data) + rep.engines.violations
     return rep
 
 

@@ -487,3 +487,28 @@ def test_verify_accepts_a_hub_snapshot_of_links_into_blobs_only(clean, tmp_path)
     shard.symlink_to(elsewhere)  # same bytes, but from outside the repo's blobs
     bad = verify_contract(snap)
     assert ("file-integrity", shard.name) in [(v.rule, v.name) for v in bad]
+
+
+def test_source_hash_keeps_pace_when_reads_come_out_of_order(src, monkeypatch):
+    """Tensors read far ahead of a file's hash cursor, past the bound on held bytes, are not held:
+    the hasher reads them itself when its cursor gets there, while the conversion is still running
+    (shardquant/provenance.py), instead of leaving the file's remainder for the end."""
+    import shardquant.provenance as prov
+    from shardquant.source import open_checkpoint
+    from shardquant.st import read_raw
+
+    ck = open_checkpoint(str(src))
+    monkeypatch.setattr(prov, "HOLD_BYTES", 1)  # nothing out of order is ever held
+    h = prov.SourceHasher(ck, {}, set())
+    try:
+        for info in sorted(ck.tensors.values(), key=lambda t: (str(t.file), -t.offset)):  # each file backwards
+            h.feed(info, read_raw(info))
+        deadline = time.monotonic() + 10
+        while any(f.digest is None for f in h.files.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(f.digest is not None for f in h.files.values()), "hashing was left for finish()"
+    finally:
+        got = h.finish()
+    assert got == {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size,
+                            "checked_against_hub": False} for p in prov.source_files(ck)}
+    assert h.extra_bytes <= sum(p.stat().st_size for p in prov.source_files(ck))  # each byte read again at most once
