@@ -15,7 +15,7 @@ from . import card, flavors, formats, manifest, trace
 from .background import in_background
 from .errors import OutputError, ShardquantError, SourceError
 from .backend import NumpyBackend, describe, get_backends
-from .pipeline import run
+from .pipeline import run, warm_start
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, format_choice, load_rules_file
 from .source import INDEX_NAME, Checkpoint, check_fetch, open_checkpoint, start_fetch
@@ -137,6 +137,8 @@ def convert(
         )
 
     plan = planned(lambda: budget_of(starting.result()))
+    if not dry_run and not starting.done():
+        warm_start(plan)  # the disk reads ahead while the GPU starts
     backends = starting.result()
     budget = budget_of(backends)
     if plan.device_memory is None:

@@ -4,11 +4,13 @@ first, in plan order, recording finished shards in the journal."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -26,6 +28,50 @@ READ_THREADS = 8
 # A shard being written is made durable and recorded this often: an interrupted conversion loses at
 # most this much writing, plus the quantizer straddling the checkpoint (README, "Resume").
 CHECKPOINT_SECONDS = 2.0
+
+
+def warm_start(plan: Plan, nbytes: int = PREFETCH_BYTES) -> None:
+    """Ask the kernel to read ahead the first `nbytes` the pipeline will read (POSIX_FADV_WILLNEED,
+    adjacent tensors as one range), on a daemon thread: the disk starts while the GPU does
+    (shardquant/convert.py), and the first reads come from the page cache. Files of a hub source
+    still downloading are left alone; the hint is only a hint, so a failure is ignored."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    ck = plan.checkpoint
+    ranges: list[tuple[Path, int, int]] = []
+    left = nbytes
+    for u in plan.units:
+        for m in ([u.kept] if u.kept is not None else u.group.members):
+            if left <= 0:
+                break
+            if ranges and ranges[-1][0] == m.file and ranges[-1][1] + ranges[-1][2] == m.offset:
+                ranges[-1] = (m.file, ranges[-1][1], ranges[-1][2] + m.nbytes)
+            else:
+                ranges.append((m.file, m.offset, m.nbytes))
+            left -= m.nbytes
+        if left <= 0:
+            break
+
+    def hint() -> None:
+        trace.mark("warm-start")
+        fds: dict[Path, int] = {}
+        try:
+            for path, off, n in ranges:
+                if path not in fds:
+                    if ck.hub is not None and (not path.is_file() or path.stat().st_size != ck.hub.sizes.get(path.name)):
+                        fds[path] = -1  # not downloaded yet
+                    else:
+                        fds[path] = os.open(path, os.O_RDONLY)
+                if fds[path] >= 0:
+                    os.posix_fadvise(fds[path], off, n, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            for fd in fds.values():
+                if fd >= 0:
+                    os.close(fd)
+
+    threading.Thread(target=hint, name="shardquant-warm-start", daemon=True).start()
 
 
 class _Counter:

@@ -8,7 +8,8 @@ keeps) are read by the hasher itself, which is the only extra I/O. A tensor read
 HOLD_BYTES are held is dropped and read again by the hasher when its cursor gets there (from the page
 cache, most often; counted in `extra_bytes`): hashing keeps pace with the conversion instead of
 being left for its end (a shared expert group reads gate and up of every expert before any down).
-Hashing runs on its own thread; hashlib releases the GIL while it hashes.
+Hashing runs on its own threads, each file on one (SHA-256 is serial within a file), files in
+parallel; hashlib releases the GIL while it hashes.
 
 A hub source may still be downloading while it is converted (shardquant/hub.py Downloads): the
 hasher starts a file (its size, its header) only once the file is complete; the first tensor the
@@ -32,6 +33,8 @@ import numpy as np
 
 from .errors import SourceError
 from .plan import HASH_HOLD_BYTES as HOLD_BYTES
+
+HASH_THREADS = 4  # files hashed at once; the conversion reads one or two shards at a time
 
 _CHUNK = 16 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -69,10 +72,25 @@ class _File:
         self.digest: str | None = None
 
 
+class _Worker:
+    """One hashing thread and the files it owns: SHA-256 is serial within a file, so files hash in
+    parallel on their own threads (one thread hashes about 1.3 GB/s on an H200 host,
+    docs/benchmarks/README.md, slower than the disk)."""
+
+    def __init__(self, n: int):
+        self.q: queue.Queue = queue.Queue()
+        self.files: list[_File] = []
+        self.unstarted: list[_File] = []
+        self.next_look = 0.0
+        self.busy = 0.0
+        self.n = n
+
+
 class SourceHasher:
     """feed() from the reader threads; finish() once every conversion read is done."""
 
-    def __init__(self, ck, skip_files: dict[str, dict], unread: set[tuple[str, int]], gate=None):
+    def __init__(self, ck, skip_files: dict[str, dict], unread: set[tuple[str, int]], gate=None,
+                 threads: int = HASH_THREADS):
         """skip_files: source files already hashed by an earlier run of this conversion (same
         identity), by name; unread: (file name, offset) of tensors this run will not read; gate: a hub
         source's downloads (ready(path), wait(path)), None for a local directory."""
@@ -80,10 +98,8 @@ class SourceHasher:
         self.gate = gate
         self.results: dict[str, dict] = {}
         self.extra_bytes = 0
-        self.busy = 0.0  # seconds the hashing thread spent on tensors handed to it (shardquant/trace.py)
         self._lock = threading.Lock()
         self._held = 0
-        self._q: queue.Queue = queue.Queue()
         self.files: dict[Path, _File] = {}
         spans: dict[Path, list[tuple[int, int]]] = {}
         for t in ck.tensors.values():
@@ -94,11 +110,27 @@ class SourceHasher:
                 continue
             sp = sorted(spans.get(p, []))
             self.files[p] = _File(p, sp, {o for o, _ in sp if (p.name, o) in unread or p not in ck.shards})
-        self._unstarted = list(self.files.values())
-        self._next_look = 0.0
+        # consecutive shards go to different threads: the conversion reads them roughly in turn
+        shards = [f for f in self.files.values() if f.spans]
+        others = [f for f in self.files.values() if not f.spans]
+        self._workers = [_Worker(i) for i in range(max(1, min(threads, len(shards))))]
+        self._owner: dict[Path, _Worker] = {}
+        for i, f in enumerate(shards + others):
+            w = self._workers[i % len(self._workers)]
+            w.files.append(f)
+            w.unstarted.append(f)
+            self._owner[f.path] = w
         self.error: BaseException | None = None
-        self._t = threading.Thread(target=self._work, name="shardquant-hash", daemon=True)
-        self._t.start()
+        self._threads = [threading.Thread(target=self._work, args=(w,), name=f"shardquant-hash-{w.n}", daemon=True)
+                         for w in self._workers]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def busy(self) -> float:
+        """Seconds the hashing threads spent on tensors handed to them, the busiest thread's
+        (shardquant/trace.py)."""
+        return max(w.busy for w in self._workers)
 
     def feed(self, info, raw: np.ndarray) -> None:
         f = self.files.get(info.file)
@@ -111,16 +143,16 @@ class SourceHasher:
                 raw = None  # not held: the hasher reads it itself when its cursor gets there
             else:
                 self._held += info.nbytes
-        self._q.put((f, info.offset, raw))
+        self._owner[f.path].q.put((f, info.offset, raw))
 
-    def _work(self) -> None:
+    def _work(self, w: _Worker) -> None:
         try:
-            self._start_ready()  # headers, and leading tensors this run does not read
-            while (item := self._q.get()) is not None:
+            self._start_ready(w)  # headers, and leading tensors this run does not read
+            while (item := w.q.get()) is not None:
                 t0 = time.perf_counter()
                 f, off, raw = item
                 if f.size is None:  # the pipeline read from it: the file is complete
-                    self._start(f)
+                    self._start(w, f)
                 if raw is None:
                     if f.digest is None and not f.deferred and off >= f.cursor:
                         f.self_read.add(off)
@@ -134,22 +166,28 @@ class SourceHasher:
                     for a in f.pending.values():
                         self._release(a.nbytes)
                     f.pending.clear()
-                if self._unstarted and time.monotonic() >= self._next_look:  # files completed since
-                    self._start_ready()
-                self.busy += time.perf_counter() - t0
+                if w.unstarted and time.monotonic() >= w.next_look:  # files completed since
+                    self._start_ready(w)
+                w.busy += time.perf_counter() - t0
+            # every conversion read is done: hash what is left of this thread's files
+            for f in w.files:
+                if f.digest is None and not f.deferred:
+                    self._start(w, f, wait=True)
+                    if f.digest is None:
+                        self._advance(f, to_end=True)
         except BaseException as e:  # handed to finish()
             self.error = e
-            while self._q.get() is not None:
+            while w.q.get() is not None:
                 pass
 
-    def _start_ready(self) -> None:
+    def _start_ready(self, w: _Worker) -> None:
         """Start, and hash as far as possible, the files not started yet that are complete on disk."""
-        self._next_look = time.monotonic() + 0.5
-        for f in list(self._unstarted):
+        w.next_look = time.monotonic() + 0.5
+        for f in list(w.unstarted):
             if self.gate is None or self.gate.ready(f.path):
-                self._start(f)
+                self._start(w, f)
 
-    def _start(self, f: _File, wait: bool = False) -> None:
+    def _start(self, w: _Worker, f: _File, wait: bool = False) -> None:
         if f.size is not None:
             return
         if wait and self.gate is not None:
@@ -158,7 +196,7 @@ class SourceHasher:
             f.size = f.path.stat().st_size
         except OSError as e:
             raise SourceError(f"{f.path}: cannot read ({e.strerror or e})") from None
-        self._unstarted.remove(f)
+        w.unstarted.remove(f)
         self._advance(f)
 
     def _release(self, n: int) -> None:
@@ -209,20 +247,17 @@ class SourceHasher:
         with self._lock:
             for f in self.files.values():
                 f.deferred = True
-        self._q.put(None)
+        for w in self._workers:
+            w.q.put(None)
 
     def finish(self) -> dict[str, dict]:
         """Hash what is left, check hub values; {file name: {"sha256", "size", "checked_against_hub"}}."""
-        self._q.put(None)
-        self._t.join()
+        for w in self._workers:
+            w.q.put(None)
+        for t in self._threads:
+            t.join()
         if self.error is not None:
             raise self.error
-        for f in self.files.values():
-            if f.digest is None:
-                f.pending.clear()
-                self._start(f, wait=True)
-                if f.digest is None:
-                    self._advance(f, to_end=True)
         out = {}
         for p in source_files(self.ck):
             rec = self.results[p.name]

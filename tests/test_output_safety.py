@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -512,3 +513,39 @@ def test_source_hash_keeps_pace_when_reads_come_out_of_order(src, monkeypatch):
     assert got == {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size,
                             "checked_against_hub": False} for p in prov.source_files(ck)}
     assert h.extra_bytes <= sum(p.stat().st_size for p in prov.source_files(ck))  # each byte read again at most once
+
+
+def test_source_files_hash_in_parallel_each_on_one_thread(src, monkeypatch):
+    """SHA-256 is serial within a file and one thread hashes slower than a fast disk reads, so the
+    shards hash on several threads, each file's bytes in order on one of them (shardquant/provenance.py)."""
+    import shardquant.provenance as prov
+    from shardquant.source import open_checkpoint
+    from shardquant.st import read_raw
+
+    seen: dict[int, set[str]] = {}  # id of a hash object -> threads that fed it
+    real = hashlib.sha256
+
+    class Recording:
+        def __init__(self):
+            self._h = real()
+            seen[id(self)] = set()
+
+        def update(self, b):
+            seen[id(self)].add(threading.current_thread().name)
+            self._h.update(b)
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    monkeypatch.setattr(prov.hashlib, "sha256", Recording)
+    ck = open_checkpoint(str(src))
+    assert len(ck.shards) >= 3
+    h = prov.SourceHasher(ck, {}, set(), threads=3)
+    for info in sorted(ck.tensors.values(), key=lambda t: (t.offset, str(t.file))):  # the files in turn
+        h.feed(info, read_raw(info))
+    got = h.finish()
+    monkeypatch.undo()
+    assert got == {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size,
+                            "checked_against_hub": False} for p in prov.source_files(ck)}
+    assert all(len(threads) == 1 for threads in seen.values())
+    assert len(set().union(*seen.values())) == 3

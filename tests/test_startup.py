@@ -127,10 +127,12 @@ def test_trace_milestones_in_order(tmp_path):
                         "--format", "nvfp4", "--device", "cpu", "-q"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     marks = trace.read(str(log))
+    marks.pop("warm-start", None)  # only while the device is still starting when the plan is made
     order = ["python-ready", "convert", "planned", "first-read", "pipeline", "finished"]
     assert list(marks) == order
     assert all(marks[a]["t"] <= marks[b]["t"] for a, b in zip(order, order[1:]))
     lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines = [e for e in lines if e["event"] != "warm-start"]
     assert len({e["pid"] for e in lines}) == 1 and len(lines) == len(order)  # each once
     (waits,) = [e for e in lines if e["event"] == "pipeline"]  # where the pipeline waited, for tools/bench.py
     assert waits["units"] > 0 and waits["reader_wait_s"] >= 0 and waits["writer_idle_s"] >= 0
@@ -148,3 +150,44 @@ def test_verify_device_is_checked():
     assert r.exit_code != 0 and "--device must be auto, cpu, cuda or cuda:N" in r.output
     assert "Traceback" not in r.output
 
+
+
+def test_warm_start_hints_the_first_reads_in_plan_order(tmp_path, monkeypatch):
+    """While the GPU starts, the kernel is asked to read ahead what the pipeline reads first
+    (shardquant/pipeline.py warm_start): the plan's first members, adjacent ones as one range,
+    as many bytes as asked and no more than one member beyond."""
+    import threading
+
+    from shardquant import pipeline
+
+    ck = _moe(tmp_path)
+    plan = make_plan(ck, "nvfp4", RuleSet(expert_policy="shared", num_layers=2))
+    hints, names = [], {}
+    real_open = os.open
+
+    def record_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        names[fd] = Path(path)
+        return fd
+
+    monkeypatch.setattr(pipeline.os, "open", record_open)
+    monkeypatch.setattr(pipeline.os, "posix_fadvise", lambda fd, off, n, advice: hints.append((names[fd], off, n, advice)))
+    want = sum(sorted(t.nbytes for t in ck.tensors.values())[-3:])  # a few tensors' worth
+    pipeline.warm_start(plan, want)
+    for t in threading.enumerate():
+        if t.name == "shardquant-warm-start":
+            t.join(10)
+    members = [m for u in plan.units for m in ([u.kept] if u.kept is not None else u.group.members)]
+    first = []
+    total = 0
+    for m in members:
+        if total >= want:
+            break
+        first.append(m)
+        total += m.nbytes
+    assert all(any(h[0] == m.file and h[1] <= m.offset and m.offset + m.nbytes <= h[1] + h[2] for h in hints)
+               for m in first)
+    assert sum(h[2] for h in hints) == total  # the first members only, each once
+    assert all(h[3] == os.POSIX_FADV_WILLNEED for h in hints)
+    assert all(a[0] != b[0] or a[1] + a[2] != b[1] for a, b in zip(hints, hints[1:]))  # adjacent: one hint
+    assert len(hints) < len(first)  # this layout has adjacent members among the first
