@@ -76,6 +76,10 @@ _LINEAR_KEEPS = ("head", "router", "shared_expert_gate", "unclaimed")  # kept ro
 BAND_ELEMENTS = 1 << 18
 HASH_CHUNK = 16 << 20  # bytes read per hashlib update (hashlib releases the GIL while it hashes)
 HASH_THREADS = 8  # files hashed at once (at most; never more than the CPUs)
+# verify --source on the GPU: threads that read, upload and check scales. On the H200 machine 4 reach
+# 0.85 of the cold read of source + output, 8 only 0.66 and 16 0.76 (more readers of two files at
+# once seek more; docs/benchmarks/README.md, 2026-12-03).
+GPU_THREADS = 4
 MAX_MANIFEST_DEPTH = 16  # a valid manifest nests 4 deep; deeper is refused before schema validation
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Values from a config, the index or the manifest shown in a message: bounded in length and depth.
@@ -1342,10 +1346,8 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
         return data, (measure(item) if dev is None else measure_gpu(item))
 
     # NumPy, CUDA and file reads release the GIL: tensors are compared in parallel, a few in flight per
-    # thread. On the GPU the threads only read and upload: as many as the conversion's readers.
-    from .pipeline import READ_THREADS
-
-    results = list(_in_parallel(one, work + kept, threads=READ_THREADS if dev is not None else None))
+    # thread. On the GPU the threads only read, upload and check scales: GPU_THREADS of them.
+    results = list(_in_parallel(one, work + kept, threads=GPU_THREADS if dev is not None else None))
     for (s, o), same in zip(kept, results[len(work):]):
         if not same:
             rep.violations.append(Violation("source", s.name, "kept tensor differs from the source, byte for byte"))
