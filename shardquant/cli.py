@@ -293,6 +293,8 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
                   if p.device_memory is not None else " (CPU conversion)"))
     click.echo(f"estimated peak memory: {p.peak_bytes / 1e6:.0f} MB")
     ck = p.checkpoint
+    for line in _source_encodings(ck):
+        click.echo(line)
     if ck.hub is not None:  # a hub source: what a conversion downloads, and what it leaves on the hub
         todo = ck.hub.missing(ck.root)
         click.echo(f"download: {_human(ck.download_bytes)} ({len(todo)} of the {len(ck.hub.sizes)} files the "
@@ -302,6 +304,24 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
                f"cache, {_human(p.output_bytes)} of output)")
     secs, how = estimated_seconds(p)
     click.echo(f"estimated time: {_duration(secs)} (a rough estimate: {how})")
+
+
+def _source_encodings(ck) -> list[str]:
+    """A source stored quantized: each encoding, how many weights have it and what happens to them."""
+    from .encoding import describe
+
+    decoded = [t for t in ck.tensors.values() if getattr(t, "parts", None)]
+    by: dict[str, list] = {}
+    for t in decoded:
+        by.setdefault(describe(t.encoding), []).append(t)
+    lines = []
+    for what, ts in by.items():
+        stored = sum(t.stored_bytes for t in ts)
+        scales = sum(len(t.encoding.scales) for t in ts)
+        lines.append(f"source stored quantized: {len(ts)} weights {what} ({stored / 1e6:.2f} MB), decoded to BF16 "
+                     f"as they are read ({sum(t.nbytes for t in ts) / 1e6:.2f} MB, the sizes above); their "
+                     f"{scales} scale tensors are not copied")
+    return lines
 
 
 def _human(n: int) -> str:

@@ -18,7 +18,8 @@ from .backend import NumpyBackend, describe, get_backends
 from .pipeline import run, warm_start
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, format_choice, load_rules_file
-from .source import INDEX_NAME, Checkpoint, check_fetch, open_checkpoint, start_fetch
+from .encoding import quantization_config
+from .source import INDEX_NAME, Checkpoint, check_fetch, open_checkpoint, start_fetch, with_decoded
 from .journal import JOURNAL_NAME, Journal, recipe
 from .lock import LOCK_NAME, Lock
 from .output import claim_output
@@ -80,9 +81,11 @@ def prepare(
         if why:
             raise ShardquantError(f"--format {fmt} --flavor {pair_flavor} is refused: {why}")
     ck = open_checkpoint(src, revision, download=False)  # a hub repo: index, config and headers only
-    if ck.config and isinstance(ck.config.get("quantization_config"), dict):
-        method = ck.config["quantization_config"].get("quant_method", "?")
-        raise SourceError(f"{ck.root / 'config.json'}: source is already quantized (quant_method {method!r})")
+    ck = with_decoded(ck)  # a quantized source: its weights as their dequantization (shardquant/encoding.py)
+    qc = quantization_config(ck.config)
+    if qc is not None and ck.stored is None:
+        raise SourceError(f"{ck.root / 'config.json'}: source is already quantized (quant_method "
+                          f"{qc.get('quant_method', '?')!r}) in a form shardquant does not read")
     num_layers = (ck.config or {}).get("num_hidden_layers")
     rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
                     num_layers if isinstance(num_layers, int) else None, choices)
@@ -281,6 +284,8 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
             files[p.name] = _copy(p, od)
     if ck.config is not None:
         cfg = dict(ck.config)
+        if isinstance(cfg.get("text_config"), dict) and "quantization_config" in cfg["text_config"]:
+            cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if k != "quantization_config"}
         cfg["quantization_config"] = flavors.quantization_config(plan.flavor, plan.format, plan.exclude_modules,
                                                                 plan.format_targets())
         files["config.json"] = od.write_file("config.json", (json.dumps(cfg, indent=2) + "\n").encode())

@@ -463,3 +463,82 @@ def split_gate_up(enc: SourceEncoding, x: np.ndarray) -> tuple[np.ndarray, np.nd
     h = x.shape[0] // 2
     return x[:h], x[h:]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded tensors: what the planner and the pipeline see of a quantized source
+
+
+@dataclass(frozen=True)
+class DecodedTensor(TensorInfo):
+    """A logical weight that the source stores quantized, seen by the planner as the BF16 tensor its
+    dequantization gives ([out, in], `nbytes` its BF16 size: what the pipeline holds). `parts`: the
+    stored tensors read to make it (data, then scales). shardquant/st.py read_raw reads the parts and
+    calls decode(); the pipeline reads them itself so that each one is hashed as it is read."""
+
+    encoding: SourceEncoding = None  # type: ignore[assignment]
+    parts: tuple[TensorInfo, ...] = ()
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def decode(self, raws: list[np.ndarray]) -> np.ndarray:
+        """BF16 storage (uint16) of the dequantized weight from its parts' raw arrays. Block FP8: every
+        code times its tile's scale, the product rounded once to BF16 (round to nearest even), which is
+        what a dequantized BF16 copy of the checkpoint holds (docs/formats.md "Quantized sources")."""
+        enc = self.encoding
+        by_name = dict(zip((p.name for p in self.parts), raws))
+        if enc.kind != BLOCK_FP8:
+            return f32_to_bf16(decode_weight(enc, by_name.__getitem__))
+        # a band of whole tile rows at a time: the fp32 products never exist for the whole weight
+        codes, scales = by_name[enc.data[0]], by_name[enc.scales[0]]
+        rows, cols = codes.shape
+        out = np.empty((rows, cols), np.uint16)
+        step = max(1, DECODE_BAND_ELEMENTS // max(cols, 1) // enc.block[0]) * enc.block[0]
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            out[a:b] = f32_to_bf16(decode.block_fp8_decode_rows(codes, scales, a, b, enc.block, enc.scale_dtype))
+        return out
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> BF16 storage, round to nearest even; NaN stays NaN (a quiet NaN's top bits)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    out = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return out
+
+
+DECODE_BAND_ELEMENTS = 1 << 22  # decoded at once: 16 MiB of fp32 (in the plan's fixed overhead, plan.py)
+# Kinds a conversion decodes today; the others are refused with the reason (SourceError).
+DECODED_KINDS = (BLOCK_FP8,)
+_NOT_YET = {
+    MXFP4: "MXFP4 weights",
+    MXFP4_3D: "fused 3-D MXFP4 experts (gpt-oss layout)",
+}
+
+
+def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> dict[str, TensorInfo]:
+    """The tensors a conversion plans with, in source order: each quantized weight as one
+    DecodedTensor under its logical name, its scale tensors gone (they never reach an output),
+    every other tensor as stored. Raises SourceError for an encoding not decoded yet."""
+    out: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        if name in layout.scales:
+            continue
+        enc = layout.of(name)
+        if not enc.quantized:
+            out[name] = info
+            continue
+        if enc.kind not in DECODED_KINDS:
+            raise SourceError(f"tensor {show(name)} ({show(info.file.name, quote=False)}): source holds "
+                              f"{_NOT_YET.get(enc.kind, enc.kind)}, which shardquant does not convert yet")
+        if name != enc.data[0]:
+            continue
+        parts = tuple(tensors[n] for n in enc.tensors)
+        out[enc.name] = DecodedTensor(enc.name, "BF16", tuple(enc.shape), info.file, info.offset,
+                                      2 * int(np.prod(enc.shape)), enc, parts)
+    return out

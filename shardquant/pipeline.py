@@ -18,13 +18,10 @@ import numpy as np
 from . import flavors, formats, trace
 from .journal import SHARD_METADATA, Journal
 from .provenance import SourceHasher
-from .plan import PREFETCH_BYTES, WRITE_AHEAD_BYTES, Plan, Unit
+from .plan import PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
 from .st import encode_header, read_raw
 from .writer import NewFile, OutputDir
 
-# Reads in flight: on the H200 machine's disk, per-tensor reads in plan order on 4 threads reach 0.92
-# of one sequential reader, on 8 threads 1.01 (tools/bench_reads.py, docs/benchmarks/README.md).
-READ_THREADS = 8
 # A shard being written is made durable and recorded this often: an interrupted conversion loses at
 # most this much writing, plus the quantizer straddling the checkpoint (README, "Resume").
 CHECKPOINT_SECONDS = 2.0
@@ -87,6 +84,9 @@ class _Counter:
         self._lock = threading.Lock()
 
     def read(self, info, first: bool = True) -> np.ndarray:
+        parts = getattr(info, "parts", None)  # a weight the source stores quantized: read, then decoded
+        if parts:
+            return info.decode([self.read(p, first) for p in parts])
         if self.gate is not None:
             self.gate.wait(info.file)
         if not self.n:
@@ -387,8 +387,8 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     partial = partial or {}
     units = _units_to_run(plan, journal, done, scales, {s: p[1] for s, p in partial.items()})
     todo = {id(u) for u in units}
-    unread = {(t.file.name, t.offset) for u in plan.units if id(u) not in todo
-              for t in ([u.kept] if u.kept is not None else u.group.members)}
+    unread = {(p.file.name, p.offset) for u in plan.units if id(u) not in todo
+              for t in ([u.kept] if u.kept is not None else u.group.members) for p in (getattr(t, "parts", ()) or (t,))}
     hasher = SourceHasher(plan.checkpoint, journal.sources, unread, gate)
     shards = _Shards(plan, od, journal, done, scales, lock, hasher, partial)
     writer = _Writer(shards)

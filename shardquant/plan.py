@@ -22,6 +22,9 @@ from .text import show
 DEFAULT_SHARD_SIZE = 5 * 10**9
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
 PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
+# Reads in flight: on the H200 machine's disk, per-tensor reads in plan order on 4 threads reach 0.92
+# of one sequential reader, on 8 threads 1.01 (tools/bench_reads.py, docs/benchmarks/README.md).
+READ_THREADS = 8
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
 # Source tensors read ahead of a file's hash cursor, held until the gap before them is read
@@ -101,7 +104,11 @@ class Plan:
         out-of-order hold and a fixed overhead."""
         held = max((_held(u) for u in self.units), default=0)
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
-        return held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD + HASH_HOLD_BYTES
+        # a source stored quantized: each reader holds a weight's stored parts while it decodes them
+        # (shardquant/encoding.py DecodedTensor; the decoded BF16 is what `held` counts)
+        stored = max((getattr(t, "stored_bytes", 0) for t in self.checkpoint.tensors.values()), default=0)
+        return (held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD + HASH_HOLD_BYTES
+                + READ_THREADS * stored)
 
     def format_targets(self) -> dict[str, list[str]]:
         """Mixed precision: format -> `re:` patterns naming exactly the modules that take it (module

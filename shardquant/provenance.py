@@ -102,7 +102,7 @@ class SourceHasher:
         self._held = 0
         self.files: dict[Path, _File] = {}
         spans: dict[Path, list[tuple[int, int]]] = {}
-        for t in ck.tensors.values():
+        for t in ck.stored_tensors.values():
             spans.setdefault(t.file, []).append((t.offset, t.nbytes))
         for p in source_files(ck):
             if p.name in skip_files:

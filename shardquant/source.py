@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -41,6 +43,14 @@ class Checkpoint:
     # config.json and every shard's header over HTTP ranges, nothing more; a conversion downloads the
     # rest while it converts: start_fetch).
     hub: HubFiles | None = None
+    # A source stored quantized (shardquant/encoding.py): `tensors` are then the logical weights (each
+    # quantized one a DecodedTensor, scale tensors gone) and `stored` the tensors as the files hold them.
+    stored: dict[str, TensorInfo] | None = None
+
+    @property
+    def stored_tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor as the files hold it (what is read and hashed)."""
+        return self.stored if self.stored is not None else self.tensors
 
     @property
     def total_bytes(self) -> int:
@@ -265,3 +275,20 @@ def _read_json(path: Path) -> dict:
         raise HeaderError(f"{show_path(path)}: expected a JSON object")
     return data
 
+
+
+def with_decoded(ck: Checkpoint) -> Checkpoint:
+    """The checkpoint as a conversion plans it: a source stored quantized (block FP8, MXFP4: its
+    config's quantization_config, or quantized dtypes in its headers) gets its logical weights
+    (shardquant/encoding.py decoded_tensors); any other comes back as it is. Raises SourceError where
+    the encoding is inconsistent, or one that is not converted yet, naming the tensor."""
+    from . import encoding
+
+    quantized_dtypes = encoding.QUANTIZED_DTYPES + encoding.PACKED_DTYPES
+    if encoding.quantization_config(ck.config) is None and not any(
+            t.dtype in quantized_dtypes for t in ck.tensors.values()):
+        return ck
+    layout = encoding.recognize(ck.tensors, ck.config)
+    if not layout.quantized:
+        return ck
+    return dataclasses.replace(ck, tensors=encoding.decoded_tensors(ck.tensors, layout), stored=ck.tensors)

@@ -168,7 +168,10 @@ def _entry(path: Path, file_where: str, name: str, entry: object, base: int, siz
 
 
 def read_raw(info: TensorInfo) -> np.ndarray:
-    """Read one tensor's bytes into a fresh array of its raw storage dtype, shaped."""
+    """Read one tensor's bytes into a fresh array of its raw storage dtype, shaped. A tensor the
+    source stores quantized (shardquant/encoding.py DecodedTensor): its parts, decoded."""
+    if getattr(info, "parts", None):
+        return info.decode([read_raw(p) for p in info.parts])
     out = np.empty(info.shape, dtype=STORAGE[info.dtype])
     buf = memoryview(out.reshape(-1).view(np.uint8))
     try:

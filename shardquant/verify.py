@@ -50,7 +50,7 @@ from .errors import HeaderError, ShardquantError, SourceError
 from .flavors import FLAVORS, Flavor
 from .formats.base import to_f32
 from .rules import BUILTIN_RULES, FLOAT_DTYPES, QUANTIZE, Decision, RuleSet
-from .source import INDEX_NAME, SINGLE_NAME, _hub_blob, _inside, _read_json, open_checkpoint
+from .source import INDEX_NAME, SINGLE_NAME, _hub_blob, _inside, _read_json, open_checkpoint, with_decoded
 from .report import Report, TensorStat, Violation
 from .st import TensorInfo, read_header, read_raw
 
@@ -1171,7 +1171,7 @@ def verify(path: str | Path, source: str | None = None, *, revision: str | None 
     t0 = time.perf_counter()
     trace.mark("verify-start")
     gpu = _compare_device(device) if source is not None else None  # starting while the contract is checked
-    ck = open_checkpoint(source, revision) if source is not None else None
+    ck = with_decoded(open_checkpoint(source, revision)) if source is not None else None
     trace.mark("verify-source-opened")
     c = _contract(Path(path), hashes, defer_files=source is not None, defer_data=source is not None)
     trace.mark("verify-contract")

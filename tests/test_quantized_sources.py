@@ -1,0 +1,168 @@
+"""Quantized sources converted (issue 14): a block-FP8 checkpoint (DeepSeek-V3 layout,
+shardquant/testing_sources.py) is decoded tile by tile as it is read (shardquant/encoding.py
+DecodedTensor) and converted to every format of the registry. The reference is independent: the
+checkpoint dequantized to a BF16 copy with torch, as DeepSeek's own cast does it (E4M3 code times its
+tile's F32 scale in fp32, rounded once to BF16), written to disk and converted by the same command.
+
+- Every output tensor equals, byte for byte, the one converted from the BF16 copy (the same names, so
+  no source scale tensor reaches the output; the scales, the kept tensors, the shapes); the
+  output's config.json is the copy's (the source's quantization_config replaced).
+- The bytes read are the stored ones (FP8 codes and scales, once), every source file is hashed.
+- verify --source passes, measuring SQNR against the decoded source.
+- Encodings not converted yet are refused before anything is written: one line naming the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shardquant import convert as conv
+from shardquant import formats
+from shardquant.errors import SourceError
+from shardquant.source import scan
+from shardquant.st import read_raw
+from shardquant.testing import Model, write_checkpoint
+from shardquant.testing_sources import deepseek_v3_fp8, deepseek_v4, gpt_oss, kimi_k3
+from shardquant.verify import verify
+
+
+def _bf16_copy(fx, root: Path) -> Path:
+    """The fixture dequantized to BF16 with torch: scale tensors dropped, quantization_config removed."""
+    specs, arrays = [], {}
+    names = {n for n, _, _ in fx.model.specs}
+    for name, dtype, shape in fx.model.specs:
+        if name.endswith(".weight_scale_inv"):
+            continue
+        a = fx.arrays[name]
+        if dtype == "F8_E4M3":
+            codes = torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+            scale = torch.from_numpy(fx.arrays[name + "_scale_inv"].astype(np.float32))
+            assert name + "_scale_inv" in names
+            tiles = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: shape[0], : shape[1]]
+            a = (codes.float() * tiles).to(torch.bfloat16).view(torch.uint16).numpy()
+            dtype = "BF16"
+        specs.append((name, dtype, shape))
+        arrays[name] = a
+    cfg = {k: v for k, v in fx.config.items() if k != "quantization_config"}
+    return write_checkpoint(root, Model(specs, cfg), shard_bytes=fx.shard_bytes(),
+                            data=lambda spec, rng: arrays[spec[0]])
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    fx = deepseek_v3_fp8()
+    root = tmp_path_factory.mktemp("v3")
+    return fx, fx.write(root / "fp8"), _bf16_copy(fx, root / "bf16")
+
+
+def _tensors(out: Path) -> dict[str, tuple]:
+    """name -> (dtype, shape, bytes) of every tensor of an output, from the files as written."""
+    return {n: (t.dtype, t.shape, read_raw(t).tobytes()) for n, t in scan(out).tensors.items()}
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_block_fp8_source_converts_to_the_bytes_of_its_bf16_copy(v3, fmt, tmp_path):
+    fx, fp8, bf16 = v3
+    r = conv.convert(str(fp8), tmp_path / "from-fp8", fmt, device="cpu")
+    ref = conv.convert(str(bf16), tmp_path / "from-bf16", fmt, device="cpu")
+    got, want = _tensors(tmp_path / "from-fp8"), _tensors(tmp_path / "from-bf16")
+    assert got.keys() == want.keys()
+    assert [k for k in got if got[k] != want[k]] == []
+    assert json.loads((tmp_path / "from-fp8" / "config.json").read_text()) == \
+        json.loads((tmp_path / "from-bf16" / "config.json").read_text())
+    man = json.loads((tmp_path / "from-fp8" / "scale_manifest.json").read_text())
+    ref_man = json.loads((tmp_path / "from-bf16" / "scale_manifest.json").read_text())
+    assert man["quantizers"] == ref_man["quantizers"]
+    # what was read: the stored bytes, each once (FP8 codes and their scales), not the decoded BF16;
+    # every source file hashed from them
+    assert r.bytes_read == sum(t.nbytes for t in scan(fp8).tensors.values()) < ref.bytes_read
+    files = man["source"]["files"]
+    assert {p.name for p in fp8.iterdir()} <= set(files)
+    assert all(files[p.name]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest() for p in fp8.iterdir())
+
+
+def test_verify_measures_against_the_decoded_source(v3, tmp_path):
+    fx, fp8, _ = v3
+    conv.convert(str(fp8), tmp_path / "out", "nvfp4", device="cpu")
+    rep = verify(tmp_path / "out", str(fp8), device="cpu")
+    assert rep.ok, rep.violations[:3]
+    fp8_weights = {n for n, d, _ in fx.model.specs if d == "F8_E4M3"}
+    measured = {t.name for t in rep.tensors}
+    assert len(measured) == rep.modules and measured <= fp8_weights  # each against its decoded source
+    assert all(t.sqnr_db > 15 for t in rep.tensors if t.signal > 0)
+
+
+@pytest.mark.parametrize("build", [deepseek_v4, kimi_k3, gpt_oss], ids=lambda b: b.__name__)
+def test_encodings_not_converted_yet_are_refused_naming_the_tensor(build, tmp_path):
+    fx = build()
+    src = fx.write(tmp_path / "src")
+    with pytest.raises(SourceError, match=r"^tensor '.+' \(.+\.safetensors\): source holds .*MXFP4.*not convert yet$"):
+        conv.convert(str(src), tmp_path / "out", "nvfp4", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_rounding_matches_ml_dtypes_on_edges_and_random_values():
+    import ml_dtypes
+
+    from shardquant.encoding import f32_to_bf16
+
+    rng = np.random.default_rng(0)
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, 1.0, -1.0, 1e-45, -1e-45, 1.17e-38, 3.4e38, -3.4e38,
+                      1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20], np.float32)  # ties to even both ways
+    bits = np.concatenate([edges.view(np.uint32), rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)])
+    x = bits.view(np.float32)
+    got = f32_to_bf16(x)
+    with np.errstate(invalid="ignore"):  # NaN inputs
+        want = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    finite = ~np.isnan(x)
+    assert np.array_equal(got[finite], want[finite])
+    assert np.isnan((got[~finite].astype(np.uint32) << 16).view(np.float32)).all()  # NaN stays NaN
+
+
+def test_plan_says_how_the_source_is_stored_and_what_happens_to_it(v3):
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+
+    fx, fp8, _ = v3
+    r = CliRunner().invoke(main, ["plan", str(fp8), "--format", "nvfp4"])
+    assert r.exit_code == 0, r.output
+    n = sum(1 for _, d, _ in fx.model.specs if d == "F8_E4M3")
+    stored = sum(fx.arrays[k].nbytes for k, d, _ in fx.model.specs if d == "F8_E4M3" or k.endswith("_scale_inv"))
+    line = next(x for x in r.output.splitlines() if x.startswith("source stored quantized"))
+    assert f"{n} weights block-FP8 128x128, F32 scales ({stored / 1e6:.2f} MB)" in line
+    assert f"their {n} scale tensors are not copied" in line
+
+
+def test_a_refused_source_is_one_line_at_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    src = kimi_k3().write(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "shardquant", "convert", str(src), "-o", str(tmp_path / "out"),
+                        "--format", "nvfp4"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: tensor ") and "MXFP4" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoding_in_bands_gives_the_bf16_copy(v3, monkeypatch):
+    """A weight is decoded a band of tile rows at a time (DECODE_BAND_ELEMENTS); bands of one tile
+    row give every decoded weight's bytes exactly as the BF16 copy holds them."""
+    from shardquant import encoding
+    from shardquant.source import open_checkpoint, with_decoded
+
+    _, fp8, bf16 = v3
+    monkeypatch.setattr(encoding, "DECODE_BAND_ELEMENTS", 1)
+    ck, ref = with_decoded(open_checkpoint(str(fp8))), scan(bf16)
+    decoded = [t for t in ck.tensors.values() if getattr(t, "parts", None)]
+    assert decoded and any(t.shape[0] > 128 for t in decoded)
+    for t in decoded:
+        assert read_raw(t).tobytes() == read_raw(ref.tensors[t.name]).tobytes(), t.name
