@@ -293,7 +293,7 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
                   if p.device_memory is not None else " (CPU conversion)"))
     click.echo(f"estimated peak memory: {p.peak_bytes / 1e6:.0f} MB")
     ck = p.checkpoint
-    for line in _source_encodings(ck):
+    for line in _source_encodings(p, ck):
         click.echo(line)
     if ck.hub is not None:  # a hub source: what a conversion downloads, and what it leaves on the hub
         todo = ck.hub.missing(ck.root)
@@ -306,21 +306,42 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
     click.echo(f"estimated time: {_duration(secs)} (a rough estimate: {how})")
 
 
-def _source_encodings(ck) -> list[str]:
-    """A source stored quantized: each encoding, how many weights have it and what happens to them."""
-    from .encoding import describe
+def _source_encodings(p: Plan, ck) -> list[str]:
+    """A source stored quantized: each encoding, how many weights have it and what happens to them;
+    for a lossless cast, how many blocks fall outside the target's scale range (read from the scale
+    tensors alone, 1/16 of the codes: re-quantized, unless all zero)."""
+    import numpy as np
 
+    from . import decode
+    from .encoding import describe
+    from .st import read_raw
+
+    cast = {m.name: g for g in p.groups if g.cast is not None for m in g.members}
     decoded = [t for t in ck.tensors.values() if getattr(t, "parts", None)]
-    by: dict[str, list] = {}
+    by: dict[tuple[str, str | None], list] = {}
     for t in decoded:
-        by.setdefault(describe(t.encoding), []).append(t)
+        g = cast.get(t.name)
+        by.setdefault((describe(t.encoding), g.format if g else None), []).append(t)
     lines = []
-    for what, ts in by.items():
+    for (what, into), ts in by.items():
         stored = sum(t.stored_bytes for t in ts)
         scales = sum(len(t.encoding.scales) for t in ts)
-        lines.append(f"source stored quantized: {len(ts)} weights {what} ({stored / 1e6:.2f} MB), decoded to BF16 "
-                     f"as they are read ({sum(t.nbytes for t in ts) / 1e6:.2f} MB, the sizes above); their "
-                     f"{scales} scale tensors are not copied")
+        head = f"source stored quantized: {len(ts)} weights {what} ({stored / 1e6:.2f} MB), "
+        tail = f"; their {scales} scale tensors are not copied"
+        if into is None:
+            lines.append(head + f"decoded to BF16 as they are read ({sum(t.nbytes for t in ts) / 1e6:.2f} MB, the "
+                         "sizes above)" + tail)
+            continue
+        out = total = 0
+        for g in {id(cast[t.name]): cast[t.name] for t in ts}.values():
+            e8m0 = [read_raw(m.parts[1]).view(np.uint8) for m in g.members]
+            top = decode.mx_global_exponent(decode.e8m0_group_max(e8m0, g.key))
+            for b in e8m0:
+                d = b.astype(np.int32) - decode.E8M0_BIAS - top
+                out += int(np.count_nonzero((d < decode.E4M3_KMIN) | (d > decode.E4M3_KMAX)))
+                total += b.size
+        lines.append(head + f"cast into {into} code for code; {out} of {total} blocks of {decode.MX_BLOCK} fall "
+                     "outside its scale range (re-quantized unless all zero)" + tail)
     return lines
 
 

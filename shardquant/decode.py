@@ -271,3 +271,32 @@ def deinterleave_gate_up(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x.shape[0] % 2:
         raise ValueError(f"gpt-oss gate_up has an odd number of rows ({x.shape[0]})")
     return x[0::2], x[1::2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cast's per-quantizer record (shardquant/pipeline.py, manifest "cast", verify)
+
+E2M1_MAX = 6.0  # the largest E2M1 magnitude
+
+
+def mx_cast_amax(group_e8m0_max: int) -> np.float32:
+    """The amax a cast records for its quantizer: 6 x 2^(b - 127) for the group's largest E8M0 byte b,
+    the largest value its scales allow (max |W| is at most this, and equal where a block of that
+    exponent holds a +-6 code). Known from the scale tensors alone, before any code is read."""
+    return np.float32(np.ldexp(np.float32(E2M1_MAX), int(group_e8m0_max) - E8M0_BIAS))
+
+
+def mx_cast_global_scale(amax: np.float32) -> np.float32:
+    """s2 = 2^m of a cast whose recorded amax is mx_cast_amax(b): m = mx_global_exponent(b)."""
+    k = int(np.round(np.log2(np.float64(amax) / E2M1_MAX)))
+    return np.float32(np.ldexp(np.float32(1), mx_global_exponent(k + E8M0_BIAS)))
+
+
+def mx_cast_record_ok(amax: float, global_scale: float) -> bool:
+    """A manifest's cast quantizer: amax is 6 x a power of two and the global scale is the one the
+    cast derives from it."""
+    a = np.float32(amax)
+    if not (np.isfinite(a) and a > 0):
+        return False
+    k = np.log2(np.float64(a) / E2M1_MAX)
+    return bool(k == np.round(k)) and mx_cast_global_scale(a) == np.float32(global_scale)

@@ -514,11 +514,18 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 DECODE_BAND_ELEMENTS = 1 << 22  # decoded at once: 16 MiB of fp32 (in the plan's fixed overhead, plan.py)
 # Kinds a conversion decodes today; the others are refused with the reason (SourceError).
-DECODED_KINDS = (BLOCK_FP8,)
+DECODED_KINDS = (BLOCK_FP8, MXFP4)
 _NOT_YET = {
-    MXFP4: "MXFP4 weights",
     MXFP4_3D: "fused 3-D MXFP4 experts (gpt-oss layout)",
 }
+
+
+def casts_losslessly(kind: str, fmt) -> bool:
+    """Whether weights stored as `kind` go into the declared format `fmt` (formats/base.py Format) by
+    a cast that keeps every code (decode.mxfp4_to_nvfp4): MXFP4 into E2M1 codes with 16-element E4M3
+    block scales under a power-of-two global scale. Any other pair is decoded and re-quantized."""
+    return (kind == MXFP4 and fmt.element == "E2M1" and fmt.block_size == 16 and fmt.scale_dtype == "F8_E4M3"
+            and fmt.global_scale)
 
 
 def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> dict[str, TensorInfo]:

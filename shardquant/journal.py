@@ -130,14 +130,14 @@ class Journal:
     def checkpoint(self, name: str, tmp: str, tensors: int, info: dict, scales: dict) -> None:
         """Shard `name`'s temporary file `tmp` holds its first `tensors` tensors, durably."""
         self.partial[name] = {"tmp": tmp, "tensors": tensors, "size": info["size"], "sha256": info["sha256"]}
-        self.scales.update({k: [float(v[0]), float(v[1])] for k, v in scales.items()})
+        self.scales.update({k: _scale_rec(v) for k, v in scales.items()})
         self.save()
 
     def record(self, name: str, info: dict, scales: dict | None = None) -> None:
         self.partial.pop(name, None)
         self.files[name] = {"sha256": info["sha256"], "size": info["size"]}
         if scales:
-            self.scales.update({k: [float(v[0]), float(v[1])] for k, v in scales.items()})
+            self.scales.update({k: _scale_rec(v) for k, v in scales.items()})
         self.save()
 
     def valid(self, names) -> set[str]:
@@ -160,6 +160,11 @@ def _regular(st) -> bool:
     import stat
 
     return stat.S_ISREG(st.st_mode)
+
+
+def _scale_rec(v) -> list:
+    """[amax, global scale], and for a cast (shardquant/pipeline.py cast_group) the blocks it re-quantized."""
+    return [float(v[0]), float(v[1])] + ([int(v[2])] if len(v) > 2 else [])
 
 
 class _Bad(Exception):
@@ -200,10 +205,12 @@ def _validate(d: object) -> tuple:
         out_files[n] = None if v is None else _file_rec(v, f"file {n[:80]!r}")
     out_scales: dict[str, list[float]] = {}
     for k, v in scales.items():
-        if not (isinstance(v, list) and len(v) == 2 and all(type(x) in (int, float) for x in v)
-                and all(math.isfinite(x) for x in v) and v[0] >= 0 and v[1] > 0):
-            raise _Bad(f"scales of {k[:80]!r}: expected [amax >= 0, global scale > 0], finite")
-        out_scales[k] = [float(v[0]), float(v[1])]
+        if not (isinstance(v, list) and len(v) in (2, 3) and all(type(x) in (int, float) for x in v)
+                and all(math.isfinite(x) for x in v) and v[0] >= 0 and v[1] > 0
+                and (len(v) == 2 or (type(v[2]) is int and v[2] >= 0))):
+            raise _Bad(f"scales of {k[:80]!r}: expected [amax >= 0, global scale > 0, (re-quantized blocks of a "
+                       "cast >= 0)], finite")
+        out_scales[k] = _scale_rec(v)
     out_sources = {}
     for n, v in sources.items():
         if not plain_name(n):

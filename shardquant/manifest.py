@@ -24,7 +24,7 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
     quantizers = {}
     tensors = {}
     for g in plan.groups:
-        amax, gs = scales[g.key]
+        amax, gs = scales[g.key][:2]
         scaled = formats.declared(g.format).quantizer_scale  # block scales only: no per-quantizer scale
         quantizers[g.key] = {
             "amax": float(amax),
@@ -34,6 +34,9 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
             "rule": g.rule,
             "two_pass": g.two_pass,
         }
+        if g.cast is not None:  # codes kept from the source (shardquant/pipeline.py cast_group)
+            requantized = scales[g.key][2] if len(scales[g.key]) > 2 else 0
+            quantizers[g.key]["cast"] = {"from": g.cast, "requantized_blocks": int(requantized)}
         for m in g.members:
             names = plan.outputs[m.name]
             tensors[m.name] = {

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import flavors, formats, trace
+from . import decode, flavors, formats, trace
 from .journal import SHARD_METADATA, Journal
 from .provenance import SourceHasher
 from .plan import PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
@@ -168,8 +168,9 @@ class _Reader:
 
 
 def _two(u: Unit) -> bool:
-    """Groups the reader hands over without data: read twice, or member by member onto the GPU."""
-    return u.group is not None and (u.group.two_pass or u.group.on_device)
+    """Groups the reader hands over without data: read twice, member by member onto the GPU, or cast
+    member by member (plan.Group.cast)."""
+    return u.group is not None and (u.group.two_pass or u.group.on_device or u.group.cast is not None)
 
 
 class _Shards:
@@ -397,7 +398,33 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     reader = _Reader(units, counter)
     stop = threading.Event()
 
+    def cast_group(g, job: _Job) -> None:
+        """Members stored MXFP4 cast into the group's format code for code (decode.mxfp4_to_nvfp4): the
+        global scale from every member's E8M0 scales (read first: 1/16 of the codes), then each member's
+        codes read and cast. The same NumPy arithmetic whatever the backend: byte copies, and only the
+        blocks out of E4M3's range re-quantized (counted in the manifest)."""
+        fl = flavors.FLAVORS[plan.flavor]
+        e8m0 = [counter.read(m.parts[1]) for m in g.members]
+        gmax = decode.e8m0_group_max(e8m0, g.key)
+        amax = decode.mx_cast_amax(gmax)
+        with lock:
+            scales[g.key] = (float(amax), float(decode.mx_cast_global_scale(amax)), 0)
+        requantized = 0
+        for i, m in enumerate(g.members):
+            weight, scale, s2, n = decode.mxfp4_to_nvfp4(counter.read(m.parts[0]), e8m0[i], gmax, m.name)
+            e8m0[i] = None
+            requantized += n
+            names = plan.outputs[m.name]
+            outs = [(names["weight"], weight), (names["scale"], scale),
+                    (names.get("global_scale", names["scale"]), fl.scalar(g.format, s2, m.shape))]
+            for j, (name, arr) in enumerate(outs):
+                job.put((name, arr, 0, m.nbytes if j == len(outs) - 1 else 0))
+        with lock:
+            scales[g.key] = (float(amax), float(s2), requantized)
+
     def quantize_group(backend, g, data, job: _Job) -> None:
+        if g.cast is not None:
+            return cast_group(g, job)
         fmt = formats.get(g.format)  # mixed precision: each quantizer its own format
         two_pass = data is None  # the reader did not read it: members are read here, one at a time
         held_on_device: set[int] = set()  # members whose read budget went back after the amax

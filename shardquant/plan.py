@@ -11,6 +11,7 @@ from typing import Callable
 from dataclasses import dataclass, field
 
 from . import formats
+from .encoding import MXFP4, casts_losslessly
 from .errors import PlanError, RuleError
 from .flavors import FLAVORS
 from .flavors import refusal
@@ -42,6 +43,10 @@ class Group:
     two_pass: bool = False  # larger than the host memory budget: read once for the amax, again to quantize
     on_device: bool = False  # larger than the host memory budget but held on the GPU: read once
     format: str = ""  # the registered format this quantizer takes (mixed precision: per group)
+    # the source kind its members are cast from, code for code (shardquant/encoding.py casts_losslessly):
+    # the global scale comes from the members' scale tensors alone, each member is then read and cast
+    # on its own, so the group is never held whole
+    cast: str | None = None
 
     @property
     def source_bytes(self) -> int:
@@ -144,6 +149,8 @@ def _widen(parts: list[str], nums: list[int]) -> str:
 
 
 def _held(u: Unit) -> int:
+    if u.group is not None and u.group.cast is not None:  # every member's scales, one member's codes
+        return sum(m.parts[1].nbytes for m in u.group.members) + max(m.nbytes for m in u.group.members)
     if u.group is not None and (u.group.two_pass or u.group.on_device):
         return max(m.nbytes for m in u.group.members)
     return u.source_bytes
@@ -227,7 +234,17 @@ def make_plan(
                 kept[n] = Decision(KEEP, decisions[n].rule, reason=f"fused set not quantizable: {why}", warn=True)
             continue
         g = Group(key, decisions[names[0]].rule, members, format=gfmt)
-        if g.source_bytes > memory_budget:
+        kinds = {m.encoding.kind for m in members if getattr(m, "encoding", None) is not None}
+        cast = [k for k in kinds if casts_losslessly(k, layout)]
+        if cast:
+            if len(kinds) > 1 or len(members) != sum(getattr(m, "encoding", None) is not None for m in members):
+                raise PlanError(f"quantizer {show(key, quote=False)} mixes {cast[0]} members, which {gfmt} takes "
+                                "by a lossless cast, with members stored otherwise; one global scale cannot serve both")
+            g.cast = cast[0]
+        elif MXFP4 in kinds:
+            warnings.append(f"quantizer {show(key, quote=False)}: source {', '.join(sorted(kinds))} decoded and "
+                            f"re-quantized to {gfmt} (no lossless cast into it)")
+        if g.source_bytes > memory_budget and g.cast is None:
             gpu_asked = True
             g.on_device = gpu_bytes() is not None and g.source_bytes <= gpu_bytes()
             g.two_pass = not g.on_device

@@ -69,10 +69,13 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("vision", r"(?:.*\.)?(?:vision_tower|vision_model|visual|vision_encoder|multi_modal_projector|audio_tower)\..*", KEEP, reason="vision tower"),
     Rule("mtp", r"(?:.*\.)?mtp\..*", KEEP, reason="MTP layer"),
     Rule("bias", r".*\.bias", KEEP, reason="bias"),
-    Rule("embedding", r"(?:.*\.)?(?:embed_tokens|word_embeddings|wte|tok_embeddings)\.weight", KEEP, reason="embedding"),
-    Rule("head", r"(?:.*\.)?(?:lm_head|output_layer|shared_head\.head)\.weight", KEEP, reason="output head"),
+    # `embed` / `head`: DeepSeek-V4's flat names (../shared/LAYOUTS.md "DeepSeek-V4")
+    Rule("embedding", r"(?:.*\.)?(?:embed_tokens|word_embeddings|wte|tok_embeddings|embed)\.weight", KEEP, reason="embedding"),
+    Rule("head", r"(?:.*\.)?(?:lm_head|output_layer|shared_head\.head|head)\.weight", KEEP, reason="output head"),
     Rule("norm", r".*(?:norm|ln_[a-z0-9]+)[a-z0-9_]*\.weight", KEEP, reason="norm"),
-    Rule("router", r".*\.(?:mlp\.gate|block_sparse_moe\.gate|router|mlp\.router|feed_forward\.router)\.(?:weight|e_score_correction_bias)", KEEP, reason="router"),
+    Rule("router", r".*\.(?:mlp\.gate|block_sparse_moe\.gate|ffn\.gate|router|mlp\.router|feed_forward\.router)\.(?:weight|e_score_correction_bias)", KEEP, reason="router"),
+    # DeepSeek-V4 attention's compressor and the indexer's head weights stay in high precision there
+    Rule("v4_attn_kept", r".*\.attn\.(?:compressor\..*|indexer\.weights_proj\.weight|attn_sink)", KEEP, reason="attention compressor / indexer weights"),
     Rule("shared_expert_gate", r".*\.shared_expert_gate\.weight", KEEP, reason="shared expert gate"),
     # attention
     Rule("attn_qkv", _L + r"\.(?P<proj>q_proj|k_proj|v_proj)\.weight", QUANTIZE, "{prefix}.qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -80,15 +83,20 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("attn_other", _L + r"\.(?P<proj>o_proj|q_b_proj|kv_b_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
     Rule("attn_fused_qkv", _L + r"\.(?P<proj>qkv_proj|query_key_value|Wqkv)\.weight", QUANTIZE, "{prefix}.{proj}"),
     Rule("te_attn", r"(?P<prefix>.*\.self_attention)\.(?P<proj>linear_qkv|linear_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
+    # DeepSeek-V4: wq_a and wkv both read the hidden state (as V3's q_a / kv_a): one quantizer
+    Rule("v4_attn_a", _L + r"\.(?P<proj>wq_a|wkv)\.weight", QUANTIZE, "{prefix}.wq_a_wkv", ("wq_a", "wkv")),
+    Rule("v4_attn_other", _L + r"\.(?P<proj>wq_b|wo_a|wo_b|indexer\.wq_b)\.weight", QUANTIZE, "{prefix}.{proj}"),
     # routed experts
     Rule("experts_gate_up", _MLP + r"\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.experts.{expert}.gate_up_proj", ("gate_proj", "up_proj")),
     Rule("experts_down", _MLP + r"\.experts\.(?P<expert>\d+)\.(?P<proj>down_proj)\.weight", QUANTIZE, "{prefix}.experts.{expert}.down_proj"),
-    Rule("mixtral_w13", r"(?P<prefix>.*\.block_sparse_moe)\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w3)\.weight", QUANTIZE, "{prefix}.experts.{expert}.w13", ("w1", "w3")),
-    Rule("mixtral_w2", r"(?P<prefix>.*\.block_sparse_moe)\.experts\.(?P<expert>\d+)\.(?P<proj>w2)\.weight", QUANTIZE, "{prefix}.experts.{expert}.w2"),
+    Rule("mixtral_w13", r"(?P<prefix>.*\.(?:block_sparse_moe|ffn))\.experts\.(?P<expert>\d+)\.(?P<proj>w1|w3)\.weight", QUANTIZE, "{prefix}.experts.{expert}.w13", ("w1", "w3")),
+    Rule("mixtral_w2", r"(?P<prefix>.*\.(?:block_sparse_moe|ffn))\.experts\.(?P<expert>\d+)\.(?P<proj>w2)\.weight", QUANTIZE, "{prefix}.experts.{expert}.w2"),
     Rule("te_experts", r"(?P<prefix>.*\.experts\.(?P<proj>linear_fc1|linear_fc2))\.weight(?P<expert>\d+)", QUANTIZE, "{prefix}.weight{expert}"),
     # shared experts and dense MLPs
     Rule("shared_expert_gate_up", _MLP + r"\.(?P<sub>shared_experts?)\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.{sub}.gate_up_proj", ("gate_proj", "up_proj")),
     Rule("shared_expert_down", _MLP + r"\.(?P<sub>shared_experts?)\.down_proj\.weight", QUANTIZE, "{prefix}.{sub}.down_proj"),
+    Rule("v4_shared_w13", r"(?P<prefix>.*\.ffn)\.shared_experts\.(?P<proj>w1|w3)\.weight", QUANTIZE, "{prefix}.shared_experts.w13", ("w1", "w3")),
+    Rule("v4_shared_w2", r"(?P<prefix>.*\.ffn)\.shared_experts\.(?P<proj>w2)\.weight", QUANTIZE, "{prefix}.shared_experts.w2"),
     Rule("mlp_gate_up", _MLP + r"\.(?P<proj>gate_proj|up_proj)\.weight", QUANTIZE, "{prefix}.gate_up_proj", ("gate_proj", "up_proj")),
     Rule("mlp_down", _MLP + r"\.down_proj\.weight", QUANTIZE, "{prefix}.down_proj"),
     Rule("mlp_fused_gate_up", _MLP + r"\.(?P<proj>gate_up_proj)\.weight", QUANTIZE, "{prefix}.{proj}"),
@@ -97,9 +105,9 @@ BUILTIN_RULES: tuple[Rule, ...] = (
 
 # What `--format-for KIND=FORMAT` names: the built-in rows by the part of the model they claim.
 KINDS: dict[str, tuple[str, ...]] = {
-    "attention": ("attn_qkv", "mla_a", "attn_other", "attn_fused_qkv", "te_attn"),
+    "attention": ("attn_qkv", "mla_a", "attn_other", "attn_fused_qkv", "te_attn", "v4_attn_a", "v4_attn_other"),
     "experts": ("experts_gate_up", "experts_down", "mixtral_w13", "mixtral_w2", "te_experts"),
-    "shared-experts": ("shared_expert_gate_up", "shared_expert_down"),
+    "shared-experts": ("shared_expert_gate_up", "shared_expert_down", "v4_shared_w13", "v4_shared_w2"),
     "mlp": ("mlp_gate_up", "mlp_down", "mlp_fused_gate_up", "te_mlp"),
 }
 KEEP_FORMAT = "keep"  # --format-for ...=keep: left in high precision

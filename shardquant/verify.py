@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import formats, manifest, trace
+from . import decode, formats, manifest, trace
 from .background import in_background
 from .errors import HeaderError, ShardquantError, SourceError
 from .flavors import FLAVORS, Flavor
@@ -1110,6 +1110,11 @@ def _check_manifest(man: dict, ann: Announced, fl: Flavor, tensors: dict[str, Te
                                        f"{fmt_of[key]} {'has' if scaled else 'has no'} per-quantizer scale"))
             continue
         amax, g = _f32(q["amax"]), _f32(q["global_scale"])
+        if "cast" in q:  # codes kept from the source: the global scale is the cast's (decode.py)
+            if not decode.mx_cast_record_ok(q["amax"], q["global_scale"]):
+                found.append(Violation("manifest", key, f"global_scale {short_repr(q['global_scale'])} is not the "
+                                       f"scale of a {q['cast']['from']} cast of amax {short_repr(q['amax'])}"))
+            continue
         with np.errstate(over="ignore", invalid="ignore"):
             want_g = fmt.global_scale(amax)
         if want_g != g or float(g) != q["global_scale"]:
@@ -1371,7 +1376,12 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
                                             f"(relative RMS error {st.rel_rms:.3g})"))
     for qkey, a in amax.items():
         q = qs[qkey]
-        if len([s for s in q["members"] if s in c.good]) == len(q["members"]) and _f32(q["amax"]) != a:
+        if len([s for s in q["members"] if s in c.good]) != len(q["members"]):
+            continue
+        if "cast" in q and not a <= _f32(q["amax"]):  # a cast's amax bounds max |W| (decode.py mx_cast_amax)
+            rep.violations.append(Violation("manifest", qkey, f"amax {short_repr(q['amax'])} of a cast, but max |W| "
+                                            f"of the source members is {float(a)!r}, above it"))
+        elif "cast" not in q and _f32(q["amax"]) != a:
             rep.violations.append(Violation("manifest", qkey, f"amax {short_repr(q['amax'])}, but max |W| of the "
                                             f"source members is {float(a)!r}"))
     return data
