@@ -398,3 +398,30 @@ def test_error_power_kernel_against_float64(gpu, code, kind, dtype, nan):
     assert s == pytest.approx(want_s, rel=1e-12)
     assert np.isnan(n) if nan else n == pytest.approx(want_n, rel=1e-12)
     assert top == np.float32(np.max(np.abs(to_f32(src, dtype))))
+
+
+@pytest.mark.parametrize("fmt", sorted(formats.FORMATS))
+@pytest.mark.parametrize("source", ["deepseek_v3", "deepseek_v4", "kimi_k3"])
+def test_quantized_source_gpu_equals_cpu_byte_for_byte(tmp_path, source, fmt):
+    """Sources stored quantized (shardquant/encoding.py): decoded weights go through the GPU kernels,
+    casts run the same NumPy code on both (tests/test_quantized_sources.py for the CPU's own checks)."""
+    if not formats.declared(fmt).kernel:
+        pytest.skip(f"{fmt} declares no GPU kernel (formats/base.py Format.kernel): --device cuda is refused")
+    from shardquant.convert import convert
+    from shardquant.testing_sources import SOURCES
+
+    fx = SOURCES[source]()
+    src = fx.write(tmp_path / "src")
+    a = convert(str(src), tmp_path / "cpu", fmt, device="cpu")
+    b = convert(str(src), tmp_path / "gpu", fmt, device="cuda")
+    assert (a.backend, b.backend) == ("numpy", "cupy") and a.bytes_read == b.bytes_read
+    files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "gpu").iterdir())
+    for name in files:
+        if name == "scale_manifest.json":
+            ma = json.loads((tmp_path / "cpu" / name).read_text())
+            mb = json.loads((tmp_path / "gpu" / name).read_text())
+            assert ma.pop("backend") == "numpy" and mb.pop("backend") == "cupy"
+            assert ma == mb
+        else:
+            assert filecmp.cmp(tmp_path / "cpu" / name, tmp_path / "gpu" / name, shallow=False), name

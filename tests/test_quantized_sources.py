@@ -246,3 +246,84 @@ def test_mxfp4_source_into_a_format_without_a_cast_is_decoded_exactly(k3, tmp_pa
     assert any("mxfp4 decoded and re-quantized to fp8" in w for w in r.plan.warnings)
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert "quantization_config" not in cfg["text_config"]
+
+
+@pytest.mark.parametrize("count", [20, 30])  # before and after the quantizer whose cast re-quantizes a block
+def test_killed_cast_resumes_byte_identical(k3, tmp_path, count):
+    """A conversion from an MXFP4 source killed between shards resumes to the same bytes, the cast's
+    re-quantized block count of finished quantizers included (kept in the journal)."""
+    from test_resume import files, kill_at  # the same child and kill points (tests/test_resume.py)
+
+    _, src = k3
+    clean = tmp_path / "clean"
+    conv.convert(str(src), clean, "nvfp4", device="cpu", max_shard_size=40_000)
+    man = json.loads((clean / "scale_manifest.json").read_text())
+    assert sum(q["cast"]["requantized_blocks"] for q in man["quantizers"].values() if "cast" in q) == 1
+    out = tmp_path / "out"
+    kill_at(src, out, "after-shard", "SHARD", count)
+    r = conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=40_000)
+    assert r.resumed >= count
+    assert files(out) == files(clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every fixture that converts, into every format of the registry
+
+
+CONVERTED = ("deepseek_v3", "deepseek_v4", "kimi_k3")
+
+
+def _decoded_copy(fx, root: Path) -> Path:
+    """The fixture as a BF16 checkpoint from its float64 references (testing_sources.py): each quantized
+    weight under its logical name, its scale tensors gone, no quantization_config anywhere."""
+    import ml_dtypes
+
+    quantized = {n: e for n, e in fx.expected.items() if e.scales}
+    drop = {t for e in quantized.values() for t in e.data + e.scales}
+    first = {e.data[0]: n for n, e in quantized.items()}
+    specs, arrays = [], {}
+    for name, dtype, shape in fx.model.specs:
+        if name in first:
+            logical = first[name]
+            ref = fx.reference[logical]
+            specs.append((logical, "BF16", ref.shape))
+            arrays[logical] = ref.astype(ml_dtypes.bfloat16).view(np.uint16)
+        elif name not in drop:
+            specs.append((name, dtype, shape))
+            arrays[name] = fx.arrays[name]
+    cfg = {k: v for k, v in fx.config.items() if k != "quantization_config"}
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if k != "quantization_config"}
+    return write_checkpoint(root, Model(specs, cfg), shard_bytes=fx.shard_bytes(), data=lambda spec, rng: arrays[spec[0]])
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from shardquant.testing_sources import SOURCES
+
+    out = {}
+    for name in CONVERTED:
+        fx = SOURCES[name]()
+        root = tmp_path_factory.mktemp(name)
+        out[name] = (fx, fx.write(root / "src"), _decoded_copy(fx, root / "bf16"))
+    return out
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+@pytest.mark.parametrize("name", CONVERTED)
+def test_every_quantized_source_into_every_format(sources, name, fmt, tmp_path):
+    """verify --source passes (SQNR against the decoded source, a cast's record); quantizers that are
+    not a cast hold exactly the bytes converting the decoded BF16 copy gives (exact where the source
+    decodes exactly: E8M0 scales, MXFP4; V3's F32 scales round once, as its copy does)."""
+    fx, src, copy = sources[name]
+    r = conv.convert(str(src), tmp_path / "a", fmt, device="cpu")
+    conv.convert(str(copy), tmp_path / "b", fmt, device="cpu")
+    rep = verify(tmp_path / "a", str(src), device="cpu")
+    assert rep.ok, rep.violations[:3]
+    got, want = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert got.keys() == want.keys()
+    man = json.loads((tmp_path / "a" / "scale_manifest.json").read_text())
+    cast = {t for q in man["quantizers"].values() if "cast" in q for m in q["members"]
+            for t in man["tensors"][m].values() if t}
+    assert bool(cast) == any(g.cast for g in r.plan.groups)
+    assert [k for k in got if k not in cast and got[k] != want[k]] == []

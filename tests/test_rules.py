@@ -43,6 +43,7 @@ DS = "model.layers.3"  # DeepSeek-V3 MoE layer
 L4 = "language_model.model.layers.0"  # Llama 4
 TE = "decoder.layers.0"  # Megatron / TransformerEngine
 P3 = "model.layers.0"  # Phi-3: q/k/v and gate/up stored pre-fused
+V4 = "layers.2"  # DeepSeek-V4
 
 CASES: list[Case] = [
     # Qwen3-MoE
@@ -167,6 +168,23 @@ CASES: list[Case] = [
     k(f"{QW}.mlp.router.bias", "bias", "bias", (32,)),
     k(f"{QW}.self_attn.q_proj.bias", "bias", "bias", (64,)),
     k(f"{QW}.self_attn.sinks", "not-a-weight", "1-D BF16 tensor", (64,)),
+    # DeepSeek-V4: flat names, no `model.` prefix (../shared/LAYOUTS.md "DeepSeek-V4")
+    k("embed.weight", "embedding", "embedding", (256, 64)),
+    k("head.weight", "head", "output head", (256, 64)),
+    k(f"{V4}.ffn.gate.weight", "router", "router", (8, 64)),
+    k(f"{V4}.attn.compressor.wkv.weight", "v4_attn_kept", "attention compressor / indexer weights"),
+    k(f"{V4}.attn.indexer.weights_proj.weight", "v4_attn_kept", "attention compressor / indexer weights", (4, 64)),
+    q(f"{V4}.attn.wq_a.weight", "v4_attn_a", f"{V4}.attn.wq_a_wkv", shape=(32, 64)),
+    q(f"{V4}.attn.wkv.weight", "v4_attn_a", f"{V4}.attn.wq_a_wkv", shape=(32, 64)),
+    q(f"{V4}.attn.wq_b.weight", "v4_attn_other", f"{V4}.attn.wq_b"),
+    q(f"{V4}.attn.wo_a.weight", "v4_attn_other", f"{V4}.attn.wo_a"),
+    q(f"{V4}.attn.indexer.wq_b.weight", "v4_attn_other", f"{V4}.attn.indexer.wq_b"),
+    q(f"{V4}.ffn.experts.7.w1.weight", "mixtral_w13", f"{V4}.ffn.experts.*.w13", f"{V4}.ffn.experts.7.w13", (32, 64)),
+    q(f"{V4}.ffn.experts.7.w3.weight", "mixtral_w13", f"{V4}.ffn.experts.*.w13", f"{V4}.ffn.experts.7.w13", (32, 64)),
+    q(f"{V4}.ffn.experts.7.w2.weight", "mixtral_w2", f"{V4}.ffn.experts.*.w2", f"{V4}.ffn.experts.7.w2", (64, 32)),
+    q(f"{V4}.ffn.shared_experts.w1.weight", "v4_shared_w13", f"{V4}.ffn.shared_experts.w13", shape=(32, 64)),
+    q(f"{V4}.ffn.shared_experts.w3.weight", "v4_shared_w13", f"{V4}.ffn.shared_experts.w13", shape=(32, 64)),
+    q(f"{V4}.ffn.shared_experts.w2.weight", "v4_shared_w2", f"{V4}.ffn.shared_experts.w2", shape=(64, 32)),
 ]
 
 

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 from shardquant import trace
+import numpy as np
+
 from shardquant.testing import Model, fast_data, qwen3_moe, write_checkpoint
 
 HIDDEN, INTER, EXPERTS, HEADS, KV, HD, VOCAB = 2048, 768, 128, 32, 4, 128, 151936
@@ -42,13 +44,59 @@ def qwen3_30b_shaped(size_gb: float) -> Model:
                      heads=HEADS, kv_heads=KV, head_dim=HD)
 
 
-def build(workdir: Path, size_gb: float) -> Path:
-    src = workdir / f"qwen3-moe-{size_gb:g}gb"
+# Source encodings a benchmark checkpoint can be stored in (shardquant/encoding.py reads them):
+# bf16; block-fp8 (DeepSeek-V3's `weight` F8_E4M3 + `weight_scale_inv` F32 per 128x128 tile, every
+# linear); mxfp4 (Kimi-K3's compressed-tensors `weight_packed` + E8M0 `weight_scale` per 32, routed
+# experts; the rest bf16).
+ENCODINGS = ("bf16", "block-fp8", "mxfp4")
+
+
+def encoded(model: Model, encoding: str) -> Model:
+    """The model's specs and config as stored in `encoding` (same logical weights)."""
+    if encoding == "bf16":
+        return model
+    specs, linear = [], (".self_attn.", ".mlp.experts.") if encoding == "block-fp8" else (".mlp.experts.",)
+    for name, dtype, shape in model.specs:
+        if not (len(shape) == 2 and name.endswith("_proj.weight") and any(k in name for k in linear)):
+            specs.append((name, dtype, shape))
+        elif encoding == "block-fp8":
+            specs += [(name, "F8_E4M3", shape), (name + "_scale_inv", "F32", (-(-shape[0] // 128), -(-shape[1] // 128)))]
+        else:
+            stem = name[: -len(".weight")]
+            specs += [(stem + ".weight_packed", "U8", (shape[0], shape[1] // 2)),
+                      (stem + ".weight_scale", "U8", (shape[0], shape[1] // 32))]
+    cfg = dict(model.config)
+    cfg["quantization_config"] = (
+        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+        if encoding == "block-fp8" else
+        {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized",
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "group_size": 32,
+                                                                           "strategy": "group", "symmetric": True}}}})
+    return Model(specs, cfg)
+
+
+def encoded_data(spec, rng: np.random.Generator) -> np.ndarray:
+    """fast_data for float tensors; E4M3 codes without NaN, packed E2M1 bytes, tile scales near 2^-10,
+    E8M0 bytes 2^-12..2^-5 (a spread of 8 binades: every block fits a cast)."""
+    name, dtype, shape = spec
+    if dtype == "F8_E4M3":
+        return rng.integers(0, 0x7F, size=shape, dtype=np.uint8) | (rng.integers(0, 2, size=shape, dtype=np.uint8) << 7)
+    if name.endswith("_scale_inv"):
+        return np.full(shape, 2.0**-10, np.float32) * (1 + rng.random(shape, dtype=np.float32))
+    if name.endswith(".weight_packed"):
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    if name.endswith(".weight_scale"):
+        return rng.integers(127 - 12, 127 - 4, size=shape, dtype=np.uint8)
+    return fast_data(spec, rng)
+
+
+def build(workdir: Path, size_gb: float, encoding: str = "bf16") -> Path:
+    src = workdir / (f"qwen3-moe-{size_gb:g}gb" + ("" if encoding == "bf16" else f"-{encoding}"))
     if (src / "model.safetensors.index.json").exists():
         return src
     t0 = time.perf_counter()
-    write_checkpoint(src, qwen3_30b_shaped(size_gb), shard_bytes=4 * 10**9 if size_gb > 8 else 10**9,
-                     data=fast_data)
+    write_checkpoint(src, encoded(qwen3_30b_shaped(size_gb), encoding),
+                     shard_bytes=4 * 10**9 if size_gb > 8 else 10**9, data=encoded_data)
     print(f"# built {src} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return src
 
@@ -195,7 +243,9 @@ def read_trace(path: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=float, action="append", help="checkpoint size in GB (repeatable)")
+    ap.add_argument("--size", type=float, action="append", help="checkpoint size in GB of bf16 (repeatable)")
+    ap.add_argument("--encoding", default="bf16", choices=ENCODINGS,
+                    help="how the source stores its weights (a quantized source is smaller than --size)")
     ap.add_argument("--formats", default="nvfp4,fp8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--policies", default="shared", help="expert policies, comma-separated: shared,per-expert")
@@ -220,7 +270,7 @@ def main() -> None:
         shutil.rmtree(work / "warm-up", ignore_errors=True)
     results = []
     for size in args.size or [2.0]:
-        src = build(work, size)
+        src = build(work, size, args.encoding)
         for fmt, policy in [(f, p) for f in args.formats.split(",") for p in args.policies.split(",")]:
             rows = []
             for _ in range(args.runs):  # read baseline and conversion alternate, same files
@@ -243,7 +293,7 @@ def main() -> None:
             src_b, out_b = rows[0]["source_bytes"], rows[0]["output_bytes"]
             disk_s = med["read_s"] + med["write_s"]
             res = {
-                "size_gb": size, "format": fmt, "policy": policy, "device": args.device, "backend": rows[0]["backend"],
+                "size_gb": size, "encoding": args.encoding, "format": fmt, "policy": policy, "device": args.device, "backend": rows[0]["backend"],
                 "runs": args.runs, "cold": args.cold, "source_gb": src_b / 1e9, "output_gb": out_b / 1e9,
                 "convert_gb_s": src_b / med["seconds"] / 1e9,
                 "wall_gb_s": src_b / med["wall"] / 1e9,
@@ -281,12 +331,12 @@ def main() -> None:
     shutil.rmtree(work / "out", ignore_errors=True)
     print(f"# {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}, "
           f"{'cold' if args.cold else 'warm'} page cache, medians of {args.runs}")
-    print("| size GB | format | policy | backend | convert MB/s (in run) | whole process MB/s | read+write at once MB/s | "
+    print("| size GB (bf16), source encoding | format | policy | backend | convert MB/s of bf16 (in run) | whole process MB/s | read+write at once MB/s | "
           "whole process / that limit | in run / that limit | read MB/s | write MB/s | bytes read/source | "
           "peak RSS MiB | bound MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['size_gb']:g} | {r['format']} | {r['policy']} | {r['backend']} | {r['convert_gb_s'] * 1e3:.0f} | "
+        print(f"| {r['size_gb']:g} {r['encoding']} | {r['format']} | {r['policy']} | {r['backend']} | {r['convert_gb_s'] * 1e3:.0f} | "
               f"{r['wall_gb_s'] * 1e3:.0f} | {r['concurrent_limit_gb_s'] * 1e3:.0f} | "
               f"{r['wall_over_concurrent_limit']:.2f} | {r['convert_over_concurrent_limit']:.2f} | "
               f"{r['read_gb_s'] * 1e3:.0f} | {r['write_gb_s'] * 1e3:.0f} | {r['bytes_read_over_source']:.3f} | "
@@ -298,7 +348,7 @@ def main() -> None:
     for r in results:
         at = [r.get(k) for k in ("at_python_ready", "at_warm_start", "at_planned", "at_first_read", "at_finished",
                                  "after_finish_s")]
-        print(f"| {r['size_gb']:g} | {r['format']} | {r['policy']} | "
+        print(f"| {r['size_gb']:g} {r['encoding']} | {r['format']} | {r['policy']} | "
               + " | ".join("-" if v is None else f"{v:.2f}" for v in at)
               + f" | {r['source_gb'] / r['wall_gb_s']:.2f} |")
 
