@@ -502,6 +502,18 @@ class DecodedTensor(TensorInfo):
         return out
 
 
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """A decoded weight's stored parts as read, not decoded yet: handed to a backend that decodes on
+    its device (shardquant/backend.py load; the GPU's kernels.cu block_fp8_decode)."""
+
+    info: DecodedTensor
+    raws: tuple[np.ndarray, ...]
+
+    def decode(self) -> np.ndarray:
+        return self.info.decode(list(self.raws))
+
+
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     """fp32 -> BF16 storage, round to nearest even; NaN stays NaN (a quiet NaN's top bits)."""
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)

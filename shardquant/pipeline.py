@@ -17,6 +17,7 @@ import numpy as np
 
 from . import decode, flavors, formats, trace
 from .journal import SHARD_METADATA, Journal
+from .encoding import Encoded
 from .provenance import SourceHasher
 from .plan import PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
 from .st import encode_header, read_raw
@@ -83,10 +84,14 @@ class _Counter:
         self.hasher = hasher
         self._lock = threading.Lock()
 
-    def read(self, info, first: bool = True) -> np.ndarray:
-        parts = getattr(info, "parts", None)  # a weight the source stores quantized: read, then decoded
+    def read(self, info, first: bool = True, defer: tuple[str, ...] = ()):
+        """A tensor's raw storage. A weight the source stores quantized: its parts read, then decoded
+        here, or, where its kind is in `defer` (the backend's own decodes), handed over as they are
+        (shardquant/encoding.py Encoded)."""
+        parts = getattr(info, "parts", None)
         if parts:
-            return info.decode([self.read(p, first) for p in parts])
+            raws = [self.read(p, first) for p in parts]
+            return Encoded(info, tuple(raws)) if info.encoding.kind in defer else info.decode(raws)
         if self.gate is not None:
             self.gate.wait(info.file)
         if not self.n:
@@ -105,8 +110,8 @@ class _Reader:
     arithmetic runs. Bytes held (read and not yet released by the consumer) stay within the
     largest unit plus PREFETCH_BYTES. Two-pass groups are handed over without data."""
 
-    def __init__(self, units: list[Unit], counter: _Counter):
-        self.units, self.counter = units, counter
+    def __init__(self, units: list[Unit], counter: _Counter, defer: tuple[str, ...] = ()):
+        self.units, self.counter, self.defer = units, counter, defer  # defer: the backend decodes these kinds
         self.budget = max((u.source_bytes for u in units if not _two(u)), default=0) + PREFETCH_BYTES
         self.held = 0
         self.waited = 0.0  # seconds the consumer waited for read data (shardquant/trace.py "pipeline")
@@ -139,7 +144,7 @@ class _Reader:
                 for m in (u.group.members if u.group else [u.kept]):
                     if not self._acquire(m.nbytes):
                         return
-                    futures.append(pool.submit(self.counter.read, m))
+                    futures.append(pool.submit(self.counter.read, m, True, self.defer if u.group else ()))
                 self.q.put((u, futures))
         except BaseException as e:  # handed to the consumer, which raises it
             self.q.put((None, e))
@@ -395,7 +400,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     writer = _Writer(shards)
     counter = _Counter(hasher, gate)
     bar = _bar(sum(u.source_bytes for u in units), progress)
-    reader = _Reader(units, counter)
+    reader = _Reader(units, counter, backends[0].decodes)
     stop = threading.Event()
 
     def cast_group(g, job: _Job) -> None:
@@ -433,12 +438,13 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             handles = []
             amax = np.float32(0)
             for m in g.members:
-                h = backend.load(counter.read(m))
+                h = backend.load(counter.read(m, defer=backend.decodes))
                 amax = max(amax, backend.amax(h, m.dtype, m.name))  # synchronizes: the host copy may go
                 handles.append(h)
             data = [None] * len(g.members)
         elif two_pass:  # read each member for the amax, then again to quantize
-            amax = max(backend.amax(backend.load(counter.read(m)), m.dtype, m.name) for m in g.members)
+            amax = max(backend.amax(backend.load(counter.read(m, defer=backend.decodes)), m.dtype, m.name)
+                       for m in g.members)
             data = [None] * len(g.members)
             handles = [None] * len(g.members)
         else:
@@ -474,7 +480,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         fl = flavors.FLAVORS[plan.flavor]
         for i, m in enumerate(g.members):
             h = handles[i]
-            raw = data[i] if data[i] is not None or h is not None else counter.read(m, first=False)
+            raw = data[i] if data[i] is not None or h is not None else counter.read(m, False, backend.decodes)
             if h is None:
                 h = backend.load(raw)
             weight, scale = q.quantize(h, m.dtype, m.name)  # synchronizes: raw's copy is done

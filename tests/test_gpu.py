@@ -425,3 +425,36 @@ def test_quantized_source_gpu_equals_cpu_byte_for_byte(tmp_path, source, fmt):
             assert ma == mb
         else:
             assert filecmp.cmp(tmp_path / "cpu" / name, tmp_path / "gpu" / name, shallow=False), name
+
+
+@pytest.mark.parametrize("scale_dtype", ["F32", "E8M0"])
+def test_block_fp8_decode_kernel_equals_numpy(scale_dtype):
+    """kernels.cu block_fp8_decode against shardquant/encoding.py DecodedTensor.decode, every E4M3
+    code (NaN codes included), edge tiles, subnormal and extreme scales, -0.0."""
+    from pathlib import Path
+
+    from shardquant.encoding import BLOCK_FP8, DecodedTensor, SourceEncoding
+    from shardquant.st import TensorInfo
+
+    rng = np.random.default_rng(3)
+    dev = CupyBackend("cuda", None).dev
+    for rows, cols in [(1, 1), (128, 128), (129, 257), (300, 1000), (256, 256)]:
+        codes = rng.integers(0, 256, size=(rows, cols), dtype=np.uint8)
+        codes.reshape(-1)[: min(256, codes.size)] = np.arange(min(256, codes.size), dtype=np.uint8)  # every code
+        grid = (-(-rows // 128), -(-cols // 128))
+        if scale_dtype == "F32":
+            scales = (rng.standard_normal(grid) ** 2 * 1e-3).astype(np.float32)
+            scales.reshape(-1)[0] = np.float32(1e-40)  # subnormal
+            scales.reshape(-1)[-1] = np.float32(3e38)  # products overflow to Inf
+        else:
+            scales = rng.integers(0, 255, size=grid, dtype=np.uint8)
+            scales.reshape(-1)[0] = 0  # 2^-127
+            scales.reshape(-1)[-1] = 254
+        enc = SourceEncoding("w", BLOCK_FP8, "F8_E4M3", ("w",), ("s",), "F32" if scale_dtype == "F32" else "E8M0",
+                             (128, 128), (rows, cols))
+        part = TensorInfo("w", "F8_E4M3", (rows, cols), Path("x"), 0, rows * cols)
+        scale_part = TensorInfo("s", "F32" if scale_dtype == "F32" else "F8_E8M0", grid, Path("x"), 0, scales.nbytes)
+        info = DecodedTensor("w", "BF16", (rows, cols), Path("x"), 0, 2 * rows * cols, enc, (part, scale_part))
+        want = info.decode([codes, scales])
+        got = dev.to_host(dev.block_fp8_decode(codes, scales, (128, 128), scale_dtype == "E8M0"))[0]
+        assert got.dtype == np.uint16 and np.array_equal(got, want), (rows, cols)

@@ -53,7 +53,7 @@ class _Module:
         import cupy
         from cupy.cuda import compiler, function
 
-        names = ["ieee_probe"]
+        names = ["ieee_probe", "block_fp8_decode<0>", "block_fp8_decode<1>"]
         for dtype, t in _TYPES.items():
             names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>",
                       f"mxfp8_quant<{t}>", f"mxfp4_quant<{t}>"]
@@ -377,6 +377,23 @@ class Device:
             sums, m = out.get(stream=self.stream), top.get(stream=self.stream)
             self.stream.synchronize()
         return float(sums[0]), float(sums[1]), np.uint32(m[0]).view(np.float32)
+
+    def block_fp8_decode(self, codes: np.ndarray, scales: np.ndarray, block: tuple[int, int], e8m0: bool):
+        """A block-FP8 weight's codes [out, in] and tile scales (fp32, or E8M0 bytes) uploaded and
+        decoded to bf16 storage on the device (kernels.cu block_fp8_decode; the NumPy twin is
+        shardquant/encoding.py DecodedTensor.decode). The caller keeps the host arrays alive until
+        the stream is synchronized (to_device)."""
+        rows, cols = codes.shape
+        c, s = self.to_device(codes.view(np.uint8)), self.to_device(scales.view(np.uint8) if e8m0 else scales)
+        with self.device, self.stream:
+            out = self.cp.empty((rows, cols), dtype=self.cp.uint16)
+            n = rows * cols
+            if n:
+                _module(self.index).get(f"block_fp8_decode<{int(e8m0)}>")(
+                    (min(_grid(n)[0], 1 << 20),), (_THREADS,),
+                    (c, s, np.int64(rows), np.int64(cols), np.int64(scales.shape[1]), np.int32(block[0]),
+                     np.int32(block[1]), out), stream=self.stream)
+        return out
 
     def to_host(self, *xs) -> list[np.ndarray]:
         """Device arrays back to NumPy, after everything queued on this device's stream."""
