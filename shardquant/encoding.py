@@ -515,12 +515,13 @@ class Encoded:
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """fp32 -> BF16 storage, round to nearest even; NaN stays NaN (a quiet NaN's top bits)."""
+    """fp32 -> BF16 storage, round to nearest even; every NaN becomes the quiet NaN 0x7FC0 (its sign
+    and payload depend on the processor that made it; the GPU decode writes the same)."""
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)
     out = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
-        out[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+        out[nan] = np.uint16(0x7FC0)
     return out
 
 

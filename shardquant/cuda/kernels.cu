@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(256) error_power(const typename Store<T>::type
 
 // A block-FP8 source weight decoded on the GPU (shardquant/encoding.py DecodedTensor.decode, bit for
 // bit): E4M3 code times the scale of its bh x bw tile (E8M0 0: fp32 scales; 1: E8M0 bytes), one fp32
-// multiply, then rounded to nearest even into bf16 (a NaN stays a quiet NaN).
+// multiply, then rounded to nearest even into bf16 (any NaN becomes the quiet NaN 0x7fc0).
 template <int E8M0>
 __global__ void block_fp8_decode(const unsigned char* __restrict__ codes, const void* __restrict__ scales,
                                  long long rows, long long cols, long long scale_cols, int bh, int bw,
@@ -490,7 +490,6 @@ __global__ void block_fp8_decode(const unsigned char* __restrict__ codes, const 
                        : reinterpret_cast<const float*>(scales)[si];
         float p = __fmul_rn(e4m3_value(codes[i]), s);
         unsigned int u = __float_as_uint(p);
-        out[i] = (p != p) ? (unsigned short)((u >> 16) | 0x40u)
-                          : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        out[i] = (p != p) ? (unsigned short)0x7fc0u : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     }
 }
