@@ -139,6 +139,11 @@ FUSED_3D: tuple[Fused3D, ...] = (
 _FUSED_NAME = re.compile(r".*\.experts\.(?:gate_up_proj|down_proj)")
 
 
+def fused_expert_name(name: str, info: TensorInfo) -> bool:
+    """A 3-D float tensor named like fused experts (recognize decides its layout)."""
+    return len(info.shape) == 3 and info.dtype in FLOAT_DTYPES and bool(_FUSED_NAME.fullmatch(name))
+
+
 @dataclass(frozen=True)
 class SourceEncoding:
     """One logical weight of a source checkpoint and how it is stored.
@@ -541,18 +546,51 @@ def casts_losslessly(kind: str, fmt) -> bool:
             and fmt.global_scale)
 
 
-def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> dict[str, TensorInfo]:
-    """The tensors a conversion plans with, in source order: each quantized weight as one
-    DecodedTensor under its logical name, its scale tensors gone (they never reach an output),
-    every other tensor as stored. Raises SourceError for an encoding not decoded yet."""
+def expert_slices(info: TensorInfo, enc: SourceEncoding) -> list[TensorInfo] | None:
+    """A plain 3-D expert tensor stored [E, out, in] with gate and up as halves (or no gate/up): each
+    expert's weights are contiguous rows of it, so each is planned, read and hashed as a 2-D tensor of
+    its own under the per-expert name the engines load (`X.experts.gate_up_proj` -> `X.experts.{e}.gate_proj.weight`
+    and `...up_proj.weight`; `X.experts.down_proj` -> `X.experts.{e}.down_proj.weight`: the names of
+    vLLM's FusedMoE expert mapping, docs/formats.md "Quantized sources: conversion"). None for the
+    layouts whose experts are not contiguous rows ([E, in, out], interleaved gate/up)."""
+    if enc.kind != PLAIN_3D or enc.orientation != OUT_IN or enc.interleaved or "." not in info.name:
+        return None
+    base, proj = info.name.rsplit(".", 1)
+    out, inp = enc.shape
+    item = info.nbytes // max(1, enc.experts * out * inp)
+    pieces = []
+    for e in range(enc.experts):
+        at = info.offset + e * out * inp * item
+        if enc.gate_up is None:
+            pieces.append(TensorInfo(f"{base}.{e}.{proj}.weight", info.dtype, (out, inp), info.file, at, out * inp * item))
+            continue
+        half = out // 2
+        for k, member in enumerate(("gate_proj", "up_proj")):
+            pieces.append(TensorInfo(f"{base}.{e}.{member}.weight", info.dtype, (half, inp), info.file,
+                                     at + k * half * inp * item, half * inp * item))
+    return pieces
+
+
+def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> tuple[dict[str, TensorInfo],
+                                                                                      dict[str, TensorInfo]]:
+    """(the tensors a conversion plans with, the stored tensors as it reads them), in source order:
+    each quantized weight as one DecodedTensor under its logical name, its scale tensors gone (they
+    never reach an output); each contiguous 3-D expert tensor as its experts' 2-D slices
+    (expert_slices), in both; every other tensor as stored. Raises SourceError for an encoding not
+    decoded yet."""
     out: dict[str, TensorInfo] = {}
+    stored: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         if name in layout.scales:
+            stored[name] = info
             continue
         enc = layout.of(name)
         if not enc.quantized:
-            out[name] = info
+            pieces = expert_slices(info, enc) or [info]
+            out.update((t.name, t) for t in pieces)
+            stored.update((t.name, t) for t in pieces)
             continue
+        stored[name] = info
         if enc.kind not in DECODED_KINDS:
             raise SourceError(f"tensor {show(name)} ({show(info.file.name, quote=False)}): source holds "
                               f"{_NOT_YET.get(enc.kind, enc.kind)}, which shardquant does not convert yet")
@@ -561,4 +599,4 @@ def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> 
         parts = tuple(tensors[n] for n in enc.tensors)
         out[enc.name] = DecodedTensor(enc.name, "BF16", tuple(enc.shape), info.file, info.offset,
                                       2 * int(np.prod(enc.shape)), enc, parts)
-    return out
+    return out, stored

@@ -279,16 +279,18 @@ def _read_json(path: Path) -> dict:
 
 def with_decoded(ck: Checkpoint) -> Checkpoint:
     """The checkpoint as a conversion plans it: a source stored quantized (block FP8, MXFP4: its
-    config's quantization_config, or quantized dtypes in its headers) gets its logical weights
-    (shardquant/encoding.py decoded_tensors); any other comes back as it is. Raises SourceError where
+    config's quantization_config, or quantized dtypes in its headers) gets its logical weights, and
+    fused 3-D experts their per-expert slices (shardquant/encoding.py decoded_tensors); any other
+    comes back as it is. Raises SourceError where
     the encoding is inconsistent, or one that is not converted yet, naming the tensor."""
     from . import encoding
 
     quantized_dtypes = encoding.QUANTIZED_DTYPES + encoding.PACKED_DTYPES
     if encoding.quantization_config(ck.config) is None and not any(
-            t.dtype in quantized_dtypes for t in ck.tensors.values()):
+            t.dtype in quantized_dtypes or encoding.fused_expert_name(n, t) for n, t in ck.tensors.items()):
         return ck
     layout = encoding.recognize(ck.tensors, ck.config)
-    if not layout.quantized:
+    tensors, stored = encoding.decoded_tensors(ck.tensors, layout)
+    if list(tensors) == list(ck.tensors):
         return ck
-    return dataclasses.replace(ck, tensors=encoding.decoded_tensors(ck.tensors, layout), stored=ck.tensors)
+    return dataclasses.replace(ck, tensors=tensors, stored=stored)

@@ -327,3 +327,69 @@ def test_every_quantized_source_into_every_format(sources, name, fmt, tmp_path):
             for t in man["tensors"][m].values() if t}
     assert bool(cast) == any(g.cast for g in r.plan.groups)
     assert [k for k in got if k not in cast and got[k] != want[k]] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused 3-D experts stored [E, out, in] (transformers-5 layout): one 2-D slice per expert
+
+
+def _split_copy(fx, root: Path) -> Path:
+    """The fixture with every fused [E, out, in] expert tensor written as per-expert 2-D tensors
+    (gate rows then up rows of gate_up_proj), split with NumPy from the stored bytes."""
+    specs, arrays = [], {}
+    for name, dtype, shape in fx.model.specs:
+        a = fx.arrays[name]
+        if len(shape) == 3 and name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            base, proj = name.rsplit(".", 1)
+            for e in range(shape[0]):
+                if proj == "gate_up_proj":
+                    half = shape[1] // 2
+                    for k, member in enumerate(("gate_proj", "up_proj")):
+                        n = f"{base}.{e}.{member}.weight"
+                        specs.append((n, dtype, (half, shape[2])))
+                        arrays[n] = np.ascontiguousarray(a[e, k * half:(k + 1) * half])
+                else:
+                    n = f"{base}.{e}.{proj}.weight"
+                    specs.append((n, dtype, tuple(shape[1:])))
+                    arrays[n] = np.ascontiguousarray(a[e])
+            continue
+        specs.append((name, dtype, shape))
+        arrays[name] = a
+    return write_checkpoint(root, Model(specs, dict(fx.config)), shard_bytes=fx.shard_bytes(),
+                            data=lambda spec, rng: arrays[spec[0]])
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    from shardquant.testing_sources import fused_experts
+
+    fx = fused_experts()
+    root = tmp_path_factory.mktemp("fused")
+    return fx, fx.write(root / "src"), _split_copy(fx, root / "split")
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_fused_experts_convert_per_expert_as_their_split_copy(fused, fmt, tmp_path):
+    """Each expert of `mlp.experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] is planned and
+    written as `mlp.experts.{e}.gate_proj` / `up_proj` / `down_proj`, the names vLLM's expert mapping
+    loads: the output is byte for byte the conversion of the per-expert copy, every source byte is
+    read once and hashed, and verify --source passes."""
+    from shardquant.errors import PlanError
+
+    fx, src, split = fused
+    try:
+        r = conv.convert(str(src), tmp_path / "a", fmt, device="cpu")
+    except PlanError as e:  # fp8-block: these small experts are not whole 128x128 tiles
+        with pytest.raises(PlanError) as same:
+            conv.convert(str(split), tmp_path / "b", fmt, device="cpu")
+        assert str(same.value) == str(e) and "128x128" in str(e)
+        return
+    conv.convert(str(split), tmp_path / "b", fmt, device="cpu")
+    assert _tensors(tmp_path / "a") == _tensors(tmp_path / "b")
+    assert any(".experts.*.gate_up_proj" in g.key and len(g.members) == 2 * fx.config["num_experts"]
+               for g in r.plan.groups)
+    assert r.bytes_read == sum(t.nbytes for t in scan(src).tensors.values())
+    files = json.loads((tmp_path / "a" / "scale_manifest.json").read_text())["source"]["files"]
+    assert all(files[p.name]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir())
+    rep = verify(tmp_path / "a", str(src), device="cpu")
+    assert rep.ok, rep.violations[:3]
