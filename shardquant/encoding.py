@@ -546,14 +546,34 @@ def casts_losslessly(kind: str, fmt) -> bool:
             and fmt.global_scale)
 
 
+@dataclass(frozen=True)
+class ExpertView(TensorInfo):
+    """One expert's weight of a 3-D tensor stored [E, in, out] (Llama 4): its [out, in] is the transpose
+    of columns `cols` of the expert's contiguous [in, out] slice (`parts[0]`). Gate and up of one
+    expert share that slice: the pipeline reads it once for both (shardquant/pipeline.py)."""
+
+    encoding: SourceEncoding = None  # type: ignore[assignment]
+    parts: tuple[TensorInfo, ...] = ()
+    cols: tuple[int, int] = (0, 0)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.parts[0].nbytes
+
+    def decode(self, raws: list[np.ndarray]) -> np.ndarray:
+        a, b = self.cols
+        return np.ascontiguousarray(raws[0][:, a:b].T)
+
+
 def expert_slices(info: TensorInfo, enc: SourceEncoding) -> list[TensorInfo] | None:
-    """A plain 3-D expert tensor stored [E, out, in] with gate and up as halves (or no gate/up): each
+    """A plain 3-D expert tensor with gate and up as halves (or no gate/up). Stored [E, out, in]: each
     expert's weights are contiguous rows of it, so each is planned, read and hashed as a 2-D tensor of
-    its own under the per-expert name the engines load (`X.experts.gate_up_proj` -> `X.experts.{e}.gate_proj.weight`
+    its own; stored [E, in, out] (Llama 4): each is an ExpertView of its expert's slice. Either way under
+    the per-expert name the engines load (`X.experts.gate_up_proj` -> `X.experts.{e}.gate_proj.weight`
     and `...up_proj.weight`; `X.experts.down_proj` -> `X.experts.{e}.down_proj.weight`: the names of
-    vLLM's FusedMoE expert mapping, docs/formats.md "Quantized sources: conversion"). None for the
-    layouts whose experts are not contiguous rows ([E, in, out], interleaved gate/up)."""
-    if enc.kind != PLAIN_3D or enc.orientation != OUT_IN or enc.interleaved or "." not in info.name:
+    vLLM's FusedMoE expert mapping, docs/formats.md "Quantized sources: conversion"). None for
+    interleaved gate/up (gpt-oss)."""
+    if enc.kind != PLAIN_3D or enc.interleaved or "." not in info.name:
         return None
     base, proj = info.name.rsplit(".", 1)
     out, inp = enc.shape
@@ -561,6 +581,12 @@ def expert_slices(info: TensorInfo, enc: SourceEncoding) -> list[TensorInfo] | N
     pieces = []
     for e in range(enc.experts):
         at = info.offset + e * out * inp * item
+        if enc.orientation == IN_OUT:  # [in, out] per expert: each member is a transposed column range
+            part = TensorInfo(f"{info.name}[{e}]", info.dtype, (inp, out), info.file, at, out * inp * item)
+            members = (("gate_proj", 0, out // 2), ("up_proj", out // 2, out)) if enc.gate_up else ((proj, 0, out),)
+            pieces += [ExpertView(f"{base}.{e}.{member}.weight", info.dtype, (b - a, inp), info.file, at,
+                                  (b - a) * inp * item, enc, (part,), (a, b)) for member, a, b in members]
+            continue
         if enc.gate_up is None:
             pieces.append(TensorInfo(f"{base}.{e}.{proj}.weight", info.dtype, (out, inp), info.file, at, out * inp * item))
             continue
@@ -588,7 +614,9 @@ def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> 
         if not enc.quantized:
             pieces = expert_slices(info, enc) or [info]
             out.update((t.name, t) for t in pieces)
-            stored.update((t.name, t) for t in pieces)
+            for t in pieces:  # what is read: a view's slice (once for the members that share it)
+                for r in getattr(t, "parts", None) or (t,):
+                    stored[r.name] = r
             continue
         stored[name] = info
         if enc.kind not in DECODED_KINDS:

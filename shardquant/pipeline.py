@@ -141,10 +141,21 @@ class _Reader:
                     self.q.put((u, None))
                     continue
                 futures = []
-                for m in (u.group.members if u.group else [u.kept]):
+                members = u.group.members if u.group else [u.kept]
+                shared = _shared_parts(members)
+                part_reads: dict[int, object] = {}  # a slice several members view: read once
+                for m in members:
                     if not self._acquire(m.nbytes):
                         return
-                    futures.append(pool.submit(self.counter.read, m, True, self.defer if u.group else ()))
+                    parts = getattr(m, "parts", None) or ()
+                    if any(id(p) in shared for p in parts):
+                        for p in parts:
+                            if id(p) not in part_reads:
+                                part_reads[id(p)] = pool.submit(self.counter.read, p)
+                        # submitted after its parts: they have started (FIFO) when this waits on them
+                        futures.append(pool.submit(_decode_when_read, m, [part_reads[id(p)] for p in parts]))
+                    else:
+                        futures.append(pool.submit(self.counter.read, m, True, self.defer if u.group else ()))
                 self.q.put((u, futures))
         except BaseException as e:  # handed to the consumer, which raises it
             self.q.put((None, e))
@@ -170,6 +181,49 @@ class _Reader:
         with self.cv:
             self.stop = True
             self.cv.notify_all()
+
+
+def _shared_parts(members) -> set[int]:
+    """ids of the stored parts more than one member reads (gate and up of one Llama 4 expert:
+    shardquant/encoding.py ExpertView)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for m in members:
+        for p in getattr(m, "parts", None) or ():
+            (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
+def _decode_when_read(m, reads) -> np.ndarray:
+    return m.decode([f.result() for f in reads])
+
+
+class _MemberReads:
+    """Members read one after another (a group read twice, held on the GPU, or read again): a slice
+    several members view is read for the first and kept until the last of them has it."""
+
+    def __init__(self, counter: _Counter, members, defer: tuple[str, ...]):
+        self.counter, self.defer = counter, defer
+        self.left: dict[int, int] = {}
+        for m in members:
+            for p in getattr(m, "parts", None) or ():
+                self.left[id(p)] = self.left.get(id(p), 0) + 1
+        self.kept: dict[int, np.ndarray] = {}
+
+    def read(self, m, first: bool = True):
+        parts = getattr(m, "parts", None) or ()
+        if not any(self.left.get(id(p), 0) > 1 or id(p) in self.kept for p in parts):
+            return self.counter.read(m, first, self.defer)
+        raws = []
+        for p in parts:
+            raw = self.kept.pop(id(p), None)
+            if raw is None:
+                raw = self.counter.read(p, first)
+            self.left[id(p)] -= 1
+            if self.left[id(p)] > 0:
+                self.kept[id(p)] = raw
+            raws.append(raw)
+        return m.decode(raws)
 
 
 def _two(u: Unit) -> bool:
@@ -437,14 +491,15 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             # held on the GPU (plan.Group.on_device): each member read once, uploaded, reduced, kept
             handles = []
             amax = np.float32(0)
+            reads = _MemberReads(counter, g.members, backend.decodes)
             for m in g.members:
-                h = backend.load(counter.read(m, defer=backend.decodes))
+                h = backend.load(reads.read(m))
                 amax = max(amax, backend.amax(h, m.dtype, m.name))  # synchronizes: the host copy may go
                 handles.append(h)
             data = [None] * len(g.members)
         elif two_pass:  # read each member for the amax, then again to quantize
-            amax = max(backend.amax(backend.load(counter.read(m, defer=backend.decodes)), m.dtype, m.name)
-                       for m in g.members)
+            reads = _MemberReads(counter, g.members, backend.decodes)
+            amax = max(backend.amax(backend.load(reads.read(m)), m.dtype, m.name) for m in g.members)
             data = [None] * len(g.members)
             handles = [None] * len(g.members)
         else:
@@ -478,9 +533,11 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             scales[g.key] = (float(amax), float(gs))
         q = backend.quantizer(g.format, gs)
         fl = flavors.FLAVORS[plan.flavor]
+        again = _MemberReads(counter, [m for i, m in enumerate(g.members) if data[i] is None and handles[i] is None],
+                             backend.decodes)
         for i, m in enumerate(g.members):
             h = handles[i]
-            raw = data[i] if data[i] is not None or h is not None else counter.read(m, False, backend.decodes)
+            raw = data[i] if data[i] is not None or h is not None else again.read(m, False)
             if h is None:
                 h = backend.load(raw)
             weight, scale = q.quantize(h, m.dtype, m.name)  # synchronizes: raw's copy is done

@@ -157,7 +157,7 @@ class SourceHasher:
                     if f.digest is None and not f.deferred and off >= f.cursor:
                         f.self_read.add(off)
                         self._advance(f)
-                elif f.digest is None and not f.deferred and off >= f.cursor:
+                elif f.digest is None and not f.deferred and off >= f.cursor and off not in f.pending:
                     f.pending[off] = raw
                     self._advance(f)
                 else:

@@ -393,3 +393,47 @@ def test_fused_experts_convert_per_expert_as_their_split_copy(fused, fmt, tmp_pa
     assert all(files[p.name]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir())
     rep = verify(tmp_path / "a", str(src), device="cpu")
     assert rep.ok, rep.violations[:3]
+
+
+def _split_in_out_copy(fx, root: Path) -> Path:
+    """Llama 4's [E, in, out] experts as per-expert [out, in] tensors (gate = the first half of the
+    output features), transposed with NumPy from the stored bytes."""
+    specs, arrays = [], {}
+    for name, dtype, shape in fx.model.specs:
+        a = fx.arrays[name]
+        if len(shape) == 3 and name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            base, proj = name.rsplit(".", 1)
+            out = shape[2]
+            members = (("gate_proj", 0, out // 2), ("up_proj", out // 2, out)) if proj == "gate_up_proj" else ((proj, 0, out),)
+            for e in range(shape[0]):
+                for member, lo, hi in members:
+                    n = f"{base}.{e}.{member}.weight"
+                    specs.append((n, dtype, (hi - lo, shape[1])))
+                    arrays[n] = np.ascontiguousarray(a[e][:, lo:hi].T)
+            continue
+        specs.append((name, dtype, shape))
+        arrays[name] = a
+    return write_checkpoint(root, Model(specs, dict(fx.config)), shard_bytes=fx.shard_bytes(),
+                            data=lambda spec, rng: arrays[spec[0]])
+
+
+@pytest.mark.parametrize("budget", [None, 1])  # a group held whole; every group read twice (over the budget)
+def test_llama4_experts_convert_per_expert_as_their_transposed_copy(budget, tmp_path):
+    """Llama 4's `feed_forward.experts.gate_up_proj` [E, H, 2I] and `down_proj` [E, I, H] become
+    per-expert [out, in] weights under `experts.{e}.gate_proj` / `up_proj` / `down_proj` (vLLM's Llama 4
+    loader maps these names: docs/formats.md): the bytes of converting the transposed copy. Gate and up
+    view one slice of each expert, read once per pass (a group over the memory budget: twice)."""
+    from shardquant.testing_sources import llama4
+
+    fx = llama4()
+    src, split = fx.write(tmp_path / "src"), _split_in_out_copy(fx, tmp_path / "split")
+    kw = {} if budget is None else {"memory_budget": budget}
+    r = conv.convert(str(src), tmp_path / "a", "nvfp4", device="cpu", **kw)
+    conv.convert(str(split), tmp_path / "b", "nvfp4", device="cpu")
+    assert _tensors(tmp_path / "a") == _tensors(tmp_path / "b")
+    assert (budget is not None) == all(g.two_pass for g in r.plan.groups)
+    stored = sum(t.nbytes for t in scan(src).tensors.values())
+    assert r.bytes_read - r.reread_bytes == stored
+    assert r.reread_bytes == (0 if budget is None else sum(g.source_bytes for g in r.plan.groups))
+    rep = verify(tmp_path / "a", str(src), device="cpu")
+    assert rep.ok, rep.violations[:3]
