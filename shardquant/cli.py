@@ -293,7 +293,7 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
                   if p.device_memory is not None else " (CPU conversion)"))
     click.echo(f"estimated peak memory: {p.peak_bytes / 1e6:.0f} MB")
     ck = p.checkpoint
-    for line in _source_encodings(p, ck):
+    for line in _source_encodings(p, ck) + list(ck.fused_notes):
         click.echo(line)
     if ck.hub is not None:  # a hub source: what a conversion downloads, and what it leaves on the hub
         todo = ck.hub.missing(ck.root)

@@ -597,13 +597,13 @@ def expert_slices(info: TensorInfo, enc: SourceEncoding) -> list[TensorInfo] | N
     return pieces
 
 
-def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> tuple[dict[str, TensorInfo],
-                                                                                      dict[str, TensorInfo]]:
+def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout,
+                    notes: dict[str, list[int]] | None = None) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
     """(the tensors a conversion plans with, the stored tensors as it reads them), in source order:
     each quantized weight as one DecodedTensor under its logical name, its scale tensors gone (they
     never reach an output); each contiguous 3-D expert tensor as its experts' 2-D slices
     (expert_slices), in both; every other tensor as stored. Raises SourceError for an encoding not
-    decoded yet."""
+    decoded yet. `notes`, if given, gains {description of a fused 3-D layout: [tensors, weights]}."""
     out: dict[str, TensorInfo] = {}
     stored: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
@@ -613,6 +613,9 @@ def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout) -> 
         enc = layout.of(name)
         if not enc.quantized:
             pieces = expert_slices(info, enc) or [info]
+            if notes is not None and len(pieces) > 1:
+                n = notes.setdefault(describe(enc), [0, 0])
+                n[0], n[1] = n[0] + 1, n[1] + len(pieces)
             out.update((t.name, t) for t in pieces)
             for t in pieces:  # what is read: a view's slice (once for the members that share it)
                 for r in getattr(t, "parts", None) or (t,):

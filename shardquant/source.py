@@ -46,6 +46,7 @@ class Checkpoint:
     # A source stored quantized (shardquant/encoding.py): `tensors` are then the logical weights (each
     # quantized one a DecodedTensor, scale tensors gone) and `stored` the tensors as the files hold them.
     stored: dict[str, TensorInfo] | None = None
+    fused_notes: tuple[str, ...] = ()  # what became of fused 3-D experts, for `plan` (with_decoded)
 
     @property
     def stored_tensors(self) -> dict[str, TensorInfo]:
@@ -290,7 +291,10 @@ def with_decoded(ck: Checkpoint) -> Checkpoint:
             t.dtype in quantized_dtypes or encoding.fused_expert_name(n, t) for n, t in ck.tensors.items()):
         return ck
     layout = encoding.recognize(ck.tensors, ck.config)
-    tensors, stored = encoding.decoded_tensors(ck.tensors, layout)
+    notes: dict[str, list[int]] = {}
+    tensors, stored = encoding.decoded_tensors(ck.tensors, layout, notes)
     if list(tensors) == list(ck.tensors):
         return ck
-    return dataclasses.replace(ck, tensors=tensors, stored=stored)
+    fused = tuple(f"source stores {t} fused 3-D expert tensor{'s' * (t != 1)} ({what}): planned and written as "
+                  f"{w} per-expert weights" for what, (t, w) in notes.items())
+    return dataclasses.replace(ck, tensors=tensors, stored=stored, fused_notes=fused)

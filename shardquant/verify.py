@@ -1335,11 +1335,29 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
         else:
             kept.append((s, o))
 
+    casts = {k for k, q in qs.items() if "cast" in q}
+
+    def changed_blocks(key: str, m: Module, src, fmt: str) -> int:
+        """A cast member: its 32-element blocks whose packed codes differ from the source's."""
+        stored = np.ascontiguousarray(read_raw(src.parts[0])).view(np.uint8).reshape(-1, 16)
+        written = np.ascontiguousarray(read_raw(m.tensors[fl.weight_name(fmt)])).view(np.uint8).reshape(-1, 16)
+        if stored.shape != written.shape:
+            return stored.shape[0]
+        return int(np.count_nonzero((stored != written).any(axis=1)))
+
     def one(item):
         """A kept tensor: equal or not. A quantized one: (its data checks if the contract left them
-        here, else None; its three numbers, or None where the scales are malformed)."""
+        here, else None; its three numbers, or None where the scales are malformed; for a cast's
+        member, its blocks whose codes differ from the source's)."""
         if len(item) == 2:
             return bool(np.array_equal(read_raw(item[1]), read_raw(item[0])))
+        key, m, src, fmt = item
+        if quantizer_of.get(key) in casts and getattr(src, "parts", None):
+            data, power = one_quantized(item)
+            return data, power, changed_blocks(key, m, src, fmt)
+        return one_quantized(item) + (None,)
+
+    def one_quantized(item):
         key, m, _, fmt = item
         data = None
         if c.pending and key in c.pending:  # the scales are read here, once, just before the comparison reads them again
@@ -1357,7 +1375,10 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
         if not same:
             rep.violations.append(Violation("source", s.name, "kept tensor differs from the source, byte for byte"))
     data: dict[str, tuple[list[Violation], np.float32 | None]] = {}
-    for (key, m, src, fmt), (checked, power) in zip(work, results[:len(work)]):
+    changed: dict[str, int] = {}
+    for (key, m, src, fmt), (checked, power, differ) in zip(work, results[:len(work)]):
+        if differ is not None:
+            changed[quantizer_of[key]] = changed.get(quantizer_of[key], 0) + differ
         if checked is not None:
             data[key] = checked
         if power is None:
@@ -1374,6 +1395,11 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
         if not st.sqnr_db >= floor:  # NaN too
             rep.violations.append(Violation("sqnr", key, f"SQNR {st.sqnr_db:.2f} dB < {floor:g} dB "
                                             f"(relative RMS error {st.rel_rms:.3g})"))
+    for qkey, n in changed.items():  # a cast keeps every code but those of the blocks it says it re-quantized
+        said = qs[qkey]["cast"]["requantized_blocks"]
+        if n != said and len([s for s in qs[qkey]["members"] if s in c.good]) == len(qs[qkey]["members"]):
+            rep.violations.append(Violation("manifest", qkey, f"cast from {qs[qkey]['cast']['from']}: {n} block(s) of "
+                                            f"codes differ from the source's, the manifest says {said} were re-quantized"))
     for qkey, a in amax.items():
         q = qs[qkey]
         if len([s for s in q["members"] if s in c.good]) != len(q["members"]):

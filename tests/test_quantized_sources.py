@@ -437,3 +437,37 @@ def test_llama4_experts_convert_per_expert_as_their_transposed_copy(budget, tmp_
     assert r.reread_bytes == (0 if budget is None else sum(g.source_bytes for g in r.plan.groups))
     rep = verify(tmp_path / "a", str(src), device="cpu")
     assert rep.ok, rep.violations[:3]
+
+
+def test_plan_says_what_becomes_of_fused_experts(fused):
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+
+    fx, src, _ = fused
+    r = CliRunner().invoke(main, ["plan", str(src), "--format", "nvfp4"])
+    assert r.exit_code == 0, r.output
+    E, L = fx.config["num_experts"], fx.config["num_hidden_layers"]
+    assert (f"source stores {L} fused 3-D expert tensors (plain BF16 3-D, {E} experts [E, out, in], gate/up halves): "
+            f"planned and written as {2 * E * L} per-expert weights") in r.output
+
+
+def test_verify_proves_a_cast_kept_every_code(k3, tmp_path):
+    """verify --source compares a cast's codes with the source's block by block: the count that
+    differ must be the manifest's re-quantized blocks. One code byte changed in an in-range block of
+    the output is found and named."""
+    fx, src = k3
+    out = tmp_path / "out"
+    conv.convert(str(src), out, "nvfp4", device="cpu")
+    assert verify(out, str(src), device="cpu").ok
+    man = json.loads((out / "scale_manifest.json").read_text())
+    key, q = next((k, q) for k, q in man["quantizers"].items() if "cast" in q and q["cast"]["requantized_blocks"] == 0)
+    w = scan(out).tensors[q["members"][0]]
+    with open(w.file, "r+b") as f:  # a live block's first byte, nibbles swapped
+        raw = read_raw(w).view(np.uint8).reshape(-1)
+        i = int(np.flatnonzero((raw & 0x77) != ((raw >> 4) & 0x77))[0])
+        f.seek(w.offset + i)
+        f.write(bytes([((raw[i] & 0xF) << 4) | (raw[i] >> 4)]))
+    rep = verify(out, str(src), device="cpu")
+    said = [v for v in rep.violations if v.rule == "manifest" and v.name == key]
+    assert said and "1 block(s) of codes differ from the source's, the manifest says 0" in said[0].detail
