@@ -19,7 +19,7 @@ from . import decode, flavors, formats, trace
 from .journal import SHARD_METADATA, Journal
 from .encoding import Encoded
 from .provenance import SourceHasher
-from .plan import PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
+from .plan import CAST_THREADS, PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
 from .st import encode_header, read_raw
 from .writer import NewFile, OutputDir
 
@@ -462,24 +462,34 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         global scale from every member's E8M0 scales (read first: 1/16 of the codes), then each member's
         codes read and cast. The same NumPy arithmetic whatever the backend: byte copies, and only the
         blocks out of E4M3's range re-quantized (counted in the manifest)."""
-        fl = flavors.FLAVORS[plan.flavor]
         e8m0 = [counter.read(m.parts[1]) for m in g.members]
         gmax = decode.e8m0_group_max(e8m0, g.key)
         amax = decode.mx_cast_amax(gmax)
         with lock:
             scales[g.key] = (float(amax), float(decode.mx_cast_global_scale(amax)), 0)
         requantized = 0
-        for i, m in enumerate(g.members):
-            weight, scale, s2, n = decode.mxfp4_to_nvfp4(counter.read(m.parts[0]), e8m0[i], gmax, m.name)
-            e8m0[i] = None
-            requantized += n
-            names = plan.outputs[m.name]
-            outs = [(names["weight"], weight), (names["scale"], scale),
-                    (names.get("global_scale", names["scale"]), fl.scalar(g.format, s2, m.shape))]
-            for j, (name, arr) in enumerate(outs):
-                job.put((name, arr, 0, m.nbytes if j == len(outs) - 1 else 0))
+
+        def cast(i: int):  # NumPy byte work that releases the GIL: CAST_THREADS members at once
+            return decode.mxfp4_to_nvfp4(counter.read(g.members[i].parts[0]), e8m0[i], gmax, g.members[i].name)
+
+        with ThreadPoolExecutor(CAST_THREADS, thread_name_prefix="shardquant-cast") as pool:
+            pending = deque(pool.submit(cast, i) for i in range(min(CAST_THREADS, len(g.members))))
+            for i, m in enumerate(g.members):
+                weight, scale, s2, n = pending.popleft().result()
+                if i + CAST_THREADS < len(g.members):
+                    pending.append(pool.submit(cast, i + CAST_THREADS))
+                e8m0[i] = None
+                requantized += n
+                put_cast(g.format, m, weight, scale, s2, job)
         with lock:
             scales[g.key] = (float(amax), float(s2), requantized)
+
+    def put_cast(fmt: str, m, weight, scale, s2, job: _Job) -> None:
+        names = plan.outputs[m.name]
+        outs = [(names["weight"], weight), (names["scale"], scale),
+                (names.get("global_scale", names["scale"]), flavors.FLAVORS[plan.flavor].scalar(fmt, s2, m.shape))]
+        for j, (name, arr) in enumerate(outs):
+            job.put((name, arr, 0, m.nbytes if j == len(outs) - 1 else 0))
 
     def quantize_group(backend, g, data, job: _Job) -> None:
         if g.cast is not None:

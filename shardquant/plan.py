@@ -26,6 +26,7 @@ PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
 # Reads in flight: on the H200 machine's disk, per-tensor reads in plan order on 4 threads reach 0.92
 # of one sequential reader, on 8 threads 1.01 (tools/bench_reads.py, docs/benchmarks/README.md).
 READ_THREADS = 8
+CAST_THREADS = 4  # members of a lossless cast read and cast at once (shardquant/pipeline.py cast_group)
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
 # Source tensors read ahead of a file's hash cursor, held until the gap before them is read
@@ -149,8 +150,8 @@ def _widen(parts: list[str], nums: list[int]) -> str:
 
 
 def _held(u: Unit) -> int:
-    if u.group is not None and u.group.cast is not None:  # every member's scales, one member's codes
-        return sum(m.parts[1].nbytes for m in u.group.members) + max(m.nbytes for m in u.group.members)
+    if u.group is not None and u.group.cast is not None:  # every member's scales, CAST_THREADS members' codes
+        return sum(m.parts[1].nbytes for m in u.group.members) + CAST_THREADS * max(m.nbytes for m in u.group.members)
     if u.group is not None and (u.group.two_pass or u.group.on_device):
         return max(m.nbytes for m in u.group.members)
     return u.source_bytes
