@@ -203,6 +203,14 @@ def inspect(directory) -> None:
         for k, q in rows[:40]:
             gs = "-" if q["global_scale"] is None else format(q["global_scale"], "14.6g")  # None: block scales only
             click.echo(f"{show(k, quote=False)[:60]:60s} {len(q['members']):7d} {q['amax']:12.6g} {gs:>14s}")
+        casts: dict[str, list[int]] = {}  # codes kept from an MX source (docs/formats.md "Quantized sources")
+        for q in qs.values():
+            if "cast" in q:
+                c = casts.setdefault(q["cast"]["from"], [0, 0])
+                c[0], c[1] = c[0] + 1, c[1] + q["cast"]["requantized_blocks"]
+        for kind, (n, blocks) in sorted(casts.items()):
+            click.echo(f"cast: {n} quantizer{'s' * (n != 1)} kept the source's {kind} codes; {blocks} block"
+                       f"{'s' * (blocks != 1)} out of the scale range re-quantized")
         reasons: dict[str, int] = {}
         for e in m["excluded"]:
             reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1

@@ -471,3 +471,18 @@ def test_verify_proves_a_cast_kept_every_code(k3, tmp_path):
     rep = verify(out, str(src), device="cpu")
     said = [v for v in rep.violations if v.rule == "manifest" and v.name == key]
     assert said and "1 block(s) of codes differ from the source's, the manifest says 0" in said[0].detail
+
+
+def test_inspect_says_what_a_cast_kept(k3, tmp_path):
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+
+    fx, src = k3
+    conv.convert(str(src), tmp_path / "out", "nvfp4", device="cpu")
+    man = json.loads((tmp_path / "out" / "scale_manifest.json").read_text())
+    n = sum("cast" in q for q in man["quantizers"].values())
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert (f"cast: {n} quantizers kept the source's mxfp4 codes; {len(fx.planted['out_of_range'])} block out of "
+            "the scale range re-quantized") in r.output
