@@ -220,6 +220,102 @@ def inspect(directory) -> None:
         _fail(f"{path}: malformed scale manifest")
 
 
+@main.command()
+@click.argument("zoo", type=click.Path(dir_okay=False))
+@click.option("--devices", default=None, metavar="LIST",
+              help="GPUs to use, one worker process each: indices (0,1,3) or all. Default: --device, --workers.")
+@click.option("--device", default="auto", show_default=True, help="Where workers convert without --devices.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Worker processes without --devices (each converts one job at a time).")
+@click.option("--verify", "verify_mode", type=click.Choice(["source", "contract", "none"]), default="source",
+              show_default=True, help="After each conversion: verify --source (SQNR per tensor, engines), the "
+                                      "contract alone, or nothing. An output already complete gets the contract.")
+@click.option("--report", type=click.Path(file_okay=False), default=None,
+              help="Directory for shardquant-batch-summary.json and .md (default: beside the zoo file).")
+@click.option("--dry-run", is_flag=True, help="Check the zoo and plan every job (headers only); convert nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-job lines.")
+def batch(zoo, devices, device, workers, verify_mode, report, dry_run, quiet) -> None:
+    """Convert every model of ZOO (a TOML file) into each of its formats; see `shardquant.batch`."""
+    from . import batch as b
+
+    jobs = _guard(lambda: b.load_zoo(zoo))
+    if dry_run:
+        _plan_jobs(jobs)
+        return
+    places = None
+    if devices:
+        idx = _device_list(devices)
+        places = [f"cuda:{i}" for i in idx]
+    width = max(len(j.label) for j in jobs)
+
+    def event(kind, job, r) -> None:
+        if quiet:
+            return
+        if kind == "start":
+            click.echo(f"{job.label:{width}s}  started", err=True)
+        elif r.status == "failed":
+            click.echo(f"{job.label:{width}s}  FAILED: {r.error}", err=True)
+        else:
+            rate = f", {r.gb_per_s:.2f} GB/s" if r.gb_per_s else ""
+            sq = f", worst SQNR {r.worst_sqnr_db:.1f} dB" if r.worst_sqnr_db is not None else ""
+            what = "already complete, verified" if r.status == "skipped" else r.status
+            click.echo(f"{job.label:{width}s}  {what} ({r.seconds:.1f} s{rate}{sq})", err=True)
+
+    results = _guard(lambda: b.run(jobs, device=device, devices=places, workers=workers, verify_mode=verify_mode,
+                                   on_event=event))
+    where = Path(report) if report else Path(zoo).resolve().parent
+    try:
+        js, md = b.write_summary(results, where)
+    except OSError as e:
+        _fail(f"{e.filename}: cannot write the summary ({e.strerror or e})")
+    failed = [r for r in results if r.status == "failed"]
+    click.echo(f"{len(results) - len(failed)} of {len(results)} jobs done "
+               f"({sum(r.status == 'skipped' for r in results)} already complete); summary: {md}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+def _device_list(devices: str) -> list[int]:
+    if devices == "all":
+        try:
+            import cupy
+
+            return list(range(cupy.cuda.runtime.getDeviceCount()))
+        except Exception as e:  # no CuPy, no driver: one line
+            _fail(f"--devices all: no CUDA devices visible ({e})")
+    try:
+        idx = [int(x) for x in devices.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--devices must be GPU indices like 0,1 or all, not {devices!r}")
+    if not idx or len(set(idx)) != len(idx) or min(idx) < 0:
+        _fail(f"--devices must be distinct GPU indices like 0,1 or all, not {devices!r}")
+    return idx
+
+
+def _plan_jobs(jobs) -> None:
+    """--dry-run: each job's plan from the headers: sizes, memory and the formats of its quantizers."""
+    from .convert import prepare
+
+    failed = 0
+    for j in jobs:
+        try:
+            p = prepare(j.source, j.format, revision=j.revision, expert_policy=j.expert_policy, rules_file=j.rules,
+                        flavor=j.flavor)
+        except ShardquantError as e:
+            failed += 1
+            click.echo(f"{j.label}: cannot be planned: {e}")
+            continue
+        per = {}
+        for g in p.groups:
+            per[g.format] = per.get(g.format, 0) + 1
+        fmts = ", ".join(f"{n} {f}" for f, n in sorted(per.items()))
+        click.echo(f"{j.label}: {p.flavor} flavor; quantizers {fmts}; source {_human(p.source_bytes)} -> output "
+                   f"{_human(p.output_bytes)} in {len(p.shards)} shards at {j.output}; peak memory "
+                   f"{_human(p.peak_bytes)}" + (f"; {_human(p.checkpoint.download_bytes)} to download"
+                                                 if p.checkpoint.download_bytes else ""))
+    if failed:
+        sys.exit(1)
+
+
 def _engine_names() -> list[str]:
     from .engines import engine_names  # the rule tables' engine column
 

@@ -1,0 +1,364 @@
+"""`shardquant batch ZOO.toml`: a list of models, each converted into several formats, as jobs.
+
+The zoo file (TOML) has defaults at the top and one `[[model]]` table per model; each (model, format)
+is one job:
+
+    [defaults]
+    formats = ["nvfp4", "fp8"]
+    output = "zoo/{name}-{format}"          # {name}, {format}, {flavor}, {policy}
+    expert_policy = "shared"
+
+    [[model]]
+    source = "Qwen/Qwen3-30B-A3B"            # a hub repo id or a local directory
+    revision = "main"
+
+    [[model]]
+    source = "./models/mixtral"
+    name = "mixtral"
+    formats = ["nvfp4"]
+
+The whole file is checked before anything runs, and every problem in it is reported at once with
+its line. Jobs run in worker processes (one per GPU of `devices`, or `workers` on the CPU), each
+paying the start-up (imports, CUDA, kernels) once for all its jobs; a job that fails is recorded
+and the others go on. A job whose output is already complete and passes verify is skipped, so a
+batch that was stopped resumes by running it again (an unfinished output resumes inside convert,
+from its journal). The summary (JSON and Markdown) gives per job: source and output bytes, time,
+GB/s, each engine's verdict, the worst SQNR and the error of a failed job.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import re
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ShardquantError
+from .text import show
+
+MODEL_KEYS = {"source": str, "name": str, "revision": str, "formats": list, "flavor": str, "expert_policy": str,
+              "rules": str, "output": str}
+DEFAULT_KEYS = {k: t for k, t in MODEL_KEYS.items() if k not in ("source", "name", "revision")}
+VERIFY_MODES = ("source", "contract", "none")
+TEMPLATE_FIELDS = {"name", "format", "flavor", "policy"}
+SUMMARY_NAME = "shardquant-batch-summary"  # .json and .md beside the zoo file (or --report DIR)
+
+
+class ZooError(ShardquantError):
+    """The zoo file has problems: every one of them, one per line."""
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    source: str
+    format: str
+    output: str
+    revision: str | None = None
+    flavor: str | None = None
+    expert_policy: str = "shared"
+    rules: str | None = None
+    line: int = 0  # the line of the job's [[model]] table in the zoo file
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.format}"
+
+
+@dataclass
+class JobResult:
+    job: Job
+    status: str  # "converted", "skipped" (already complete and verified), "failed"
+    seconds: float = 0.0
+    source_bytes: int = 0
+    output_bytes: int = 0
+    engines: dict[str, str] = field(default_factory=dict)  # engine -> verdict
+    worst_sqnr_db: float | None = None
+    verified: bool | None = None
+    error: str | None = None
+
+    @property
+    def gb_per_s(self) -> float | None:
+        return self.source_bytes / self.seconds / 1e9 if self.status == "converted" and self.seconds > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The zoo file
+
+
+def load_zoo(path: str | Path) -> list[Job]:
+    """The jobs of a zoo file, in file order (model by model, format by format). Raises ZooError
+    listing every problem found, each with its line."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    from . import formats
+    from .flavors import FLAVORS
+    from .rules import EXPERT_POLICIES
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZooError(f"{p}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ZooError(f"{p}: not TOML ({e})") from None
+    lines = text.splitlines()
+    model_lines = [i + 1 for i, ln in enumerate(lines) if re.match(r"\s*\[\[\s*model\s*\]\]", ln)]
+    defaults_line = next((i + 1 for i, ln in enumerate(lines) if re.match(r"\s*\[\s*defaults\s*\]", ln)), 1)
+    problems: list[str] = []
+
+    def key_line(start: int, key: str) -> int:
+        """The line of `key = ...` in the table whose header is line `start` (0: the top of the file,
+        before any table); else the table's own line."""
+        for i in range(start, len(lines)):
+            if re.match(r"\s*\[", lines[i]):
+                break
+            if re.match(rf"\s*{re.escape(key)}\s*=", lines[i]):
+                return i + 1
+        return max(start, 1)
+
+    def check(table: dict, allowed: dict, start: int, what: str) -> dict:
+        good = {}
+        for k, v in table.items():
+            if k not in allowed:
+                near = [a for a in allowed if a.replace("_", "") == k.replace("_", "").replace("-", "")]
+                problems.append(f"{p}:{key_line(start, k)}: {what}: unknown key {show(k)}"
+                                + (f" (did you mean {show(near[0])}?)" if near else
+                                   f"; known: {', '.join(sorted(allowed))}"))
+                continue
+            if not isinstance(v, allowed[k]) or (k == "formats" and not all(isinstance(f, str) for f in v)):
+                want = "a list of format names" if allowed[k] is list else "a string"
+                problems.append(f"{p}:{key_line(start, k)}: {what}: {k} must be {want}, not {show(v)}")
+                continue
+            good[k] = v
+        at = lambda k: key_line(start, k)  # noqa: E731
+        for f in good.get("formats", []):
+            if f.lower() not in formats.FORMATS:
+                problems.append(f"{p}:{at('formats')}: {what}: unknown format {show(f)}; "
+                                f"choose from {', '.join(formats.FORMATS)}")
+        if "formats" in good and not good["formats"]:
+            problems.append(f"{p}:{at('formats')}: {what}: formats is empty")
+        if good.get("flavor") is not None and good["flavor"] not in FLAVORS:
+            problems.append(f"{p}:{at('flavor')}: {what}: unknown flavor {show(good['flavor'])}; "
+                            f"choose from {', '.join(FLAVORS)}")
+        if "expert_policy" in good and good["expert_policy"] not in EXPERT_POLICIES:
+            problems.append(f"{p}:{at('expert_policy')}: {what}: expert_policy must be one of "
+                            f"{', '.join(EXPERT_POLICIES)}, not {show(good['expert_policy'])}")
+        if "output" in good:
+            try:
+                used = {f for _, f, _, _ in string.Formatter().parse(good["output"]) if f is not None}
+            except ValueError as e:
+                problems.append(f"{p}:{at('output')}: {what}: output template {show(good['output'])}: {e}")
+            else:
+                bad = used - TEMPLATE_FIELDS
+                if bad:
+                    problems.append(f"{p}:{at('output')}: {what}: output template names {', '.join(sorted(bad))}; "
+                                    f"it may use {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))}")
+        return good
+
+    unknown_top = [k for k in doc if k not in ("defaults", "model")]
+    for k in unknown_top:
+        problems.append(f"{p}:{key_line(0, k)}: unknown table or key {show(k)}; a zoo has [defaults] and [[model]]")
+    defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict):
+        problems.append(f"{p}:{defaults_line}: defaults must be a table")
+        defaults = {}
+    defaults = check(defaults, DEFAULT_KEYS, defaults_line, "[defaults]")
+    models = doc.get("model", [])
+    if not isinstance(models, list) or not models:
+        problems.append(f"{p}: no [[model]] tables: nothing to convert")
+        models = []
+    jobs: list[Job] = []
+    seen_out: dict[str, int] = {}
+    base = p.parent
+    for i, m in enumerate(models):
+        start = model_lines[i] if i < len(model_lines) else 1
+        what = f"model {i + 1}"
+        m = check(m if isinstance(m, dict) else {}, MODEL_KEYS, start, what)
+        if "source" not in m:
+            problems.append(f"{p}:{start}: {what}: no source (a hub repo id or a local directory)")
+            continue
+        src = m["source"]
+        local = src.startswith((".", "/", "~")) or (base / src).exists()
+        source = str((base / Path(src).expanduser()).resolve()) if local else src
+        name = m.get("name") or Path(src.rstrip("/")).name
+        merged = {**defaults, **m}
+        if "formats" not in merged:
+            problems.append(f"{p}:{start}: {what} ({name}): no formats (here or in [defaults])")
+            continue
+        template = merged.get("output", "{name}-{format}")
+        for f in merged["formats"]:
+            fmt = f.lower()
+            policy = merged.get("expert_policy", "shared")
+            try:
+                out = template.format(name=name, format=fmt, flavor=merged.get("flavor") or "default", policy=policy)
+            except (KeyError, IndexError, ValueError):
+                continue  # reported above
+            out = str((base / Path(out).expanduser()).resolve())
+            if out in seen_out:
+                problems.append(f"{p}:{start}: {what} ({name}): output {out} is also job {seen_out[out]}'s: make the "
+                                "output template tell them apart ({name}, {format})")
+                continue
+            rules = merged.get("rules")
+            jobs.append(Job(name, source, fmt, out, m.get("revision"), merged.get("flavor"), policy,
+                            str((base / rules).resolve()) if rules else None, start))
+            seen_out[out] = len(jobs)
+    if problems:
+        def line_of(msg: str) -> int:
+            m = re.match(rf"{re.escape(str(p))}:(\d+):", msg)
+            return int(m[1]) if m else 0
+
+        problems.sort(key=line_of)  # in file order (stable within a line)
+        raise ZooError(f"{len(problems)} problem{'s' * (len(problems) != 1)} in {p}:\n" + "\n".join(problems))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Running jobs
+
+
+def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobResult:
+    """One job in this process: convert (or find it complete), then verify. Never raises a
+    ShardquantError: a failure is the result's error."""
+    from .convert import convert
+    from .verify import verify
+
+    t0 = time.perf_counter()
+    try:
+        r = convert(job.source, job.output, job.format, revision=job.revision, expert_policy=job.expert_policy,
+                    rules_file=job.rules, flavor=job.flavor, device=device)
+        res = JobResult(job, "skipped" if r.complete else "converted", seconds=r.seconds,
+                        source_bytes=r.plan.source_bytes, output_bytes=r.plan.output_bytes)
+        if verify_mode != "none":
+            rep = verify(job.output, job.source if verify_mode == "source" and not r.complete else None,
+                         revision=job.revision, device=device)
+            res.verified = rep.ok
+            eng = getattr(rep, "engines", None)
+            res.engines = {v.engine.name: v.status for v in eng.verdicts} if eng is not None else {}
+            finite = [t.sqnr_db for t in rep.tensors if t.sqnr_db == t.sqnr_db]
+            res.worst_sqnr_db = min(finite) if finite else None
+            if not rep.ok:
+                res.status = "failed"
+                res.error = "verify: " + "; ".join(f"{v.rule} {v.name}: {v.detail}" for v in rep.violations[:3])
+        return res
+    except ShardquantError as e:
+        return JobResult(job, "failed", seconds=time.perf_counter() - t0, error=str(e))
+    except Exception as e:  # a bug: recorded, the batch goes on
+        return JobResult(job, "failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+
+
+def _worker(device: str, verify_mode: str, jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
+    """A worker process: jobs one after another on one device, start-up paid once."""
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        i, job = item
+        results.put(("start", i, None))
+        r = run_job(job, device, verify_mode)
+        results.put(("done", i, r))
+
+
+def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = None, workers: int = 1,
+        verify_mode: str = "source", on_event=None) -> list[JobResult]:
+    """Every job, in worker processes: one per entry of `devices` (e.g. ["cuda:0", "cuda:1"]), else
+    `workers` on `device`. on_event(kind, job, result) is called here as jobs start ("start") and
+    end ("done"). A worker that dies takes only its job with it: it is recorded as failed and the
+    others go on."""
+    if verify_mode not in VERIFY_MODES:
+        raise ShardquantError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify_mode!r}")
+    places = list(devices) if devices else [device] * max(1, workers)
+    ctx = multiprocessing.get_context("spawn")
+    todo: multiprocessing.Queue = ctx.Queue()
+    done: multiprocessing.Queue = ctx.Queue()
+    for i, job in enumerate(jobs):
+        todo.put((i, job))
+    procs = []
+    for place in places[: max(1, len(jobs))]:
+        todo.put(None)
+        pr = ctx.Process(target=_worker, args=(place, verify_mode, todo, done), daemon=True)
+        pr.start()
+        procs.append(pr)
+    results: dict[int, JobResult] = {}
+    try:
+        while len(results) < len(jobs):
+            try:
+                kind, i, r = done.get(timeout=1.0)
+            except queue.Empty:
+                if not any(pr.is_alive() for pr in procs):  # every worker gone: the rest failed with them
+                    for j in range(len(jobs)):
+                        if j not in results:
+                            results[j] = JobResult(jobs[j], "failed", error="its worker process died")
+                    break
+                continue
+            if kind == "start":
+                if on_event:
+                    on_event("start", jobs[i], None)
+            else:
+                results[i] = r
+                if on_event:
+                    on_event("done", jobs[i], r)
+    finally:
+        for pr in procs:
+            if pr.is_alive():
+                pr.terminate()
+            pr.join(timeout=5)
+    return [results[i] for i in range(len(jobs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+def summary(results: list[JobResult]) -> dict:
+    rows = []
+    for r in results:
+        d = {"model": r.job.name, "format": r.job.format, "flavor": r.job.flavor, "source": r.job.source,
+             "revision": r.job.revision, "output": r.job.output, "status": r.status,
+             "source_bytes": r.source_bytes, "output_bytes": r.output_bytes, "seconds": round(r.seconds, 3),
+             "gb_per_s": None if r.gb_per_s is None else round(r.gb_per_s, 3), "verified": r.verified,
+             "engines": r.engines, "worst_sqnr_db": None if r.worst_sqnr_db is None else round(r.worst_sqnr_db, 2),
+             "error": r.error}
+        rows.append(d)
+    counts = {s: sum(r.status == s for r in results) for s in ("converted", "skipped", "failed")}
+    return {"jobs": rows, "counts": counts}
+
+
+def markdown(doc: dict) -> str:
+    c = doc["counts"]
+    out = [f"# shardquant batch: {c['converted']} converted, {c['skipped']} already complete, {c['failed']} failed", "",
+           "| model | format | status | source MB | output MB | s | GB/s | worst SQNR dB | engines | error |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for j in doc["jobs"]:
+        eng = ", ".join(f"{k}: {v}" for k, v in sorted(j["engines"].items())) or "-"
+        cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        err = (j["error"] or "").replace("|", "\\|").replace("\n", " ")
+        out.append(f"| {j['model']} | {j['format']} | {j['status']} | {j['source_bytes'] / 1e6:.1f} | "
+                   f"{j['output_bytes'] / 1e6:.1f} | {j['seconds']:.1f} | {cell(j['gb_per_s'], '.2f')} | "
+                   f"{cell(j['worst_sqnr_db'], '.2f')} | {eng} | {err or '-'} |")
+    return "\n".join(out) + "\n"
+
+
+def write_summary(results: list[JobResult], where: Path) -> tuple[Path, Path]:
+    """SUMMARY_NAME.json and .md in `where` (each written whole, then renamed into place)."""
+    doc = summary(results)
+    where.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix, text in ((".json", json.dumps(doc, indent=2, sort_keys=True) + "\n"), (".md", markdown(doc))):
+        final = where / (SUMMARY_NAME + suffix)
+        tmp = where / f".{SUMMARY_NAME}{suffix}.{os.getpid()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, final)
+        paths.append(final)
+    return paths[0], paths[1]
+

@@ -1,0 +1,143 @@
+"""`shardquant batch` (shardquant/batch.py): a zoo file checked whole before anything runs, jobs in
+worker processes, a failing job recorded while the others finish, a second run that skips what is
+complete, a killed batch that resumes, and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shardquant import batch
+from shardquant.source import scan
+from shardquant.st import read_raw
+from shardquant.testing import qwen3_moe, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    for i in range(3):
+        write_checkpoint(tmp_path / f"m{i}", qwen3_moe(hidden=64, layers=2, experts=4, inter=32), shard_bytes=100_000,
+                         seed=i)
+    z = tmp_path / "zoo.toml"
+    z.write_text('[defaults]\nformats = ["nvfp4", "fp8"]\noutput = "out/{name}-{format}"\n\n'
+                 '[[model]]\nsource = "./m0"\n\n'
+                 '[[model]]\nsource = "./m1"\nname = "second"\n\n'
+                 '[[model]]\nsource = "./no-such-model"\nformats = ["nvfp4"]\n\n'
+                 '[[model]]\nsource = "./m2"\nformats = ["mxfp4"]\n')
+    return z
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "shardquant", "batch", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, **kw)
+
+
+def test_every_problem_of_a_zoo_is_reported_at_once_with_its_line(tmp_path):
+    z = tmp_path / "zoo.toml"
+    z.write_text('[defaults]\n'                        # 1
+                 'formats = ["nvfp4", "fp9"]\n'        # 2: unknown format
+                 'expert-policy = "shared"\n'          # 3: misspelt key
+                 'output = "out/{model}-{format}"\n'   # 4: unknown template field
+                 '\n'
+                 '[[model]]\n'                         # 6: no source
+                 'name = "a"\n'
+                 '\n'
+                 '[[model]]\n'                         # 9
+                 'source = "org/b"\n'
+                 'expert_policy = "all"\n'             # 11: bad policy
+                 'formats = "nvfp4"\n')                # 12: not a list
+    with pytest.raises(batch.ZooError) as e:
+        batch.load_zoo(z)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"6 problems in {z}:"
+    want = [(2, "unknown format 'fp9'"), (3, "unknown key 'expert-policy' (did you mean 'expert_policy'?)"),
+            (4, "output template names model"), (6, "model 1: no source"), (11, "expert_policy must be one of"),
+            (12, "formats must be a list of format names")]
+    for (line, text), got in zip(want, lines[1:]):
+        assert got.startswith(f"{z}:{line}: ") and text in got, (line, text, got)
+
+
+def test_jobs_are_models_times_formats_with_outputs_from_the_template(zoo):
+    jobs = batch.load_zoo(zoo)
+    assert [j.label for j in jobs] == ["m0/nvfp4", "m0/fp8", "second/nvfp4", "second/fp8", "no-such-model/nvfp4",
+                                       "m2/mxfp4"]
+    assert jobs[2].source == str(zoo.parent / "m1") and jobs[2].output == str(zoo.parent / "out" / "second-nvfp4")
+    assert [j.line for j in jobs] == [5, 5, 8, 8, 12, 16]
+
+
+def test_a_failing_job_does_not_stop_the_others_and_a_rerun_skips_what_is_complete(zoo):
+    r = cli(zoo)
+    assert r.returncode == 1, r.stderr
+    doc = json.loads((zoo.parent / "shardquant-batch-summary.json").read_text())
+    status = {(j["model"], j["format"]): j for j in doc["jobs"]}
+    assert doc["counts"] == {"converted": 5, "skipped": 0, "failed": 1}
+    bad = status[("no-such-model", "nvfp4")]
+    assert bad["status"] == "failed" and "no such directory" in bad["error"]
+    for (model, fmt), j in status.items():
+        if j["status"] == "converted":
+            assert j["verified"] is True and j["worst_sqnr_db"] > 15 and set(j["engines"]) == {
+                "vllm", "sglang", "trtllm", "transformers"}
+            assert j["source_bytes"] == scan(Path(j["source"])).total_bytes
+            assert (Path(j["output"]) / "model.safetensors.index.json").exists()
+    md = (zoo.parent / "shardquant-batch-summary.md").read_text()
+    assert md.startswith("# shardquant batch: 5 converted, 0 already complete, 1 failed")
+    stamps = {p: p.stat().st_mtime_ns for p in (zoo.parent / "out").rglob("*") if p.is_file()}
+    r = cli(zoo)
+    assert r.returncode == 1
+    doc = json.loads((zoo.parent / "shardquant-batch-summary.json").read_text())
+    assert doc["counts"] == {"converted": 0, "skipped": 5, "failed": 1}
+    assert {p: p.stat().st_mtime_ns for p in (zoo.parent / "out").rglob("*") if p.is_file()} == stamps
+
+
+def test_a_killed_batch_resumes_and_matches_a_clean_one(zoo, tmp_path):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "zoo.toml").write_text(zoo.read_text().replace("./", "../"))
+    assert cli(clean / "zoo.toml").returncode == 1
+    p = subprocess.Popen([sys.executable, "-m", "shardquant", "batch", str(zoo)], stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 120
+    for line in p.stderr:  # the first finished job, then the whole batch (workers too) killed
+        if "converted" in line:
+            break
+        assert time.time() < deadline
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (zoo.parent / "shardquant-batch-summary.json").exists()
+    assert cli(zoo).returncode == 1
+    doc = json.loads((zoo.parent / "shardquant-batch-summary.json").read_text())
+    assert doc["counts"]["skipped"] >= 1 and doc["counts"]["failed"] == 1
+    assert doc["counts"]["skipped"] + doc["counts"]["converted"] == 5
+    for j in doc["jobs"]:
+        if j["status"] != "failed":
+            name = Path(j["output"]).name
+            a, b = scan(Path(j["output"])).tensors, scan(clean / "out" / name).tensors
+            assert a.keys() == b.keys() and all(read_raw(a[k]).tobytes() == read_raw(b[k]).tobytes() for k in a)
+
+
+def test_dry_run_plans_every_job_and_writes_nothing(zoo):
+    r = cli(zoo, "--dry-run")
+    assert r.returncode == 1  # the missing model cannot be planned
+    out = r.stdout.splitlines()
+    assert len(out) == 6
+    assert out[0].startswith("m0/nvfp4: modelopt flavor; quantizers ") and "nvfp4" in out[0]
+    assert out[4].startswith("no-such-model/nvfp4: cannot be planned:")
+    assert not (zoo.parent / "out").exists() and not (zoo.parent / "shardquant-batch-summary.json").exists()
+
+
+def test_workers_share_the_jobs(zoo):
+    jobs = [j for j in batch.load_zoo(zoo) if j.name != "no-such-model"]
+    seen = []
+    results = batch.run(jobs, device="cpu", workers=2, verify_mode="contract",
+                        on_event=lambda kind, job, r: seen.append((kind, job.label)))
+    assert [r.status for r in results] == ["converted"] * 5 and all(r.verified for r in results)
+    assert sorted(label for kind, label in seen if kind == "done") == sorted(j.label for j in jobs)
