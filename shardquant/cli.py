@@ -232,9 +232,13 @@ def inspect(directory) -> None:
                                       "contract alone, or nothing. An output already complete gets the contract.")
 @click.option("--report", type=click.Path(file_okay=False), default=None,
               help="Directory for shardquant-batch-summary.json and .md (default: beside the zoo file).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run each job as a Ray task (one GPU with --device cuda, else one CPU) on the cluster at ADDRESS "
+                   "(default: auto, the one this machine belongs to). Outputs must be on a path every node shares. "
+                   "Needs `pip install 'shardquant[ray]'`.")
 @click.option("--dry-run", is_flag=True, help="Check the zoo and plan every job (headers only); convert nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-job lines.")
-def batch(zoo, devices, device, workers, verify_mode, report, dry_run, quiet) -> None:
+def batch(zoo, devices, device, workers, verify_mode, report, ray_address, dry_run, quiet) -> None:
     """Convert every model of ZOO (a TOML file) into each of its formats; see `shardquant.batch`."""
     from . import batch as b
 
@@ -261,8 +265,15 @@ def batch(zoo, devices, device, workers, verify_mode, report, dry_run, quiet) ->
             what = "already complete, verified" if r.status == "skipped" else r.status
             click.echo(f"{job.label:{width}s}  {what} ({r.seconds:.1f} s{rate}{sq})", err=True)
 
-    results = _guard(lambda: b.run(jobs, device=device, devices=places, workers=workers, verify_mode=verify_mode,
-                                   on_event=event))
+    if ray_address is not None:
+        from .ray_jobs import run_on_ray
+
+        address = None if ray_address == "local" else ray_address
+        results = _guard(lambda: run_on_ray(jobs, address=address, device="cpu" if device == "auto" else device,
+                                            verify_mode=verify_mode, on_event=event))
+    else:
+        results = _guard(lambda: b.run(jobs, device=device, devices=places, workers=workers, verify_mode=verify_mode,
+                                       on_event=event))
     where = Path(report) if report else Path(zoo).resolve().parent
     try:
         js, md = b.write_summary(results, where)

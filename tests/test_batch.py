@@ -141,3 +141,34 @@ def test_workers_share_the_jobs(zoo):
                         on_event=lambda kind, job, r: seen.append((kind, job.label)))
     assert [r.status for r in results] == ["converted"] * 5 and all(r.verified for r in results)
     assert sorted(label for kind, label in seen if kind == "done") == sorted(j.label for j in jobs)
+
+
+def test_nothing_of_ray_is_imported_without_ray():
+    code = ("import sys; import shardquant.cli, shardquant.batch, shardquant.convert, shardquant.verify; "
+            "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_the_zoo_on_a_local_ray_instance_gives_the_same_bytes(zoo, tmp_path):
+    """The same jobs as Ray tasks (a local Ray with 2 CPUs): every output byte-identical to the
+    worker-process batch, results in the same summary shape."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra shardquant[ray]; the test extra installs it")
+    from shardquant.ray_jobs import run_on_ray
+
+    jobs = [j for j in batch.load_zoo(zoo) if j.name != "no-such-model"]
+    local = batch.run(jobs, device="cpu", verify_mode="contract")
+    moved = [batch.Job(j.name, j.source, j.format, str(tmp_path / "ray" / Path(j.output).name), j.revision, j.flavor,
+                       j.expert_policy, j.rules, j.line) for j in jobs]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_on_ray(moved + [batch.Job("gone", str(tmp_path / "gone"), "nvfp4", str(tmp_path / "ray" / "x"))],
+                            device="cpu", verify_mode="contract")
+    finally:
+        ray.shutdown()
+    assert [r.status for r in remote] == ["converted"] * len(jobs) + ["failed"]
+    assert "no such directory" in remote[-1].error
+    assert batch.summary(remote)["counts"] == {"converted": len(jobs), "skipped": 0, "failed": 1}
+    for a, b in zip(local, remote):
+        x, y = scan(Path(a.job.output)).tensors, scan(Path(b.job.output)).tensors
+        assert x.keys() == y.keys() and all(read_raw(x[k]).tobytes() == read_raw(y[k]).tobytes() for k in x)
+        assert {p.name for p in Path(a.job.output).iterdir()} == {p.name for p in Path(b.job.output).iterdir()}
