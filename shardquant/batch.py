@@ -269,12 +269,122 @@ def _worker(device: str, verify_mode: str, jobs: multiprocessing.Queue, results:
         results.put(("done", i, r))
 
 
+class _HubSources:
+    """Hub sources of a batch: downloaded ahead of their jobs on a thread of the batch's own process,
+    in job order, while the bytes downloaded ahead and not yet converted stay within `budget`; with
+    `evict`, each source's files that this batch downloaded (those missing from the hub cache when it
+    started) are deleted once every job of that source has succeeded. Local sources are left alone."""
+
+    def __init__(self, jobs: list[Job], budget: int | None, evict: bool):
+        import threading
+
+        self.budget, self.evict = budget, evict
+        self.left: dict[tuple, int] = {}
+        self.failed: set[tuple] = set()
+        self.cks: dict[tuple, object] = {}
+        self.before: dict[tuple, set[str]] = {}  # blobs the hub cache held for the repo before the batch
+        self.ahead = 0
+        self.cv = threading.Condition()
+        self.errors: dict[tuple, str] = {}
+        for j in jobs:
+            if not Path(j.source).is_dir():
+                self.left[(j.source, j.revision)] = self.left.get((j.source, j.revision), 0) + 1
+        self.stop = False
+        self.thread = threading.Thread(target=self._work, name="shardquant-batch-downloads", daemon=True)
+        if self.left:
+            self.thread.start()
+
+    def _work(self) -> None:
+        from . import hub
+        from .source import open_checkpoint
+
+        for key in list(self.left):
+            before = _cached_blobs(key[0])  # what the cache held before this batch touched the repo
+            try:
+                ck = open_checkpoint(key[0], key[1], download=False)
+            except ShardquantError as e:  # its jobs fail on their own, with the same error
+                self.errors[key] = str(e)
+                continue
+            if ck.hub is None:
+                continue
+            size = sum(ck.hub.sizes[f] or 0 for f in ck.hub.missing(ck.root))
+            with self.cv:
+                self.cks[key], self.before[key] = ck, before
+                # wait while earlier sources still hold the budget (one source is always let through)
+                self.cv.wait_for(lambda: self.stop or self.budget is None or self.ahead == 0
+                                 or self.ahead + size <= self.budget)
+                if self.stop:
+                    return
+                self.ahead += size
+            try:
+                hub.download(ck)
+            except ShardquantError as e:
+                self.errors[key] = str(e)
+
+    def done(self, job: Job, ok: bool) -> None:
+        """A job ended: once its source's last job has, the source's budget is freed and (evict) its
+        downloaded files deleted."""
+        key = (job.source, job.revision)
+        if key not in self.left:
+            return
+        with self.cv:
+            self.left[key] -= 1
+            if not ok:
+                self.failed.add(key)
+            if self.left[key]:
+                return
+            ck = self.cks.get(key)
+            if ck is not None:
+                ours = [f for f in ck.hub.sizes if Path(os.path.realpath(Path(ck.root) / f)).name not in self.before[key]]
+                self.ahead = max(0, self.ahead - sum(ck.hub.sizes[f] or 0 for f in ours))
+            self.cv.notify_all()
+        if ck is not None and self.evict and key not in self.failed:
+            _evict(ck, ours)
+
+    def close(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+
+
+def _cached_blobs(repo: str) -> set[str]:
+    """Names of the blobs the hub cache holds for a model repo now."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+    try:
+        return {p.name for p in blobs.iterdir()}
+    except OSError:
+        return set()
+
+
+def _evict(ck, names: list[str]) -> None:
+    """Delete from the hub cache the files of `ck` named (those this batch downloaded): each
+    snapshot link and the blob it points to, only where the blob lies in the repo's own blobs folder."""
+    root = Path(ck.root)
+    blobs = root.parent.parent / "blobs"
+    for name in names:
+        link = root / name
+        try:
+            target = Path(os.path.realpath(link))
+            if link.is_symlink():
+                link.unlink()
+            if target.parent == blobs.resolve() and target.is_file():
+                target.unlink()
+        except OSError:
+            pass  # a cache file another process removed or holds: left as it is
+
+
 def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = None, workers: int = 1,
-        verify_mode: str = "source", on_event=None) -> list[JobResult]:
+        verify_mode: str = "source", on_event=None, download_budget: int | None = None,
+        evict_source: bool = False) -> list[JobResult]:
     """Every job, in worker processes: one per entry of `devices` (e.g. ["cuda:0", "cuda:1"]), else
     `workers` on `device`. on_event(kind, job, result) is called here as jobs start ("start") and
     end ("done"). A worker that dies takes only its job with it: it is recorded as failed and the
-    others go on."""
+    others go on. Hub sources download ahead of their jobs within `download_budget` bytes (None: no
+    bound), and with `evict_source` the files a source's jobs downloaded are deleted from the hub
+    cache once all its jobs succeeded (_HubSources)."""
     if verify_mode not in VERIFY_MODES:
         raise ShardquantError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify_mode!r}")
     places = list(devices) if devices else [device] * max(1, workers)
@@ -290,6 +400,7 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
         pr.start()
         procs.append(pr)
     results: dict[int, JobResult] = {}
+    sources = _HubSources(jobs, download_budget, evict_source)
     try:
         while len(results) < len(jobs):
             try:
@@ -306,9 +417,11 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
                     on_event("start", jobs[i], None)
             else:
                 results[i] = r
+                sources.done(jobs[i], r.status != "failed")
                 if on_event:
                     on_event("done", jobs[i], r)
     finally:
+        sources.close()
         for pr in procs:
             if pr.is_alive():
                 pr.terminate()

@@ -236,9 +236,15 @@ def inspect(directory) -> None:
               help="Run each job as a Ray task (one GPU with --device cuda, else one CPU) on the cluster at ADDRESS "
                    "(default: auto, the one this machine belongs to). Outputs must be on a path every node shares. "
                    "Needs `pip install 'shardquant[ray]'`.")
+@click.option("--download-ahead", "download_budget", callback=_size, default="200GB", show_default=True,
+              help="Hub sources download ahead of their jobs, up to this much not yet converted.")
+@click.option("--evict-source", is_flag=True,
+              help="Once all jobs of a hub source succeeded, delete the files this batch downloaded for it from "
+                   "the hub cache (a zoo larger than the disk).")
 @click.option("--dry-run", is_flag=True, help="Check the zoo and plan every job (headers only); convert nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-job lines.")
-def batch(zoo, devices, device, workers, verify_mode, report, ray_address, dry_run, quiet) -> None:
+def batch(zoo, devices, device, workers, verify_mode, report, ray_address, download_budget, evict_source, dry_run,
+          quiet) -> None:
     """Convert every model of ZOO (a TOML file) into each of its formats; see `shardquant.batch`."""
     from . import batch as b
 
@@ -273,7 +279,7 @@ def batch(zoo, devices, device, workers, verify_mode, report, ray_address, dry_r
                                             verify_mode=verify_mode, on_event=event))
     else:
         results = _guard(lambda: b.run(jobs, device=device, devices=places, workers=workers, verify_mode=verify_mode,
-                                       on_event=event))
+                                       on_event=event, download_budget=download_budget, evict_source=evict_source))
     where = Path(report) if report else Path(zoo).resolve().parent
     try:
         js, md = b.write_summary(results, where)
