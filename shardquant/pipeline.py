@@ -17,7 +17,8 @@ import numpy as np
 
 from . import decode, flavors, formats, trace
 from .journal import SHARD_METADATA, Journal
-from .encoding import Encoded
+from .encoding import Encoded, f32_to_bf16
+from .errors import NumericError
 from .provenance import SourceHasher
 from .plan import CAST_THREADS, PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
 from .st import encode_header, read_raw
@@ -224,6 +225,27 @@ class _MemberReads:
                 self.kept[id(p)] = raw
             raws.append(raw)
         return m.decode(raws)
+
+
+def _block_fp8_amax(m, gate=None) -> np.float32:
+    """A block-FP8 member's amax as its decoded BF16 holds it, from its tile scales and the tiles they
+    point to (decode.block_fp8_amax, exact over the fp32 products; rounding to BF16 is monotone, so the
+    largest BF16 value is the largest product rounded). The codes are mapped, not read whole; this read
+    is neither counted nor hashed: the quantize pass reads every byte once."""
+    codes, scales = m.parts
+    if gate is not None:
+        gate.wait(codes.file)
+    enc = m.encoding
+    mapped = np.memmap(codes.file, dtype=np.uint8, mode="r", offset=codes.offset, shape=tuple(codes.shape))
+    try:
+        top = decode.block_fp8_amax(mapped, read_raw(scales), enc.block, enc.scale_dtype)
+    except NumericError as e:
+        raise NumericError(f"tensor {m.name}: {e}") from None
+    finally:
+        del mapped
+    if not np.isfinite(top):
+        raise NumericError(f"tensor {m.name}: a decoded value overflows fp32 (code x tile scale)")
+    return np.float32((f32_to_bf16(np.array([top], np.float32)).astype(np.uint32) << 16).view(np.float32)[0])
 
 
 def _two(u: Unit) -> bool:
@@ -507,6 +529,10 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                 amax = max(amax, backend.amax(h, m.dtype, m.name))  # synchronizes: the host copy may go
                 handles.append(h)
             data = [None] * len(g.members)
+        elif two_pass and g.amax_from_scales:  # the amax from the tile scales: the source read once, below
+            amax = max(_block_fp8_amax(m, counter.gate) for m in g.members)
+            data = [None] * len(g.members)
+            handles = [None] * len(g.members)
         elif two_pass:  # read each member for the amax, then again to quantize
             reads = _MemberReads(counter, g.members, backend.decodes)
             amax = max(backend.amax(backend.load(reads.read(m)), m.dtype, m.name) for m in g.members)
@@ -545,9 +571,10 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         fl = flavors.FLAVORS[plan.flavor]
         again = _MemberReads(counter, [m for i, m in enumerate(g.members) if data[i] is None and handles[i] is None],
                              backend.decodes)
+        first_read_here = two_pass and g.amax_from_scales and not g.on_device  # the amax pass read no member
         for i, m in enumerate(g.members):
             h = handles[i]
-            raw = data[i] if data[i] is not None or h is not None else again.read(m, False)
+            raw = data[i] if data[i] is not None or h is not None else again.read(m, first_read_here)
             if h is None:
                 h = backend.load(raw)
             weight, scale = q.quantize(h, m.dtype, m.name)  # synchronizes: raw's copy is done

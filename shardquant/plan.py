@@ -11,7 +11,7 @@ from typing import Callable
 from dataclasses import dataclass, field
 
 from . import formats
-from .encoding import MXFP4, casts_losslessly
+from .encoding import BLOCK_FP8, MXFP4, casts_losslessly
 from .errors import PlanError, RuleError
 from .flavors import FLAVORS
 from .flavors import refusal
@@ -53,6 +53,13 @@ class Group:
     def source_bytes(self) -> int:
         return sum(m.nbytes for m in self.members)
 
+    @property
+    def amax_from_scales(self) -> bool:
+        """Every member is block FP8: read member by member (two_pass), its amax comes from the
+        source's tile scales and the few tiles they point to (decode.block_fp8_amax), so the source
+        is read once, not twice (shardquant/pipeline.py)."""
+        return all(getattr(getattr(m, "encoding", None), "kind", None) == BLOCK_FP8 for m in self.members)
+
 
 @dataclass
 class Unit:
@@ -87,7 +94,8 @@ class Plan:
     def read_factor(self) -> float:
         """Source bytes read over source bytes: groups read twice count twice."""
         total = self.source_bytes
-        return (total + sum(g.source_bytes for g in self.groups if g.two_pass)) / total if total else 1.0
+        twice = sum(g.source_bytes for g in self.groups if g.two_pass and not g.amax_from_scales)
+        return (total + twice) / total if total else 1.0
 
     @property
     def source_bytes(self) -> int:
@@ -251,7 +259,8 @@ def make_plan(
             g.two_pass = not g.on_device
         if g.two_pass:
             warnings.append(f"quantizer {show(key, quote=False)} ({g.source_bytes / 1e9:.1f} GB) exceeds the "
-                            "memory budget: read twice"
+                            "memory budget: " + ("read member by member, its amax from the source's block scales"
+                                                 if g.amax_from_scales else "read twice")
                             + ("" if gpu_bytes() is None else " (and the GPU memory budget)"))
         groups.append(g)
 

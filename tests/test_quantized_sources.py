@@ -486,3 +486,21 @@ def test_inspect_says_what_a_cast_kept(k3, tmp_path):
     assert r.exit_code == 0, r.output
     assert (f"cast: {n} quantizers kept the source's mxfp4 codes; {len(fx.planted['out_of_range'])} block out of "
             "the scale range re-quantized") in r.output
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_block_fp8_groups_over_the_memory_budget_are_read_once(v3, fmt, tmp_path):
+    """A block-FP8 quantizer larger than --memory-budget takes its amax from the tile scales and the
+    tiles they point to (decode.block_fp8_amax): the same bytes as holding it whole, every source byte
+    read once (none a second time), and the plan says so."""
+    fx, fp8, _ = v3
+    whole = conv.convert(str(fp8), tmp_path / "a", fmt, device="cpu")
+    r = conv.convert(str(fp8), tmp_path / "b", fmt, device="cpu", memory_budget=1)
+    assert all(g.two_pass and g.amax_from_scales for g in r.plan.groups)
+    assert r.plan.read_factor == 1.0 and r.reread_bytes == 0
+    assert r.bytes_read == whole.bytes_read == sum(t.nbytes for t in scan(fp8).tensors.values())
+    assert _tensors(tmp_path / "a") == _tensors(tmp_path / "b")
+    assert any("its amax from the source's block scales" in w for w in r.plan.warnings)
+    a = json.loads((tmp_path / "a" / "scale_manifest.json").read_text())["quantizers"]
+    b = json.loads((tmp_path / "b" / "scale_manifest.json").read_text())["quantizers"]
+    assert {k: q["amax"] for k, q in a.items()} == {k: q["amax"] for k, q in b.items()}
