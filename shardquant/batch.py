@@ -42,7 +42,7 @@ from .errors import ShardquantError
 from .text import show
 
 MODEL_KEYS = {"source": str, "name": str, "revision": str, "formats": list, "flavor": str, "expert_policy": str,
-              "rules": str, "output": str}
+              "rules": str, "output": str, "mx_source": str}
 DEFAULT_KEYS = {k: t for k, t in MODEL_KEYS.items() if k not in ("source", "name", "revision")}
 VERIFY_MODES = ("source", "contract", "none")
 TEMPLATE_FIELDS = {"name", "format", "flavor", "policy"}
@@ -64,6 +64,7 @@ class Job:
     expert_policy: str = "shared"
     rules: str | None = None
     line: int = 0  # the line of the job's [[model]] table in the zoo file
+    mx_source: str = "cast"  # MXFP4 source weights: cast or requantize (plan.py MX_SOURCE)
 
     @property
     def label(self) -> str:
@@ -101,6 +102,7 @@ def load_zoo(path: str | Path) -> list[Job]:
 
     from . import formats
     from .flavors import FLAVORS
+    from .plan import MX_SOURCE
     from .rules import EXPERT_POLICIES
 
     p = Path(path)
@@ -154,6 +156,9 @@ def load_zoo(path: str | Path) -> list[Job]:
         if "expert_policy" in good and good["expert_policy"] not in EXPERT_POLICIES:
             problems.append(f"{p}:{at('expert_policy')}: {what}: expert_policy must be one of "
                             f"{', '.join(EXPERT_POLICIES)}, not {show(good['expert_policy'])}")
+        if "mx_source" in good and good["mx_source"] not in MX_SOURCE:
+            problems.append(f"{p}:{at('mx_source')}: {what}: mx_source must be one of {', '.join(MX_SOURCE)}, "
+                            f"not {show(good['mx_source'])}")
         if "output" in good:
             try:
                 used = {f for _, f, _, _ in string.Formatter().parse(good["output"]) if f is not None}
@@ -211,7 +216,7 @@ def load_zoo(path: str | Path) -> list[Job]:
                 continue
             rules = merged.get("rules")
             jobs.append(Job(name, source, fmt, out, m.get("revision"), merged.get("flavor"), policy,
-                            str((base / rules).resolve()) if rules else None, start))
+                            str((base / rules).resolve()) if rules else None, start, merged.get("mx_source", "cast")))
             seen_out[out] = len(jobs)
     if problems:
         def line_of(msg: str) -> int:
@@ -236,7 +241,7 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobR
     t0 = time.perf_counter()
     try:
         r = convert(job.source, job.output, job.format, revision=job.revision, expert_policy=job.expert_policy,
-                    rules_file=job.rules, flavor=job.flavor, device=device)
+                    rules_file=job.rules, flavor=job.flavor, device=device, mx_source=job.mx_source)
         res = JobResult(job, "skipped" if r.complete else "converted", seconds=r.seconds,
                         source_bytes=r.plan.source_bytes, output_bytes=r.plan.output_bytes)
         if verify_mode != "none":

@@ -85,6 +85,9 @@ def _common(f):
                           "--format-for or rules-file row that matches nothing."),
         click.option("--max-shard-size", callback=_size, default="5GB", show_default=True,
                      help="Largest output shard, e.g. 5GB."),
+        click.option("--mx-source", type=click.Choice(["cast", "requantize"]), default="cast", show_default=True,
+                     help="A source with MXFP4 weights: cast them into NVFP4 code for code (lossless where every "
+                          "block fits), or decode and re-quantize them by round to nearest."),
         click.option("--memory-budget", callback=_size, default="8GiB",
                      show_default=True, help="Groups larger than this are read twice instead of held."),
     ]
@@ -316,7 +319,7 @@ def _plan_jobs(jobs) -> None:
     for j in jobs:
         try:
             p = prepare(j.source, j.format, revision=j.revision, expert_policy=j.expert_policy, rules_file=j.rules,
-                        flavor=j.flavor)
+                        flavor=j.flavor, mx_source=j.mx_source)
         except ShardquantError as e:
             failed += 1
             click.echo(f"{j.label}: cannot be planned: {e}")

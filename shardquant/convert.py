@@ -61,6 +61,7 @@ def prepare(
     flavor: str | None = None,
     format_for: tuple[str, ...] = (),
     device_memory: int | None = None,
+    mx_source: str = "cast",
 ) -> Plan:
     """Open the source (headers only) and plan the conversion. flavor None: the format's own (modelopt
     for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
@@ -90,6 +91,7 @@ def prepare(
     rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
                     num_layers if isinstance(num_layers, int) else None, choices)
     return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
+                     mx_source=mx_source,
                      flavor=flavor, device_memory=device_memory)
 
 
@@ -113,6 +115,7 @@ def convert(
     gpu_memory: int | None = DEFAULT_GPU_MEMORY,
     flavor: str | None = None,
     format_for: tuple[str, ...] = (),
+    mx_source: str = "cast",
     verify: bool = False,
     progress: bool = False,
     on_start=None,
@@ -137,6 +140,7 @@ def convert(
             src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
             include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
             memory_budget=memory_budget, flavor=flavor, format_for=format_for, device_memory=device_memory,
+            mx_source=mx_source,
         )
 
     plan = planned(lambda: budget_of(starting.result()))

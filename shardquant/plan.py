@@ -26,6 +26,7 @@ PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
 # Reads in flight: on the H200 machine's disk, per-tensor reads in plan order on 4 threads reach 0.92
 # of one sequential reader, on 8 threads 1.01 (tools/bench_reads.py, docs/benchmarks/README.md).
 READ_THREADS = 8
+MX_SOURCE = ("cast", "requantize")  # what becomes of MXFP4 source weights (make_plan mx_source)
 CAST_THREADS = 4  # members of a lossless cast read and cast at once (shardquant/pipeline.py cast_group)
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
@@ -175,17 +176,22 @@ def make_plan(
     strict: bool = False,
     flavor: str | None = None,
     device_memory: int | None | Callable[[], int | None] = None,
+    mx_source: str = "cast",
 ) -> Plan:
     """flavor None: the format's default flavor if it spells every format the plan uses, else the
     first flavor that does. device_memory: GPU bytes one quantizer may be held in (a GPU conversion);
     a group larger than memory_budget that fits there is read once, member by member, onto the GPU.
     It may be a function, called only when some group exceeds memory_budget (the GPU is then being
     started while the plan is made: shardquant/convert.py); otherwise the caller sets
-    Plan.device_memory once it knows it, which changes no decision."""
+    Plan.device_memory once it knows it, which changes no decision. mx_source: "cast" (MXFP4 members
+    go into NVFP4 code for code, where the format allows: encoding.py casts_losslessly) or
+    "requantize" (decoded and re-quantized by round to nearest, as any other source)."""
     gpu_bytes = functools.cache(device_memory if callable(device_memory) else lambda: device_memory)
     gpu_asked = False
     if flavor is not None and flavor not in FLAVORS:
         raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")
+    if mx_source not in MX_SOURCE:
+        raise PlanError(f"--mx-source must be one of {', '.join(MX_SOURCE)}, not {show(mx_source)}")
     warnings: list[str] = list(ck.warnings)
     decisions = {n: rules.classify(n, t.dtype, t.shape) for n, t in ck.tensors.items()}
 
@@ -244,15 +250,16 @@ def make_plan(
             continue
         g = Group(key, decisions[names[0]].rule, members, format=gfmt)
         kinds = {m.encoding.kind for m in members if getattr(m, "encoding", None) is not None}
-        cast = [k for k in kinds if casts_losslessly(k, layout)]
+        cast = [k for k in kinds if casts_losslessly(k, layout)] if mx_source == "cast" else []
         if cast:
             if len(kinds) > 1 or len(members) != sum(getattr(m, "encoding", None) is not None for m in members):
                 raise PlanError(f"quantizer {show(key, quote=False)} mixes {cast[0]} members, which {gfmt} takes "
                                 "by a lossless cast, with members stored otherwise; one global scale cannot serve both")
             g.cast = cast[0]
         elif MXFP4 in kinds:
+            why = "--mx-source requantize" if mx_source != "cast" else "no lossless cast into it"
             warnings.append(f"quantizer {show(key, quote=False)}: source {', '.join(sorted(kinds))} decoded and "
-                            f"re-quantized to {gfmt} (no lossless cast into it)")
+                            f"re-quantized to {gfmt} ({why})")
         if g.source_bytes > memory_budget and g.cast is None:
             gpu_asked = True
             g.on_device = gpu_bytes() is not None and g.source_bytes <= gpu_bytes()

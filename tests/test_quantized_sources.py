@@ -504,3 +504,21 @@ def test_block_fp8_groups_over_the_memory_budget_are_read_once(v3, fmt, tmp_path
     a = json.loads((tmp_path / "a" / "scale_manifest.json").read_text())["quantizers"]
     b = json.loads((tmp_path / "b" / "scale_manifest.json").read_text())["quantizers"]
     assert {k: q["amax"] for k, q in a.items()} == {k: q["amax"] for k, q in b.items()}
+
+
+def test_mx_source_requantize_decodes_instead_of_casting(sources, tmp_path):
+    """--mx-source requantize: MXFP4 weights decoded exactly and re-quantized by round to nearest, the
+    bytes of converting the decoded BF16 copy, no cast record; the plan says why."""
+    fx, src, copy = sources["kimi_k3"]
+    r = conv.convert(str(src), tmp_path / "a", "nvfp4", device="cpu", mx_source="requantize")
+    conv.convert(str(copy), tmp_path / "b", "nvfp4", device="cpu")
+    assert not any(g.cast for g in r.plan.groups)
+    assert any("--mx-source requantize" in w for w in r.plan.warnings)
+    assert _tensors(tmp_path / "a") == _tensors(tmp_path / "b")
+    man = json.loads((tmp_path / "a" / "scale_manifest.json").read_text())
+    assert not any("cast" in q for q in man["quantizers"].values())
+    assert verify(tmp_path / "a", str(src), device="cpu").ok
+    from shardquant.errors import PlanError
+
+    with pytest.raises(PlanError, match="--mx-source must be one of cast, requantize"):
+        conv.convert(str(src), tmp_path / "c", "nvfp4", device="cpu", mx_source="rtn")
