@@ -34,8 +34,9 @@ class NumpyBackend:
         """max |x| of each (array, dtype, name)."""
         return [self.amax(x, dtype, name) for x, dtype, name in items]
 
-    def quantizer(self, fmt: str, gs: np.float32):
-        return formats.get(fmt).Quantizer(gs)
+    def quantizer(self, fmt: str, gs: np.float32, search: str = "none"):
+        q = formats.get(fmt).Quantizer
+        return q(gs) if search == "none" else q(gs, search)  # only formats declaring scale_search take one
 
 
 AUTO_GPU_FRACTION = 0.8  # --gpu-memory auto: this much of the device's free memory at start
@@ -71,7 +72,9 @@ class CupyBackend:
     def amaxes(self, items) -> list[np.float32]:
         return self.dev.amaxes(items)
 
-    def quantizer(self, fmt: str, gs: np.float32):
+    def quantizer(self, fmt: str, gs: np.float32, search: str = "none"):
+        if search != "none":  # shardquant/convert.py converts on the CPU instead, or refuses --device cuda
+            raise ShardquantError(f"--scale-search {search} has no GPU kernel yet; use --device cpu")
         return _CupyQuantizer(self.dev, fmt, gs)
 
 

@@ -62,6 +62,7 @@ def prepare(
     format_for: tuple[str, ...] = (),
     device_memory: int | None = None,
     mx_source: str = "cast",
+    scale_search: str = "none",
 ) -> Plan:
     """Open the source (headers only) and plan the conversion. flavor None: the format's own (modelopt
     for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
@@ -91,7 +92,7 @@ def prepare(
     rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
                     num_layers if isinstance(num_layers, int) else None, choices)
     return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
-                     mx_source=mx_source,
+                     mx_source=mx_source, scale_search=scale_search,
                      flavor=flavor, device_memory=device_memory)
 
 
@@ -116,6 +117,7 @@ def convert(
     flavor: str | None = None,
     format_for: tuple[str, ...] = (),
     mx_source: str = "cast",
+    scale_search: str = "none",
     verify: bool = False,
     progress: bool = False,
     on_start=None,
@@ -140,7 +142,7 @@ def convert(
             src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
             include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
             memory_budget=memory_budget, flavor=flavor, format_for=format_for, device_memory=device_memory,
-            mx_source=mx_source,
+            mx_source=mx_source, scale_search=scale_search,
         )
 
     plan = planned(lambda: budget_of(starting.result()))
@@ -152,13 +154,14 @@ def convert(
         plan.device_memory = budget  # no decision depended on it (make_plan)
     trace.mark("planned")
     out = Path(output).expanduser()
-    no_kernel = [f for f in plan.formats if not formats.declared(f).kernel]
+    no_kernel = [f"--format {f}" for f in plan.formats if not formats.declared(f).kernel]
+    no_kernel += [f"--scale-search {scale_search}"] if scale_search != "none" else []
     if budget is not None and no_kernel:
         if device != "auto" or devices:
-            raise ShardquantError(f"--format {no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")
+            raise ShardquantError(f"{no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")
         backends, budget = [NumpyBackend()], None
         plan = planned(None)
-        plan.warnings.append(f"--format {no_kernel[0]} has no GPU kernel yet: converting on the CPU")
+        plan.warnings.append(f"{no_kernel[0]} has no GPU kernel yet: converting on the CPU")
     if budget is not None:
         for g in plan.groups:
             if not g.two_pass and not g.on_device and g.source_bytes > budget:

@@ -51,6 +51,10 @@ def recipe(plan: Plan) -> str:
     }
     if len(plan.formats) > 1:  # mixed precision: which quantizer takes which format
         doc["formats"] = {g.key: g.format for g in plan.groups}
+    if any(g.cast for g in plan.groups):  # codes cast from the source (--mx-source cast) or re-quantized
+        doc["casts"] = {g.key: g.cast for g in plan.groups if g.cast}
+    if getattr(plan, "scale_search", "none") != "none":
+        doc["scale_search"] = plan.scale_search
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

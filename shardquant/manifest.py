@@ -53,6 +53,7 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
         "format": plan.format,
         "quantizers": quantizers,
         "scale_rule": next((r for f in plan.formats if (r := formats.declared(f).scale_rule)), None),
+        **({"scale_search": plan.scale_search} if plan.scale_search != "none" else {}),
         "schema_version": SCHEMA_VERSION,
         "source": {
             "path": None if ck.repo else str(ck.root),

@@ -567,7 +567,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         gs = fmt.global_scale(np.float32(amax))
         with lock:
             scales[g.key] = (float(amax), float(gs))
-        q = backend.quantizer(g.format, gs)
+        q = backend.quantizer(g.format, gs, plan.scale_search)
         fl = flavors.FLAVORS[plan.flavor]
         again = _MemberReads(counter, [m for i, m in enumerate(g.members) if data[i] is None and handles[i] is None],
                              backend.decodes)

@@ -26,6 +26,7 @@ PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
 # Reads in flight: on the H200 machine's disk, per-tensor reads in plan order on 4 threads reach 0.92
 # of one sequential reader, on 8 threads 1.01 (tools/bench_reads.py, docs/benchmarks/README.md).
 READ_THREADS = 8
+SCALE_SEARCH = ("none", "mse")  # block scales by round to nearest, or the least squared error nearby
 MX_SOURCE = ("cast", "requantize")  # what becomes of MXFP4 source weights (make_plan mx_source)
 CAST_THREADS = 4  # members of a lossless cast read and cast at once (shardquant/pipeline.py cast_group)
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
@@ -90,6 +91,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     device_memory: int | None = None  # GPU bytes a quantizer may be held in (None: planned for the CPU)
+    scale_search: str = "none"  # block scales by round to nearest, or searched (--scale-search; Format.scale_search)
 
     @property
     def read_factor(self) -> float:
@@ -177,6 +179,7 @@ def make_plan(
     flavor: str | None = None,
     device_memory: int | None | Callable[[], int | None] = None,
     mx_source: str = "cast",
+    scale_search: str = "none",
 ) -> Plan:
     """flavor None: the format's default flavor if it spells every format the plan uses, else the
     first flavor that does. device_memory: GPU bytes one quantizer may be held in (a GPU conversion);
@@ -192,6 +195,8 @@ def make_plan(
         raise PlanError(f"unknown flavor {show(flavor)}; choose one of {', '.join(FLAVORS)}")
     if mx_source not in MX_SOURCE:
         raise PlanError(f"--mx-source must be one of {', '.join(MX_SOURCE)}, not {show(mx_source)}")
+    if scale_search not in SCALE_SEARCH:
+        raise PlanError(f"--scale-search must be one of {', '.join(SCALE_SEARCH)}, not {show(scale_search)}")
     warnings: list[str] = list(ck.warnings)
     decisions = {n: rules.classify(n, t.dtype, t.shape) for n, t in ck.tensors.items()}
 
@@ -329,10 +334,16 @@ def make_plan(
         if len(ck.tensors[n].shape) >= 2 and ck.tensors[n].dtype in FLOAT_DTYPES
         and (n.endswith(".weight") or TE_WEIGHT.fullmatch(n) or len(ck.tensors[n].shape) > 2)
     })
+    if scale_search != "none":
+        lacking = sorted({g.format for g in groups if scale_search not in formats.declared(g.format).scale_search})
+        if lacking:
+            have = [f for f in formats.FORMATS if scale_search in formats.declared(f).scale_search]
+            raise PlanError(f"--scale-search {scale_search}: {', '.join(lacking)} has no searched scales yet "
+                            f"({', '.join(have) or 'no format'} has)")
     return Plan(
         ck, fmt, rules.expert_policy, flavor, groups, units, outputs, out_tensors,
         _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget,
-        gpu_bytes() if gpu_asked or not callable(device_memory) else None,
+        gpu_bytes() if gpu_asked or not callable(device_memory) else None, scale_search,
     )
 
 

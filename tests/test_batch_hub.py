@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 
+import test_hub_local
+
 from shardquant import batch
-from test_hub_local import hub, tiny, tiny_repo  # noqa: F401  (fixtures and the stand-in's repo)
+
+hub, tiny = test_hub_local.hub, test_hub_local.tiny  # the stand-in's fixtures (tests/test_hub_local.py)
 
 
 def _zoo(tmp_path, *models: str) -> list[batch.Job]:
@@ -24,7 +27,7 @@ def _cache_files(tmp_path) -> set[str]:
     return {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file() or p.is_symlink()}
 
 
-def test_hub_source_downloads_once_and_is_evicted_after_its_jobs(hub, tiny, tmp_path):  # noqa: F811
+def test_hub_source_downloads_once_and_is_evicted_after_its_jobs(hub, tiny, tmp_path):
     jobs = _zoo(tmp_path, "org/tiny")
     results = batch.run(jobs, device="cpu", verify_mode="source", evict_source=True)
     assert [r.status for r in results] == ["converted", "converted"], [r.error for r in results]
@@ -38,7 +41,7 @@ def test_hub_source_downloads_once_and_is_evicted_after_its_jobs(hub, tiny, tmp_
     assert doc["counts"] == {"converted": 2, "skipped": 0, "failed": 0}
 
 
-def test_eviction_keeps_what_was_in_the_cache_before_and_sources_whose_jobs_failed(hub, tiny, tmp_path):  # noqa: F811
+def test_eviction_keeps_what_was_in_the_cache_before_and_sources_whose_jobs_failed(hub, tiny, tmp_path):
     from huggingface_hub import hf_hub_download
 
     kept = hf_hub_download("org/tiny", "config.json")  # in the cache before the batch

@@ -458,3 +458,17 @@ def test_block_fp8_decode_kernel_equals_numpy(scale_dtype):
         want = info.decode([codes, scales])
         got = dev.to_host(dev.block_fp8_decode(codes, scales, (128, 128), scale_dtype == "E8M0"))[0]
         assert got.dtype == np.uint16 and np.array_equal(got, want), (rows, cols)
+
+
+def test_scale_search_has_no_gpu_kernel_yet(tmp_path):
+    """--scale-search mse runs on the CPU only (formats/nvfp4.py search_scales): --device cuda is
+    refused in one line, --device auto converts on the CPU and says so."""
+    from shardquant.convert import convert
+    from shardquant.errors import ShardquantError
+
+    src = write_checkpoint(tmp_path / "src", qwen3_moe(), shard_bytes=100_000)
+    with pytest.raises(ShardquantError, match="--scale-search mse has no GPU kernel yet; use --device cpu"):
+        convert(str(src), tmp_path / "a", "nvfp4", device="cuda", scale_search="mse")
+    assert not (tmp_path / "a").exists()
+    r = convert(str(src), tmp_path / "b", "nvfp4", device="auto", scale_search="mse")
+    assert r.backend == "numpy" and any("--scale-search mse has no GPU kernel yet" in w for w in r.plan.warnings)

@@ -53,6 +53,7 @@ class Format:
     scale_rule: str = ""  # how block scales are chosen, when a producer's rule is followed ("ct-round-pow2": MX)
     block_fp8: dict | None = None  # config.json quantization_config of the block-fp8 flavor (quant_method "fp8"), or refused
     default_flavor: str | None = None  # --flavor when none is given; None: the first flavor (registry order) that serves it
+    scale_search: tuple[str, ...] = ()  # --scale-search modes its Quantizer takes besides "none" (round to nearest)
 
     @property
     def quant_algo(self) -> str | None:

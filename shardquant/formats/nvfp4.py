@@ -32,6 +32,7 @@ FORMAT = Format(
     min_sqnr=10.0,
     max_scaled=6.0 * 448.0,
     kernel="nvfp4",
+    scale_search=("mse",),
 )
 BLOCK = 16
 # E2M1 magnitudes by code 0..7; code | 8 is the negative.
@@ -116,13 +117,58 @@ def block_scales(bamax: np.ndarray, s2: np.float32) -> np.ndarray:
     return s.astype(e4m3_dtype()).view(np.uint8)
 
 
+# --scale-search mse: the E4M3 block-scale codes tried around round-to-nearest's, in order of
+# preference (a tie keeps the earlier: RTN's own first); positive E4M3 codes are ordered by value.
+SEARCH_STEPS = (0, -1, 1, -2, 2)
+_CODE_MIN, _CODE_MAX = 1, 0x7E  # 2^-9 and 448: the clamp of block_scales
+
+
+def block_sse(x: np.ndarray, codes: np.ndarray, s2: np.float32) -> np.ndarray:
+    """Squared reconstruction error of each 16-element block of fp32 `x` [rows, nb, 16] under E4M3
+    block-scale `codes` [rows, nb]: the codes quantize_block would write, dequantized in its order
+    (value x (scale x s2), fp32), then sum over the block of (x - deq)^2 in float64, element 0 to 15
+    in turn (a fixed order, so every backend sums alike)."""
+    d = scale_values(codes) * np.float32(s2)
+    with np.errstate(over="ignore"):
+        q = fp4_codes(x / d[..., None])
+    deq = _SIGNED[q] * d[..., None]
+    e = x.astype(np.float64) - deq.astype(np.float64)
+    e *= e
+    total = e[..., 0].copy()
+    for j in range(1, BLOCK):
+        total += e[..., j]
+    return total
+
+
+def search_scales(x: np.ndarray, rtn: np.ndarray, s2: np.float32) -> np.ndarray:
+    """Per block, the E4M3 scale code among RTN's and its neighbours (SEARCH_STEPS) with the least
+    squared error over the block's own values; ties keep the earlier candidate, so a block no
+    neighbour improves keeps RTN's code (zero blocks, exact blocks)."""
+    best = rtn.copy()
+    err = block_sse(x, rtn, s2)
+    wide = rtn.astype(np.int16)
+    for step in SEARCH_STEPS[1:]:
+        cand = wide + step
+        ok = (cand >= _CODE_MIN) & (cand <= _CODE_MAX)
+        c = np.clip(cand, _CODE_MIN, _CODE_MAX).astype(np.uint8)
+        e = block_sse(x, c, s2)
+        better = ok & (e < err)
+        best[better] = c[better]
+        err[better] = e[better]
+    return best
+
+
 class Quantizer:
     """NVFP4 state of one logical quantizer: its s2, and for 16-bit inputs a lookup table
     code = LUT[block scale code][raw 16-bit value], filled lazily. Every LUT entry is computed by
     the same fp32 division as the direct path, so both give identical codes; a table pays off once a
-    quantizer holds more elements than 65536 per distinct block scale."""
+    quantizer holds more elements than 65536 per distinct block scale. search "mse": each block's
+    scale is search_scales' choice instead of round to nearest (--scale-search)."""
 
-    def __init__(self, s2: np.float32):
+    def __init__(self, s2: np.float32, search: str = "none"):
+        if search not in ("none",) + FORMAT.scale_search:
+            raise ValueError(f"nvfp4 has no scale search {search!r}")
+        self.search = search
         self.s2 = np.float32(s2)
         self._lut: dict[str, np.ndarray] = {}
         self._built: dict[str, np.ndarray] = {}
@@ -150,6 +196,12 @@ class Quantizer:
         rows, cols = raw.shape
         nb = cols // BLOCK
         scales = block_scales_of(raw, dtype, name, BLOCK, lambda bamax: block_scales(bamax, self.s2))
+        if self.search == "mse":
+            def search_rows(a: int, b: int) -> None:
+                x = to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK)
+                scales[a:b] = search_scales(x, scales[a:b], self.s2)
+
+            map_rows(search_rows, rows, raw.strides[0] if rows else 0)
         packed = np.empty((rows, cols // 2), np.uint8)
         needed = np.bincount(scales.reshape(-1), minlength=256) > 0
         lut = None
