@@ -42,7 +42,8 @@ from .errors import ShardquantError
 from .text import show
 
 MODEL_KEYS = {"source": str, "name": str, "revision": str, "formats": list, "flavor": str, "expert_policy": str,
-              "rules": str, "output": str, "mx_source": str}
+              "rules": str, "output": str, "mx_source": str,
+              "scale_search": str}
 DEFAULT_KEYS = {k: t for k, t in MODEL_KEYS.items() if k not in ("source", "name", "revision")}
 VERIFY_MODES = ("source", "contract", "none")
 TEMPLATE_FIELDS = {"name", "format", "flavor", "policy"}
@@ -65,6 +66,7 @@ class Job:
     rules: str | None = None
     line: int = 0  # the line of the job's [[model]] table in the zoo file
     mx_source: str = "cast"  # MXFP4 source weights: cast or requantize (plan.py MX_SOURCE)
+    scale_search: str = "none"  # block scales by round to nearest, or searched (plan.py SCALE_SEARCH)
 
     @property
     def label(self) -> str:
@@ -80,6 +82,7 @@ class JobResult:
     output_bytes: int = 0
     engines: dict[str, str] = field(default_factory=dict)  # engine -> verdict
     worst_sqnr_db: float | None = None
+    rtn_gain_db: float | None = None  # searched scales: mean SQNR gain over round to nearest
     verified: bool | None = None
     error: str | None = None
 
@@ -102,7 +105,7 @@ def load_zoo(path: str | Path) -> list[Job]:
 
     from . import formats
     from .flavors import FLAVORS
-    from .plan import MX_SOURCE
+    from .plan import MX_SOURCE, SCALE_SEARCH
     from .rules import EXPERT_POLICIES
 
     p = Path(path)
@@ -156,6 +159,9 @@ def load_zoo(path: str | Path) -> list[Job]:
         if "expert_policy" in good and good["expert_policy"] not in EXPERT_POLICIES:
             problems.append(f"{p}:{at('expert_policy')}: {what}: expert_policy must be one of "
                             f"{', '.join(EXPERT_POLICIES)}, not {show(good['expert_policy'])}")
+        if "scale_search" in good and good["scale_search"] not in SCALE_SEARCH:
+            problems.append(f"{p}:{at('scale_search')}: {what}: scale_search must be one of {', '.join(SCALE_SEARCH)}, "
+                            f"not {show(good['scale_search'])}")
         if "mx_source" in good and good["mx_source"] not in MX_SOURCE:
             problems.append(f"{p}:{at('mx_source')}: {what}: mx_source must be one of {', '.join(MX_SOURCE)}, "
                             f"not {show(good['mx_source'])}")
@@ -216,7 +222,8 @@ def load_zoo(path: str | Path) -> list[Job]:
                 continue
             rules = merged.get("rules")
             jobs.append(Job(name, source, fmt, out, m.get("revision"), merged.get("flavor"), policy,
-                            str((base / rules).resolve()) if rules else None, start, merged.get("mx_source", "cast")))
+                            str((base / rules).resolve()) if rules else None, start, merged.get("mx_source", "cast"),
+                            merged.get("scale_search", "none")))
             seen_out[out] = len(jobs)
     if problems:
         def line_of(msg: str) -> int:
@@ -241,7 +248,8 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobR
     t0 = time.perf_counter()
     try:
         r = convert(job.source, job.output, job.format, revision=job.revision, expert_policy=job.expert_policy,
-                    rules_file=job.rules, flavor=job.flavor, device=device, mx_source=job.mx_source)
+                    rules_file=job.rules, flavor=job.flavor, device=device, mx_source=job.mx_source,
+                    scale_search=job.scale_search)
         res = JobResult(job, "skipped" if r.complete else "converted", seconds=r.seconds,
                         source_bytes=r.plan.source_bytes, output_bytes=r.plan.output_bytes)
         if verify_mode != "none":
@@ -252,6 +260,8 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobR
             res.engines = {v.engine.name: v.status for v in eng.verdicts} if eng is not None else {}
             finite = [t.sqnr_db for t in rep.tensors if t.sqnr_db == t.sqnr_db]
             res.worst_sqnr_db = min(finite) if finite else None
+            gains = [g for t in rep.tensors if (g := t.rtn_gain_db) is not None and g == g and abs(g) != float("inf")]
+            res.rtn_gain_db = sum(gains) / len(gains) if gains else None
             if not rep.ok:
                 res.status = "failed"
                 res.error = "verify: " + "; ".join(f"{v.rule} {v.name}: {v.detail}" for v in rep.violations[:3])
@@ -446,6 +456,7 @@ def summary(results: list[JobResult]) -> dict:
              "source_bytes": r.source_bytes, "output_bytes": r.output_bytes, "seconds": round(r.seconds, 3),
              "gb_per_s": None if r.gb_per_s is None else round(r.gb_per_s, 3), "verified": r.verified,
              "engines": r.engines, "worst_sqnr_db": None if r.worst_sqnr_db is None else round(r.worst_sqnr_db, 2),
+             "rtn_gain_db": None if r.rtn_gain_db is None else round(r.rtn_gain_db, 3),
              "error": r.error}
         rows.append(d)
     counts = {s: sum(r.status == s for r in results) for s in ("converted", "skipped", "failed")}

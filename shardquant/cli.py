@@ -322,7 +322,7 @@ def _plan_jobs(jobs) -> None:
     for j in jobs:
         try:
             p = prepare(j.source, j.format, revision=j.revision, expert_policy=j.expert_policy, rules_file=j.rules,
-                        flavor=j.flavor, mx_source=j.mx_source)
+                        flavor=j.flavor, mx_source=j.mx_source, scale_search=j.scale_search)
         except ShardquantError as e:
             failed += 1
             click.echo(f"{j.label}: cannot be planned: {e}")

@@ -75,6 +75,14 @@ class TensorStat(Stat):
     quantizer: str = ""
     layer: int | None = None
     proj: str = ""
+    rtn_noise: float | None = None  # searched scales (--scale-search): the same tensor's noise under RTN
+
+    @property
+    def rtn_gain_db(self) -> float | None:
+        """SQNR over RTN's for a tensor with searched scales (positive: better), else None."""
+        if self.rtn_noise is None or not (self.noise > 0 and self.rtn_noise > 0):
+            return None if self.rtn_noise is None else (0.0 if self.rtn_noise == self.noise else math.inf)
+        return 10 * math.log10(self.rtn_noise / self.noise)
 
 
 @dataclass
@@ -135,7 +143,9 @@ class Report:
         if self.source is not None:
             d["min_sqnr_db"] = self.min_sqnr
             d["overall"] = stat(self.overall())
-            d["tensors"] = [dict(stat(t), quantizer=t.quantizer, layer=t.layer, proj=t.proj) for t in self.tensors]
+            d["tensors"] = [dict(stat(t), quantizer=t.quantizer, layer=t.layer, proj=t.proj,
+                                 **({} if t.rtn_gain_db is None else {"rtn_gain_db": _finite(t.rtn_gain_db)}))
+                            for t in self.tensors]
             d["quantizers"] = [stat(s) for s in self.quantizers()]
             d["layers"] = [dict(stat(s), layer=L, proj=p) for L, p, s in self.layers()]
             d["worst"] = [t.name for t in self.worst(top)]
@@ -200,6 +210,10 @@ def _sqnr_table(rep: Report, top: int) -> list[str]:
             out.append(f"  {p}: {s.sqnr_db:.2f} dB")
     out.append(f"worst {min(top, len(rep.tensors))} tensors:")
     out += [f"  {t.sqnr_db:8.2f} dB  rel RMS {t.rel_rms:.4f}  {t.name}" for t in rep.worst(top)]
+    gains = [g for t in rep.tensors if (g := t.rtn_gain_db) is not None and math.isfinite(g)]
+    if gains:
+        out.append(f"searched scales: SQNR over round-to-nearest {sum(gains) / len(gains):+.2f} dB on average, "
+                   f"{min(gains):+.2f} dB at worst, over {len(gains)} tensors")
     return out
 
 

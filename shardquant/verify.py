@@ -1298,6 +1298,21 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
                 signal, noise, top = signal + s, noise + n, max(top, np.float32(np.max(np.abs(ref), initial=0)))
         return signal, noise, top
 
+    searched = (c.man or {}).get("scale_search")
+
+    def rtn_noise(item) -> float | None:
+        """The tensor's noise had its block scales been round to nearest, under the same stored
+        per-quantizer scale (searched scales only: --scale-search; the CPU, in the format's own code)."""
+        key, m, src, fmt = item
+        if not searched or searched not in formats.declared(fmt).scale_search or key not in c.gs:
+            return None
+        gs = c.gs[key]
+        s2 = np.float32(1) / gs if fl.inverted(fmt) else gs
+        raw = read_raw(src)
+        w, sc = formats.get(fmt).Quantizer(s2).quantize(raw, src.dtype, key)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _power(to_f32(raw, src.dtype), formats.get(fmt).dequantize_stored(w, sc, s2))[1]
+
     def measure_gpu(item) -> tuple[float, float, np.float32]:
         """The same three numbers from the GPU (kernels.cu error_power): only file reads stay on the CPU."""
         key, m, src, fmt = item
@@ -1366,7 +1381,8 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
                 return data, None
             if data[1] is not None:
                 c.gs[key] = data[1]
-        return data, (measure(item) if dev is None else measure_gpu(item))
+        power = measure(item) if dev is None else measure_gpu(item)
+        return data, (power + (rtn_noise(item),) if searched else power)
 
     # NumPy, CUDA and file reads release the GIL: tensors are compared in parallel, a few in flight per
     # thread. On the GPU the threads only read, upload and check scales: GPU_THREADS of them.
@@ -1384,10 +1400,11 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
         if power is None:
             c.good.pop(key, None)
             continue
-        signal, noise, tamax = power
+        signal, noise, tamax = power[:3]
         qkey = quantizer_of.get(key) or _decide(key).key or m.name
         layer, proj = _layer_proj(key)
-        st = TensorStat(key, int(np.prod(src.shape)), signal, noise, qkey, layer, proj)
+        st = TensorStat(key, int(np.prod(src.shape)), signal, noise, qkey, layer, proj,
+                        power[3] if len(power) > 3 else None)
         rep.tensors.append(st)
         if key in quantizer_of:
             amax[qkey] = max(amax.get(qkey, np.float32(0)), tamax)

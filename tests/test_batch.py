@@ -172,3 +172,19 @@ def test_the_zoo_on_a_local_ray_instance_gives_the_same_bytes(zoo, tmp_path):
         x, y = scan(Path(a.job.output)).tensors, scan(Path(b.job.output)).tensors
         assert x.keys() == y.keys() and all(read_raw(x[k]).tobytes() == read_raw(y[k]).tobytes() for k in x)
         assert {p.name for p in Path(a.job.output).iterdir()} == {p.name for p in Path(b.job.output).iterdir()}
+
+
+def test_zoo_keys_reach_the_conversion_and_the_summary(zoo):
+    """scale_search and mx_source are zoo keys: a job with searched scales reports its mean SQNR gain
+    over round to nearest in the summary; a bad value is a zoo problem with its line."""
+    z = zoo.parent / "search.toml"
+    z.write_text('[defaults]\nformats = ["nvfp4"]\noutput = "s/{name}"\nscale_search = "mse"\n\n'
+                 '[[model]]\nsource = "./m0"\nmx_source = "requantize"\n')
+    jobs = batch.load_zoo(z)
+    assert (jobs[0].scale_search, jobs[0].mx_source) == ("mse", "requantize")
+    (r,) = batch.run(jobs, device="cpu", verify_mode="source")
+    assert r.status == "converted" and r.rtn_gain_db is not None and r.rtn_gain_db > 0.3
+    assert batch.summary([r])["jobs"][0]["rtn_gain_db"] == round(r.rtn_gain_db, 3)
+    z.write_text('[defaults]\nformats = ["nvfp4"]\n\n[[model]]\nsource = "./m0"\nscale_search = "best"\n')
+    with pytest.raises(batch.ZooError, match=r"search.toml:6: model 1: scale_search must be one of none, mse"):
+        batch.load_zoo(z)

@@ -122,6 +122,17 @@ def test_conversion_with_searched_scales(src, tmp_path):
     rtn = {t.name: t.sqnr_db for t in base.tensors}
     gains = [t.sqnr_db - rtn[t.name] for t in got.tensors]
     assert min(gains) >= 0 and np.mean(gains) >= 0.5, (min(gains), np.mean(gains))
+    # verify --source reports each tensor's gain over RTN itself (RTN under the same stored s2)
+    assert all(t.rtn_gain_db is not None and abs(t.rtn_gain_db - (t.sqnr_db - rtn[t.name])) < 1e-9
+               for t in got.tensors)
+    assert all(t.rtn_gain_db is None for t in base.tensors)
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+
+    out = CliRunner().invoke(main, ["verify", str(tmp_path / "a"), "--source", str(src), "--device", "cpu"]).output
+    assert f"searched scales: SQNR over round-to-nearest {np.mean(gains):+.2f} dB on average, {min(gains):+.2f} dB " \
+           f"at worst, over {len(gains)} tensors" in out
 
 
 def test_a_format_without_searched_scales_is_refused(src, tmp_path):
