@@ -339,7 +339,7 @@ def make_plan(
         if lacking:
             have = [f for f in formats.FORMATS if scale_search in formats.declared(f).scale_search]
             raise PlanError(f"--scale-search {scale_search}: {', '.join(lacking)} has no searched scales yet "
-                            f"({', '.join(have) or 'no format'} has)")
+                            f"(formats that have them: {', '.join(have) or 'none'})")
     return Plan(
         ck, fmt, rules.expert_policy, flavor, groups, units, outputs, out_tensors,
         _shard(order, max_shard_size), excluded, exclude_modules, warnings, memory_budget,

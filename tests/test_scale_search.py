@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from shardquant import convert as conv
+from shardquant import formats
 from shardquant.errors import PlanError
-from shardquant.formats import nvfp4
+from shardquant.formats import mxfp4, nvfp4
 from shardquant.source import scan
 from shardquant.st import read_raw
 from shardquant.testing import qwen3_moe, write_checkpoint
@@ -88,6 +89,25 @@ def test_searched_scale_is_the_brute_force_best_and_never_worse_than_rtn(s2):
     assert got[-6] == rtn[-6] and got[-5] == rtn[-5]  # zero blocks keep RTN's scale (1.0)
 
 
+def mx_block_error(x: np.ndarray, byte: int) -> float:
+    scale = 2.0 ** (byte - 127)
+    return sum((float(v) - e2m1_round(float(v) / scale) * scale) ** 2 for v in x)  # exact in float64
+
+
+def test_mxfp4_searched_byte_is_the_brute_force_best_and_never_worse_than_the_rule():
+    x = np.concatenate([blocks(np.random.default_rng(11)).reshape(-1, 32)])  # pairs of blocks: 32 elements
+    rule = mxfp4.e8m0_bytes(np.abs(x).max(axis=1), mxfp4.EMAX)
+    got = mxfp4.search_scales(x.reshape(1, -1, 32), rule.reshape(1, -1)).reshape(-1)
+    moved = 0
+    for i in range(len(x)):
+        errs = {b: mx_block_error(x[i], b) for b in (int(rule[i]), int(rule[i]) - 1, int(rule[i]) + 1) if 1 <= b <= 254}
+        best = min(errs, key=lambda b: (errs[b], [int(rule[i]), int(rule[i]) - 1, int(rule[i]) + 1].index(b)))
+        assert int(got[i]) == best, (i, int(rule[i]), int(got[i]), best)
+        assert errs[best] <= errs[int(rule[i])]
+        moved += best != rule[i]
+    assert moved > 0
+
+
 def test_block_sse_is_the_dequantized_error():
     x = blocks(np.random.default_rng(3)).reshape(1, -1, 16)
     s2 = np.float32(0.01 / 2688)
@@ -136,6 +156,8 @@ def test_conversion_with_searched_scales(src, tmp_path):
 
 
 def test_a_format_without_searched_scales_is_refused(src, tmp_path):
-    with pytest.raises(PlanError, match=r"--scale-search mse: fp8 has no searched scales yet \(nvfp4 has\)"):
+    have = ", ".join(f for f in formats.FORMATS if "mse" in formats.declared(f).scale_search)
+    with pytest.raises(PlanError, match=rf"--scale-search mse: fp8 has no searched scales yet \(formats that have "
+                                        rf"them: {have}\)"):
         conv.convert(str(src), tmp_path / "x", "fp8", device="cpu", scale_search="mse")
     assert not (tmp_path / "x").exists()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Format, block_scales_of, map_rows, no_global_scale, to_f32
-from .nvfp4 import PAIR_VALUES, fp4_codes
+from .nvfp4 import _SIGNED, PAIR_VALUES, fp4_codes
 
 # docs/formats.md section 7: compressed-tensors `mxfp4-pack-quantized`, weights as its MXFP4A16 preset
 # (group 32, uint8 scale_dtype), weight-only (vLLM recognizes the scheme from the weights alone).
@@ -44,6 +44,7 @@ FORMAT = Format(
     kernel="mxfp4",
     quantizer_scale=False,
     scale_rule="ct-round-pow2",
+    scale_search=("mse",),
 )
 BLOCK = 32
 EMAX = 2  # floor(log2(6)), compressed-tensors' _MX_ELEM_OFFSET for 4 bits
@@ -85,17 +86,63 @@ def scaled_rows(raw: np.ndarray, dtype: str, scales: np.ndarray, a: int, b: int)
 
 global_scale = no_global_scale
 
+# --scale-search mse: E8M0 bytes tried around the rule's, in order of preference (a tie keeps the earlier)
+SEARCH_STEPS = (0, -1, 1)
+
+
+def block_sse(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Squared reconstruction error of each 32-element block of fp32 `x` [rows, nb, 32] under E8M0
+    `scales` [rows, nb]: its E2M1 codes (x / 2^(byte - 127), exact) dequantized (exact), summed in
+    float64 element 0 to 31 in turn (a fixed order every backend can follow)."""
+    q = fp4_codes(np.ascontiguousarray(x * inverse_scales(scales)[..., None]))
+    deq = _SIGNED[q].astype(np.float64) * scale_values(scales).astype(np.float64)[..., None]
+    e = x.astype(np.float64) - deq
+    e *= e
+    total = e[..., 0].copy()
+    for j in range(1, BLOCK):
+        total += e[..., j]
+    return total
+
+
+def search_scales(x: np.ndarray, rule: np.ndarray) -> np.ndarray:
+    """Per block, the E8M0 byte among the rule's and its neighbours (SEARCH_STEPS, within 1..254) with
+    the least squared error over the block's own values; ties keep the earlier candidate."""
+    best = rule.copy()
+    err = block_sse(x, rule)
+    wide = rule.astype(np.int16)
+    for step in SEARCH_STEPS[1:]:
+        cand = wide + step
+        ok = (cand >= 1) & (cand <= 254)
+        c = np.clip(cand, 1, 254).astype(np.uint8)
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = block_sse(x, c)
+        better = ok & (e < err)
+        best[better] = c[better]
+        err[better] = e[better]
+    return best
+
 
 class Quantizer:
-    """MXFP4 has no per-quantizer state: gs is ignored."""
+    """MXFP4 has no per-quantizer state: gs is ignored. search "mse": each block's byte is
+    search_scales' choice instead of the rule's (--scale-search)."""
 
-    def __init__(self, gs: np.float32 = np.float32(1.0)):
+    def __init__(self, gs: np.float32 = np.float32(1.0), search: str = "none"):
+        if search not in ("none",) + FORMAT.scale_search:
+            raise ValueError(f"mxfp4 has no scale search {search!r}")
         self.gs = np.float32(gs)
+        self.search = search
 
     def quantize(self, raw: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(packed uint8 [out, in/2], low nibble first; E8M0 scale bytes uint8 [out, in/32])."""
         rows, cols = raw.shape
         scales = block_amax_bytes(raw, dtype, name, EMAX)
+        if self.search == "mse":
+            nb = cols // BLOCK
+
+            def search_rows(a: int, b: int) -> None:
+                scales[a:b] = search_scales(to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK), scales[a:b])
+
+            map_rows(search_rows, rows, raw.strides[0] if rows else 0)
         packed = np.empty((rows, cols // 2), np.uint8)
 
         def code_rows(a: int, b: int) -> None:
