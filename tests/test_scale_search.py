@@ -16,7 +16,7 @@ import pytest
 from shardquant import convert as conv
 from shardquant import formats
 from shardquant.errors import PlanError
-from shardquant.formats import mxfp4, nvfp4
+from shardquant.formats import mxfp4, mxfp8, nvfp4
 from shardquant.source import scan
 from shardquant.st import read_raw
 from shardquant.testing import qwen3_moe, write_checkpoint
@@ -106,6 +106,25 @@ def test_mxfp4_searched_byte_is_the_brute_force_best_and_never_worse_than_the_ru
         assert errs[best] <= errs[int(rule[i])]
         moved += best != rule[i]
     assert moved > 0
+
+
+def test_mxfp8_searched_byte_is_the_brute_force_best():
+    """E4M3 elements (ml_dtypes, after clamping to +-448) under the rule's byte and its neighbours."""
+    x = blocks(np.random.default_rng(5)).reshape(-1, 32)
+    rule = mxfp4.e8m0_bytes(np.abs(x).max(axis=1), mxfp8.EMAX)
+    got = mxfp4.search_scales(x.reshape(1, -1, 32), rule.reshape(1, -1), mxfp8._elements,
+                              mxfp8.e4m3_values).reshape(-1)
+
+    def err(v: np.ndarray, byte: int) -> float:
+        scale = 2.0 ** (byte - 127)
+        q = np.clip(v.astype(np.float64) / scale, -448, 448).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+        return float(((v.astype(np.float64) - q.astype(np.float64) * scale) ** 2).sum())
+
+    for i in range(len(x)):
+        order = [int(rule[i]), int(rule[i]) - 1, int(rule[i]) + 1]
+        errs = {b: err(x[i], b) for b in order if 1 <= b <= 254}
+        best = min(errs, key=lambda b: (errs[b], order.index(b)))
+        assert int(got[i]) == best, (i, int(rule[i]), int(got[i]), best)
 
 
 def test_block_sse_is_the_dequantized_error():

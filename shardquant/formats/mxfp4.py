@@ -90,12 +90,21 @@ global_scale = no_global_scale
 SEARCH_STEPS = (0, -1, 1)
 
 
-def block_sse(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def _e2m1(x: np.ndarray) -> np.ndarray:
+    return fp4_codes(np.ascontiguousarray(x))
+
+
+def _e2m1_values(codes: np.ndarray) -> np.ndarray:
+    return _SIGNED[codes]
+
+
+def block_sse(x: np.ndarray, scales: np.ndarray, encode=_e2m1, values=_e2m1_values) -> np.ndarray:
     """Squared reconstruction error of each 32-element block of fp32 `x` [rows, nb, 32] under E8M0
-    `scales` [rows, nb]: its E2M1 codes (x / 2^(byte - 127), exact) dequantized (exact), summed in
-    float64 element 0 to 31 in turn (a fixed order every backend can follow)."""
-    q = fp4_codes(np.ascontiguousarray(x * inverse_scales(scales)[..., None]))
-    deq = _SIGNED[q].astype(np.float64) * scale_values(scales).astype(np.float64)[..., None]
+    `scales` [rows, nb]: the element codes `encode` gives x / 2^(byte - 127) (exact), dequantized by
+    `values` times the scale (exact), summed in float64 element 0 to 31 in turn (a fixed order every
+    backend can follow). E2M1 elements by default; formats/mxfp8.py passes E4M3's."""
+    q = encode(x * inverse_scales(scales)[..., None])
+    deq = values(q).astype(np.float64) * scale_values(scales).astype(np.float64)[..., None]
     e = x.astype(np.float64) - deq
     e *= e
     total = e[..., 0].copy()
@@ -104,18 +113,18 @@ def block_sse(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return total
 
 
-def search_scales(x: np.ndarray, rule: np.ndarray) -> np.ndarray:
+def search_scales(x: np.ndarray, rule: np.ndarray, encode=_e2m1, values=_e2m1_values) -> np.ndarray:
     """Per block, the E8M0 byte among the rule's and its neighbours (SEARCH_STEPS, within 1..254) with
     the least squared error over the block's own values; ties keep the earlier candidate."""
     best = rule.copy()
-    err = block_sse(x, rule)
+    err = block_sse(x, rule, encode, values)
     wide = rule.astype(np.int16)
     for step in SEARCH_STEPS[1:]:
         cand = wide + step
         ok = (cand >= 1) & (cand <= 254)
         c = np.clip(cand, 1, 254).astype(np.uint8)
         with np.errstate(over="ignore", invalid="ignore"):
-            e = block_sse(x, c)
+            e = block_sse(x, c, encode, values)
         better = ok & (e < err)
         best[better] = c[better]
         err[better] = e[better]

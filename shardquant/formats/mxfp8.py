@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import e4m3_values, Format, map_rows, no_global_scale
+from .base import e4m3_values, Format, map_rows, no_global_scale, to_f32
 from .fp8 import e4m3
-from .mxfp4 import BLOCK, block_amax_bytes, scale_values, scaled_rows
+from .mxfp4 import BLOCK, block_amax_bytes, scale_values, scaled_rows, search_scales
 
 # docs/formats.md section 6: compressed-tensors `mxfp8-quantized`, weights and activations as its MXFP8
 # preset (group 32, uint8 scale_dtype; vLLM quantizes activations dynamically to MXFP8 whatever
@@ -43,6 +43,7 @@ FORMAT = Format(
     kernel="mxfp8",
     quantizer_scale=False,
     scale_rule="ct-round-pow2",
+    scale_search=("mse",),
 )
 EMAX = 8  # floor(log2(448)), compressed-tensors' _MX_ELEM_OFFSET for 8 bits
 
@@ -50,16 +51,33 @@ EMAX = 8  # floor(log2(448)), compressed-tensors' _MX_ELEM_OFFSET for 8 bits
 global_scale = no_global_scale
 
 
-class Quantizer:
-    """MXFP8 has no per-quantizer state: gs is ignored."""
+def _elements(x: np.ndarray) -> np.ndarray:
+    """E4M3 codes of scaled values, as quantize writes them (+ 0.0: -0.0 gives code 0x00)."""
+    return e4m3(x + np.float32(0))
 
-    def __init__(self, gs: np.float32 = np.float32(1.0)):
+
+class Quantizer:
+    """MXFP8 has no per-quantizer state: gs is ignored. search "mse": each block's byte is the
+    least-squared-error one among the rule's and its neighbours (formats/mxfp4.py search_scales)."""
+
+    def __init__(self, gs: np.float32 = np.float32(1.0), search: str = "none"):
+        if search not in ("none",) + FORMAT.scale_search:
+            raise ValueError(f"mxfp8 has no scale search {search!r}")
         self.gs = np.float32(gs)
+        self.search = search
 
     def quantize(self, raw: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(E4M3 codes uint8 [out, in], E8M0 scale bytes uint8 [out, in/32])."""
         rows, cols = raw.shape
         scales = block_amax_bytes(raw, dtype, name, EMAX)
+        if self.search == "mse":
+            nb = cols // BLOCK
+
+            def search_rows(a: int, b: int) -> None:
+                x = to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK)
+                scales[a:b] = search_scales(x, scales[a:b], _elements, e4m3_values)
+
+            map_rows(search_rows, rows, raw.strides[0] if rows else 0)
         out = np.empty((rows, cols), np.uint8)
 
         def code_rows(a: int, b: int) -> None:
