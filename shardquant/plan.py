@@ -11,7 +11,6 @@ from typing import Callable
 from dataclasses import dataclass, field
 
 from . import formats
-from .encoding import BLOCK_FP8, MXFP4, casts_losslessly
 from .errors import PlanError, RuleError
 from .flavors import FLAVORS
 from .flavors import refusal
@@ -60,7 +59,8 @@ class Group:
         """Every member is block FP8: read member by member (two_pass), its amax comes from the
         source's tile scales and the few tiles they point to (decode.block_fp8_amax), so the source
         is read once, not twice (shardquant/pipeline.py)."""
-        return all(getattr(getattr(m, "encoding", None), "kind", None) == BLOCK_FP8 for m in self.members)
+        return all(getattr(getattr(m, "encoding", None), "kind", None) == "block-fp8"  # encoding.py BLOCK_FP8
+                   for m in self.members)
 
 
 @dataclass
@@ -189,6 +189,8 @@ def make_plan(
     Plan.device_memory once it knows it, which changes no decision. mx_source: "cast" (MXFP4 members
     go into NVFP4 code for code, where the format allows: encoding.py casts_losslessly) or
     "requantize" (decoded and re-quantized by round to nearest, as any other source)."""
+    from .encoding import MXFP4, casts_losslessly  # here, not at the top: `shardquant --help` never needs it
+
     gpu_bytes = functools.cache(device_memory if callable(device_memory) else lambda: device_memory)
     gpu_asked = False
     if flavor is not None and flavor not in FLAVORS:
