@@ -16,7 +16,7 @@ import pytest
 from shardquant import convert as conv
 from shardquant import formats
 from shardquant.errors import PlanError
-from shardquant.formats import mxfp4, mxfp8, nvfp4
+from shardquant.formats import fp8_block, mxfp4, mxfp8, nvfp4
 from shardquant.source import scan
 from shardquant.st import read_raw
 from shardquant.testing import qwen3_moe, write_checkpoint
@@ -125,6 +125,31 @@ def test_mxfp8_searched_byte_is_the_brute_force_best():
         errs = {b: err(x[i], b) for b in order if 1 <= b <= 254}
         best = min(errs, key=lambda b: (errs[b], order.index(b)))
         assert int(got[i]) == best, (i, int(rule[i]), int(got[i]), best)
+
+
+def test_fp8_block_searched_tile_scale_is_the_brute_force_best():
+    """Each 128x128 tile's scale among RTN's (amax / 448) times 1, 15/16, 17/16, 7/8, 9/8: E4M3 codes by
+    ml_dtypes after clamping to +-448, the error in float64, the best by brute force."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_t(3, (256, 384)) * 0.02).astype(np.float32)
+    x[:128, :128] = 0.0  # a zero tile keeps RTN's scale 1.0
+    x[128:, 256:] *= 1e3
+    rtn = fp8_block.tile_scales(np.abs(x).reshape(2, 128, 3, 128).max(axis=(1, 3)))
+    got = fp8_block.search_tile_scales(x, rtn)
+    moved = 0
+    for i in range(2):
+        for j in range(3):
+            t = x[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)].astype(np.float64)
+            cands = [np.float32(rtn[i, j] * np.float32(f)) for f in (1.0, 15 / 16, 17 / 16, 7 / 8, 9 / 8)]
+            errs = []
+            for c in cands:
+                q = np.clip(t / np.float64(c), -448, 448).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+                errs.append(float(((t - q.astype(np.float64) * np.float64(c)) ** 2).sum()))
+            k = min(range(len(cands)), key=lambda n: (errs[n], n))
+            assert got[i, j] == cands[k], (i, j, got[i, j], cands[k])
+            moved += k != 0
+    assert got[0, 0] == rtn[0, 0] == 1.0
+    assert moved > 0
 
 
 def test_block_sse_is_the_dequantized_error():
