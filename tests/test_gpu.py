@@ -187,6 +187,20 @@ def test_nan_and_inf_are_refused_on_gpu(gpu):
 
 
 # Mixed precision: each quantizer through its own format's kernel in one run (tests/test_mixed.py).
+def assert_same_outputs(cpu, gpu) -> None:
+    """The two conversions wrote the same files, byte for byte, the manifest's backend aside."""
+    files = sorted(p.name for p in cpu.iterdir())
+    assert files == sorted(p.name for p in gpu.iterdir())
+    for name in files:
+        if name == "scale_manifest.json":
+            ma = json.loads((cpu / name).read_text())
+            mb = json.loads((gpu / name).read_text())
+            assert ma.pop("backend") == "numpy" and mb.pop("backend") == "cupy"
+            assert ma == mb
+        else:
+            assert filecmp.cmp(cpu / name, gpu / name, shallow=False), name
+
+
 MIXED = {"nvfp4+fp8-channel": ("nvfp4", ("attention=fp8-channel",)),
          "mxfp4+fp8-block": ("mxfp4", ("attention=fp8-block", r".*\.layers\.1\.mlp\.experts\..*=mxfp8"))}
 
@@ -205,16 +219,7 @@ def test_whole_conversion_gpu_equals_cpu_byte_for_byte(tmp_path, fmt):
     b = convert(str(src), tmp_path / "gpu", fmt, device="cuda", format_for=picks)
     assert len(a.plan.formats) == (1 + len(picks) if picks else 1)
     assert (a.backend, b.backend) == ("numpy", "cupy")
-    files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "gpu").iterdir())
-    for name in files:
-        if name == "scale_manifest.json":
-            ma = json.loads((tmp_path / "cpu" / name).read_text())
-            mb = json.loads((tmp_path / "gpu" / name).read_text())
-            assert ma.pop("backend") == "numpy" and mb.pop("backend") == "cupy"
-            assert ma == mb
-        else:
-            assert filecmp.cmp(tmp_path / "cpu" / name, tmp_path / "gpu" / name, shallow=False), name
+    assert_same_outputs(tmp_path / "cpu", tmp_path / "gpu")
 
 
 def test_group_larger_than_device_budget_still_matches(tmp_path):
@@ -415,16 +420,7 @@ def test_quantized_source_gpu_equals_cpu_byte_for_byte(tmp_path, source, fmt):
     a = convert(str(src), tmp_path / "cpu", fmt, device="cpu")
     b = convert(str(src), tmp_path / "gpu", fmt, device="cuda")
     assert (a.backend, b.backend) == ("numpy", "cupy") and a.bytes_read == b.bytes_read
-    files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "gpu").iterdir())
-    for name in files:
-        if name == "scale_manifest.json":
-            ma = json.loads((tmp_path / "cpu" / name).read_text())
-            mb = json.loads((tmp_path / "gpu" / name).read_text())
-            assert ma.pop("backend") == "numpy" and mb.pop("backend") == "cupy"
-            assert ma == mb
-        else:
-            assert filecmp.cmp(tmp_path / "cpu" / name, tmp_path / "gpu" / name, shallow=False), name
+    assert_same_outputs(tmp_path / "cpu", tmp_path / "gpu")
 
 
 @pytest.mark.parametrize("scale_dtype", ["F32", "E8M0"])
