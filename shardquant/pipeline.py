@@ -502,16 +502,21 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                     pending.append(pool.submit(cast, i + CAST_THREADS))
                 e8m0[i] = None
                 requantized += n
-                put_cast(g.format, m, weight, scale, s2, job)
+                put_member(g.format, m, weight, scale, s2, 0, job)
         with lock:
             scales[g.key] = (float(amax), float(s2), requantized)
 
-    def put_cast(fmt: str, m, weight, scale, s2, job: _Job) -> None:
+    def put_member(fmt: str, m, weight, scale, gs, owed: int, job: _Job) -> None:
+        """A member's outputs to the writer: weight, block scales, and the group's one scale where the
+        format writes it (FP8's weight_scale, NVFP4's global scale). The last output gives back `owed`
+        bytes of the read budget and counts the member done."""
         names = plan.outputs[m.name]
-        outs = [(names["weight"], weight), (names["scale"], scale),
-                (names.get("global_scale", names["scale"]), flavors.FLAVORS[plan.flavor].scalar(fmt, s2, m.shape))]
+        outs = [(names["weight"], weight)] + ([(names["scale"], scale)] if scale is not None else [])
+        if formats.declared(fmt).quantizer_scale:
+            outs.append((names.get("global_scale", names["scale"]), flavors.FLAVORS[plan.flavor].scalar(fmt, gs, m.shape)))
         for j, (name, arr) in enumerate(outs):
-            job.put((name, arr, 0, m.nbytes if j == len(outs) - 1 else 0))
+            last = j == len(outs) - 1
+            job.put((name, arr, owed if last else 0, m.nbytes if last else 0))
 
     def quantize_group(backend, g, data, job: _Job) -> None:
         if g.cast is not None:
@@ -568,7 +573,6 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         with lock:
             scales[g.key] = (float(amax), float(gs))
         q = backend.quantizer(g.format, gs, plan.scale_search)
-        fl = flavors.FLAVORS[plan.flavor]
         again = _MemberReads(counter, [m for i, m in enumerate(g.members) if data[i] is None and handles[i] is None],
                              backend.decodes)
         first_read_here = two_pass and g.amax_from_scales and not g.on_device  # the amax pass read no member
@@ -580,14 +584,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             weight, scale = q.quantize(h, m.dtype, m.name)  # synchronizes: raw's copy is done
             handles[i] = data[i] = None  # release each member once quantized
             del h, raw
-            names = plan.outputs[m.name]
-            outs = [(names["weight"], weight)] + ([(names["scale"], scale)] if scale is not None else [])
-            if fmt.FORMAT.quantizer_scale:  # the group's one scale: FP8's weight_scale, NVFP4's global scale
-                outs.append((names.get("global_scale", names["scale"]), fl.scalar(g.format, gs, m.shape)))
-            for j, (name, arr) in enumerate(outs):  # the last output releases the member's read budget
-                last = j == len(outs) - 1
-                owed = 0 if two_pass or i in held_on_device else m.nbytes
-                job.put((name, arr, owed if last else 0, m.nbytes if last else 0))
+            put_member(g.format, m, weight, scale, gs, 0 if two_pass or i in held_on_device else m.nbytes, job)
 
     devices = _Devices(backends, quantize_group)
     pending: deque[_Job] = deque()
