@@ -104,7 +104,10 @@ class Fused3D:
     """How one architecture stores all experts of a layer in one 3-D tensor. `pattern` full-matches the
     logical name and has a group `proj` (gate_up_proj or down_proj); `model_types` lists the config's
     model_type values it applies to (top level or text_config; empty: any); `kind` the encoding it
-    applies to. `gate_up` says how gate and up share gate_up_proj's output features."""
+    applies to. `gate_up` says how gate and up share gate_up_proj's output features. `split`: the
+    engines' model code for this architecture loads quantized experts under per-expert names
+    (`X.experts.{e}.gate_proj.weight`, ...), so the tensor is planned as its experts' 2-D weights; when
+    False it is kept whole (a per-expert name would be skipped by the loader: experts left unloaded)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -112,6 +115,7 @@ class Fused3D:
     pattern: str
     orientation: str
     gate_up: str
+    split: bool = True
     rx: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,10 +127,12 @@ _GPT_OSS = r".*\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)"
 FUSED_3D: tuple[Fused3D, ...] = (
     # ../shared/LAYOUTS.md "gpt-oss": *_blocks [E, 2I, H/32, 16], rows are output features and blocks run
     # along the input; gate = rows 0, 2, 4, ..., up = rows 1, 3, 5, ... (docs/formats.md "gpt-oss layout").
-    Fused3D("gpt-oss-mxfp4", ("gpt_oss",), MXFP4_3D, _GPT_OSS, OUT_IN, INTERLEAVED),
+    # Not split: the engines' gpt-oss loaders take experts only as fused 3-D tensors (docs/formats.md
+    # "gpt-oss: what the engines load").
+    Fused3D("gpt-oss-mxfp4", ("gpt_oss",), MXFP4_3D, _GPT_OSS, OUT_IN, INTERLEAVED, split=False),
     # gpt-oss dequantized to bf16 keeps the model's own parameters, [E, in, out] (docs/formats.md
     # "gpt-oss layout": the dequantizer transposes [E, rows, in] to [E, in, rows]); rows still interleaved.
-    Fused3D("gpt-oss-bf16", ("gpt_oss",), PLAIN_3D, _GPT_OSS, IN_OUT, INTERLEAVED),
+    Fused3D("gpt-oss-bf16", ("gpt_oss",), PLAIN_3D, _GPT_OSS, IN_OUT, INTERLEAVED, split=False),
     # ../shared/LAYOUTS.md "Llama 4": gate_up_proj [E, in, 2I], down_proj [E, in, out] (the forward computes
     # x @ W); gate is the first half of the output features, up the second.
     Fused3D("llama4", ("llama4", "llama4_text"), PLAIN_3D,
@@ -170,6 +176,7 @@ class SourceEncoding:
     gate_up: str | None = None
     bias: str | None = None
     rule: str = ""
+    split: bool = True  # a 3-D tensor is planned as its experts' 2-D weights (Fused3D.split)
 
     @property
     def interleaved(self) -> bool:
@@ -322,7 +329,7 @@ def _paired(p: Pairing, groups: dict, data: TensorInfo, tensors: Mapping[str, Te
     base["rule"] = f"{p.name}, {f.name}"
     return SourceEncoding(**base, block=(1, MX_BLOCK), shape=(rows, nb * MX_BLOCK), experts=e,
                           orientation=f.orientation, gate_up=_gate_up(f, logical, rows, data.name),
-                          bias=bias if bias in tensors else None)
+                          bias=bias if bias in tensors else None, split=f.split)
 
 
 def _dims(t: TensorInfo, ndim: int) -> tuple[int, ...]:
@@ -381,7 +388,7 @@ def _unpaired(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], ty
                 bias = f"{name}_bias"
                 return SourceEncoding(name, PLAIN_3D, info.dtype, (name,), shape=(out, inp), experts=e,
                                       orientation=f.orientation, gate_up=_gate_up(f, name, out, name),
-                                      bias=bias if bias in tensors else None, rule=f.name)
+                                      bias=bias if bias in tensors else None, rule=f.name, split=f.split)
         if _FUSED_NAME.fullmatch(name):
             _fused(name, PLAIN_3D, types, name)  # raises: experts of unknown orientation
     return SourceEncoding(name, PLAIN, info.dtype, (name,), shape=tuple(info.shape))
@@ -533,8 +540,12 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 DECODE_BAND_ELEMENTS = 1 << 22  # decoded at once: 16 MiB of fp32 (in the plan's fixed overhead, plan.py)
 # Kinds a conversion decodes today; the others are refused with the reason (SourceError).
 DECODED_KINDS = (BLOCK_FP8, MXFP4)
-_NOT_YET = {
-    MXFP4_3D: "fused 3-D MXFP4 experts (gpt-oss layout)",
+_REFUSED = {
+    # docs/formats.md "gpt-oss: what the engines load": experts in any encoding but the source's own MXFP4
+    # (or BF16) would be skipped by the engines' gpt-oss loaders, so no conversion of them is offered.
+    MXFP4_3D: "fused 3-D MXFP4 experts (gpt-oss layout); the engines' gpt-oss loaders take experts only as "
+              "the source's own MXFP4 blocks or as BF16 (docs/formats.md 'gpt-oss: what the engines load'), so "
+              "there is no output format they would serve",
 }
 
 
@@ -572,8 +583,9 @@ def expert_slices(info: TensorInfo, enc: SourceEncoding) -> list[TensorInfo] | N
     the per-expert name the engines load (`X.experts.gate_up_proj` -> `X.experts.{e}.gate_proj.weight`
     and `...up_proj.weight`; `X.experts.down_proj` -> `X.experts.{e}.down_proj.weight`: the names of
     vLLM's FusedMoE expert mapping, docs/formats.md "Quantized sources: conversion"). None for
-    interleaved gate/up (gpt-oss)."""
-    if enc.kind != PLAIN_3D or enc.interleaved or "." not in info.name:
+    interleaved gate/up, or for an architecture whose engines load only the fused tensor (gpt-oss,
+    Fused3D.split)."""
+    if enc.kind != PLAIN_3D or enc.interleaved or not enc.split or "." not in info.name:
         return None
     base, proj = info.name.rsplit(".", 1)
     out, inp = enc.shape
@@ -613,7 +625,7 @@ def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout,
         enc = layout.of(name)
         if not enc.quantized:
             pieces = expert_slices(info, enc) or [info]
-            if notes is not None and len(pieces) > 1:
+            if notes is not None and (len(pieces) > 1 or enc.kind == PLAIN_3D):
                 n = notes.setdefault(describe(enc), [0, 0])
                 n[0], n[1] = n[0] + 1, n[1] + len(pieces)
             out.update((t.name, t) for t in pieces)
@@ -624,7 +636,7 @@ def decoded_tensors(tensors: Mapping[str, TensorInfo], layout: SourceLayout,
         stored[name] = info
         if enc.kind not in DECODED_KINDS:
             raise SourceError(f"tensor {show(name)} ({show(info.file.name, quote=False)}): source holds "
-                              f"{_NOT_YET.get(enc.kind, enc.kind)}, which shardquant does not convert yet")
+                              f"{_REFUSED.get(enc.kind, f'{enc.kind}, which shardquant does not convert yet')}")
         if name != enc.data[0]:
             continue
         parts = tuple(tensors[n] for n in enc.tensors)

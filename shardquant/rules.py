@@ -69,6 +69,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("vision", r"(?:.*\.)?(?:vision_tower|vision_model|visual|vision_encoder|multi_modal_projector|audio_tower)\..*", KEEP, reason="vision tower"),
     Rule("mtp", r"(?:.*\.)?mtp\..*", KEEP, reason="MTP layer"),
     Rule("bias", r".*\.bias", KEEP, reason="bias"),
+    Rule("fused-expert-bias", r".*\.experts\.(?:gate_up_proj|down_proj)_bias", KEEP, reason="bias"),  # gpt-oss [E, out]
     # `embed` / `head`: DeepSeek-V4's flat names (../shared/LAYOUTS.md "DeepSeek-V4")
     Rule("embedding", r"(?:.*\.)?(?:embed_tokens|word_embeddings|wte|tok_embeddings|embed)\.weight", KEEP, reason="embedding"),
     Rule("head", r"(?:.*\.)?(?:lm_head|output_layer|shared_head\.head|head)\.weight", KEEP, reason="output head"),

@@ -293,8 +293,10 @@ def with_decoded(ck: Checkpoint) -> Checkpoint:
     layout = encoding.recognize(ck.tensors, ck.config)
     notes: dict[str, list[int]] = {}
     tensors, stored = encoding.decoded_tensors(ck.tensors, layout, notes)
+    fused = tuple(f"source stores {t} fused 3-D expert tensor{'s' * (t != 1)} ({what}): " + (
+        f"planned and written as {w} per-expert weights" if w > t else
+        "kept whole in high precision: this architecture's engines load its experts only as fused tensors "
+        "(shardquant/encoding.py FUSED_3D split)") for what, (t, w) in notes.items())
     if list(tensors) == list(ck.tensors):
-        return ck
-    fused = tuple(f"source stores {t} fused 3-D expert tensor{'s' * (t != 1)} ({what}): planned and written as "
-                  f"{w} per-expert weights" for what, (t, w) in notes.items())
+        return dataclasses.replace(ck, fused_notes=fused) if fused else ck
     return dataclasses.replace(ck, tensors=tensors, stored=stored, fused_notes=fused)

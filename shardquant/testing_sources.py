@@ -558,12 +558,14 @@ def kimi_k3(hidden=256, layers=4, experts=4, latent=128, inter=64, dense_inter=5
 
 
 def gpt_oss(hidden=128, layers=2, experts=4, inter=64, vocab=256, heads=4, kv_heads=2, head_dim=32,
-            seed=3) -> SourceFixture:
+            seed=3, bf16: bool = False) -> SourceFixture:
     """gpt-oss (LAYOUTS.md "gpt-oss"): fused 3-D MXFP4 experts `mlp.experts.gate_up_proj_blocks` U8
     [E, 2I, H/32, 16] + `_scales` U8 [E, 2I, H/32] + `_bias` BF16 [E, 2I] (gate = even rows, up = odd
     rows), `down_proj_blocks` [E, H, I/32, 16] + `_scales` + `_bias` [E, H]; router weight and bias;
     attention with biases and `self_attn.sinks`, all BF16. reference[...gate_up_proj] is [E, 2I, H]
-    (the rows as stored, interleaved)."""
+    (the rows as stored, interleaved). With `bf16`, the experts as a dequantized copy holds them: the
+    model's own parameters `gate_up_proj` BF16 [E, H, 2I] and `down_proj` [E, I, H] ([E, in, out],
+    docs/formats.md "gpt-oss layout"), gate/up columns still interleaved, no quantization_config."""
     b = _Builder(seed)
     H, I2 = hidden, 2 * inter
     b.plain("model.embed_tokens.weight", (vocab, H))
@@ -580,6 +582,12 @@ def gpt_oss(hidden=128, layers=2, experts=4, inter=64, vocab=256, heads=4, kv_he
         b.plain(f"{p}.mlp.router.weight", (experts, H))
         b.plain(f"{p}.mlp.router.bias", (experts,))
         x = f"{p}.mlp.experts"
+        if bf16:
+            _plain_3d(b, f"{x}.gate_up_proj", (experts, H, I2), IN_OUT, INTERLEAVED, L == layers - 1)
+            b.plain(f"{x}.gate_up_proj_bias", (experts, I2))
+            _plain_3d(b, f"{x}.down_proj", (experts, inter, H), IN_OUT, None, L == layers - 1)
+            b.plain(f"{x}.down_proj_bias", (experts, H))
+            continue
         gu = [b.mx((I2, H)) for _ in range(experts)]
         dn = [b.mx((H, inter)) for _ in range(experts)]
         if L == 0:  # expert 0: a zero block and a -0.0; expert 1: a gate block out of range
@@ -623,7 +631,14 @@ def gpt_oss(hidden=128, layers=2, experts=4, inter=64, vocab=256, heads=4, kv_he
                                                            "model.embed_tokens", "lm_head"],
                                 "quant_method": "mxfp4"},
     }
+    if bf16:
+        del cfg["quantization_config"]
     return b.fixture(cfg)
+
+
+def gpt_oss_bf16(**kw) -> SourceFixture:
+    """gpt-oss with its experts dequantized to BF16 (gpt_oss(bf16=True))."""
+    return gpt_oss(bf16=True, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,6 +750,7 @@ SOURCES = {
     "deepseek_v4": deepseek_v4,
     "kimi_k3": kimi_k3,
     "gpt_oss": gpt_oss,
+    "gpt_oss_bf16": gpt_oss_bf16,
     "llama4": llama4,
     "fused_experts": fused_experts,
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +99,55 @@ def test_verify_measures_against_the_decoded_source(v3, tmp_path):
     assert all(t.sqnr_db > 15 for t in rep.tensors if t.signal > 0)
 
 
-@pytest.mark.parametrize("build", [gpt_oss], ids=lambda b: b.__name__)
-def test_encodings_not_converted_yet_are_refused_naming_the_tensor(build, tmp_path):
-    fx = build()
-    src = fx.write(tmp_path / "src")
-    with pytest.raises(SourceError, match=r"^tensor '.+' \(.+\.safetensors\): source holds .*MXFP4.*not convert yet$"):
-        conv.convert(str(src), tmp_path / "out", "nvfp4", device="cpu")
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_gpt_oss_mxfp4_experts_are_refused_naming_the_tensor_and_the_engines(fmt, tmp_path):
+    """No engine's gpt-oss loader takes its experts in another encoding than the source's MXFP4
+    (docs/formats.md "gpt-oss: what the engines load"): every format is refused, nothing written."""
+    src = gpt_oss().write(tmp_path / "src")
+    with pytest.raises(SourceError, match=r"^tensor '.+experts\.gate_up_proj_blocks' \(.+\.safetensors\): source holds "
+                                          r"fused 3-D MXFP4 experts .*engines' gpt-oss loaders .*'gpt-oss: what the engines load'"):
+        conv.convert(str(src), tmp_path / "out", fmt, device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", formats.FORMATS)
+def test_gpt_oss_bf16_experts_stay_whole_and_are_excluded_for_the_engines(fmt, tmp_path):
+    """gpt-oss with BF16 experts: attention is converted; the 3-D experts are written whole, byte for byte
+    (a per-expert name would be skipped by the engines' gpt-oss loaders), and their module is excluded so
+    the engines build an unquantized MoE for them; verify (with the engine rules) passes."""
+    from shardquant.testing_sources import gpt_oss_bf16
+
+    fx = gpt_oss_bf16()
+    src = fx.write(tmp_path / "src")
+    conv.convert(str(src), tmp_path / "out", fmt, device="cpu")
+    rep = verify(tmp_path / "out", str(src), device="cpu")
+    assert rep.ok, rep.violations[:3]
+    got = _tensors(tmp_path / "out")
+    assert not any(re.search(r"experts\.\d+\.", n) for n in got)
+    experts = [n for n, _, _ in fx.model.specs if re.fullmatch(r".*\.experts\.(gate_up|down)_proj(_bias)?", n)]
+    assert len(experts) == 4 * fx.config["num_hidden_layers"]
+    assert all(got[n][2] == fx.arrays[n].tobytes() for n in experts)
+    assert set(got) - set(fx.arrays)  # something was quantized: its scales are new tensors
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    hq = tmp_path / "out" / "hf_quant_config.json"
+    qc = json.loads(hq.read_text())["quantization"] if hq.exists() else cfg["quantization_config"]
+    excluded = json.dumps(qc)
+    for L in range(fx.config["num_hidden_layers"]):
+        assert f"model.layers.{L}.mlp.experts" in excluded
+
+
+def test_plan_says_gpt_oss_experts_are_kept_whole(tmp_path):
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+    from shardquant.testing_sources import gpt_oss_bf16
+
+    src = gpt_oss_bf16().write(tmp_path / "src")
+    r = CliRunner().invoke(main, ["plan", str(src), "--format", "nvfp4"])
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("source stores")]
+    assert len(lines) == 2 and all("kept whole in high precision" in x for x in lines), lines
+    assert "experts.0." not in r.output
 
 
 def test_bf16_rounding_matches_ml_dtypes_on_edges_and_random_values():

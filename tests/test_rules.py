@@ -166,6 +166,8 @@ CASES: list[Case] = [
     # gpt-oss router (with bias) and attention sinks; Qwen2 attention biases
     k(f"{QW}.mlp.router.weight", "router", "router", (32, 64)),
     k(f"{QW}.mlp.router.bias", "bias", "bias", (32,)),
+    k(f"{QW}.mlp.experts.gate_up_proj_bias", "fused-expert-bias", "bias", (32, 256)),  # gpt-oss [E, 2I]
+    k(f"{QW}.mlp.experts.down_proj_bias", "fused-expert-bias", "bias", (32, 64)),
     k(f"{QW}.self_attn.q_proj.bias", "bias", "bias", (64,)),
     k(f"{QW}.self_attn.sinks", "not-a-weight", "1-D BF16 tensor", (64,)),
     # DeepSeek-V4: flat names, no `model.` prefix (../shared/LAYOUTS.md "DeepSeek-V4")

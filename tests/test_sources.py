@@ -217,6 +217,13 @@ GPT_OSS_DOC = [
     (r"model\.layers\.\d+\.self_attn\.sinks", "BF16", lambda c, m, t: (c["num_attention_heads"],)),
     (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.(?:weight|bias)", "BF16", ANY),
 ]
+# gpt-oss with its experts dequantized (docs/formats.md "gpt-oss layout": the model's [E, in, out] parameters)
+GPT_OSS_BF16_DOC = [
+    (_GM + r"experts\.gate_up_proj", "BF16", lambda c, m, t: (
+        c["num_local_experts"], c["hidden_size"], 2 * c["intermediate_size"])),
+    (_GM + r"experts\.down_proj", "BF16", lambda c, m, t: (
+        c["num_local_experts"], c["intermediate_size"], c["hidden_size"])),
+] + [row for row in GPT_OSS_DOC if "_blocks" not in row[0] and "_scales" not in row[0]]
 
 _LF = r"language_model\.model\.layers\.(?P<L>\d+)\.feed_forward\."
 # LAYOUTS.md "Llama 4"
@@ -245,7 +252,7 @@ FUSED_DOC = [
 # name -> (table, whether it lists every tensor; where not, the rest must be high precision)
 DOCUMENTED = {
     "deepseek_v3": (V3_DOC, True), "deepseek_v4": (V4_DOC, True), "kimi_k3": (KIMI_DOC, False),
-    "gpt_oss": (GPT_OSS_DOC, False), "llama4": (LLAMA4_DOC, False), "fused_experts": (FUSED_DOC, False),
+    "gpt_oss": (GPT_OSS_DOC, False), "gpt_oss_bf16": (GPT_OSS_BF16_DOC, False), "llama4": (LLAMA4_DOC, False), "fused_experts": (FUSED_DOC, False),
 }
 
 
@@ -323,7 +330,7 @@ def test_planted_edge_cases(written, name):
     fx, ck = written[name]
     layout = recognize(ck.tensors, fx.config)
     p = fx.planted
-    assert "neg_zero" in p and "dead_expert" in p and (name in ("llama4", "fused_experts") or "zero_block" in p)
+    assert "neg_zero" in p and "dead_expert" in p and (name in ("llama4", "fused_experts", "gpt_oss_bf16") or "zero_block" in p)
     for logical, expert, r, c in p["neg_zero"]:
         v = fx.reference[logical] if expert is None else fx.reference[logical][expert]
         assert v[r, c] == 0 and np.signbit(v[r, c]), (logical, r, c)
