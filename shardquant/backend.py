@@ -73,21 +73,30 @@ class CupyBackend:
         return self.dev.amaxes(items)
 
     def quantizer(self, fmt: str, gs: np.float32, search: str = "none"):
-        if search != "none":  # shardquant/convert.py converts on the CPU instead, or refuses --device cuda
-            raise ShardquantError(f"--scale-search {search} has no GPU kernel yet; use --device cpu")
-        return _CupyQuantizer(self.dev, fmt, gs)
+        if search != "none" and search not in gpu_searches(fmt):  # shardquant/convert.py converts on the CPU
+            raise ShardquantError(f"--scale-search {search} for --format {fmt} has no GPU kernel yet; use --device cpu")
+        return _CupyQuantizer(self.dev, fmt, gs, search)
+
+
+def gpu_searches(fmt: str) -> tuple[str, ...]:
+    """The --scale-search modes the GPU computes for this format (shardquant/cuda SEARCHES, by the
+    format's declared kernel); importing shardquant.cuda needs no cupy."""
+    from .cuda import SEARCHES
+
+    return SEARCHES.get(formats.declared(fmt).kernel, ())
 
 
 class _CupyQuantizer:
-    def __init__(self, dev, fmt: str, gs: np.float32):
-        self.dev, self.fmt, self.gs = dev, fmt, np.float32(gs)
+    def __init__(self, dev, fmt: str, gs: np.float32, search: str = "none"):
+        self.dev, self.fmt, self.gs, self.search = dev, fmt, np.float32(gs), search
 
     def quantize(self, x, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         """(weight, block scales or None), on the host; the kernel is the format's declared one."""
         kernel = formats.declared(self.fmt).kernel
         if not kernel or not hasattr(self.dev, kernel):
             raise ShardquantError(f"format {self.fmt!r} has no GPU kernel; use --device cpu")
-        out = getattr(self.dev, kernel)(x, dtype, self.gs, name=name)  # name: a kernel's NaN/Inf refusal names it
+        searched = {} if self.search == "none" else {"search": self.search}  # methods without a search take none
+        out = getattr(self.dev, kernel)(x, dtype, self.gs, name=name, **searched)  # name: a NaN/Inf refusal names it
         host = self.dev.to_host(*(out if isinstance(out, tuple) else (out,)))
         return host[0], (host[1] if len(host) > 1 else None)
 

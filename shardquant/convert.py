@@ -14,7 +14,7 @@ from pathlib import Path
 from . import card, flavors, formats, manifest, trace
 from .background import in_background
 from .errors import OutputError, ShardquantError, SourceError
-from .backend import NumpyBackend, describe, get_backends
+from .backend import NumpyBackend, describe, get_backends, gpu_searches
 from .pipeline import run, warm_start
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, format_choice, load_rules_file
@@ -155,7 +155,8 @@ def convert(
     trace.mark("planned")
     out = Path(output).expanduser()
     no_kernel = [f"--format {f}" for f in plan.formats if not formats.declared(f).kernel]
-    no_kernel += [f"--scale-search {scale_search}"] if scale_search != "none" else []
+    no_kernel += [f"--scale-search {scale_search} for --format {f}" for f in plan.formats
+                  if scale_search != "none" and scale_search not in gpu_searches(f)]
     if budget is not None and no_kernel:
         if device != "auto" or devices:
             raise ShardquantError(f"{no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")

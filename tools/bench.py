@@ -8,6 +8,7 @@ and prints medians: input MB/s, the ratio to the read rate, and the child's peak
 
     python tools/bench.py --size 2 --formats nvfp4,fp8 --runs 3
     python tools/bench.py --size 1 --size 2          # peak RSS at two model sizes
+    python tools/bench.py --device cuda --formats nvfp4,mxfp4 --scale-search mse   # searched vs RTN, alternating
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ import json, resource, sys
 from shardquant import trace
 trace.mark("python-ready")
 from shardquant.convert import convert
-r = convert(sys.argv[1], sys.argv[2], sys.argv[3], device=sys.argv[4], expert_policy=sys.argv[5])
+searched = {"scale_search": sys.argv[6]} if sys.argv[6] != "none" else {}  # --vs: a release without it
+r = convert(sys.argv[1], sys.argv[2], sys.argv[3], device=sys.argv[4], expert_policy=sys.argv[5], **searched)
 print(json.dumps({"seconds": r.seconds, "bytes_read": r.bytes_read, "source_bytes": r.plan.source_bytes,
                   "output_bytes": r.plan.output_bytes, "peak_estimate": r.plan.peak_bytes,
                   "backend": r.backend, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -201,7 +203,7 @@ def verify_once(src: Path, out: Path, cold: bool, device: str = "auto") -> dict:
 
 
 def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, pythonpath: str | None = None,
-                 policy: str = "shared") -> dict:
+                 policy: str = "shared", scale_search: str = "none") -> dict:
     """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS, and its
     milestones (shardquant/trace.py) in seconds after the interpreter was started. With
     `pythonpath`, the shardquant package found there runs (an earlier release, for --vs)."""
@@ -213,8 +215,8 @@ def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, python
     env = dict(os.environ, SHARDQUANT_TRACE=str(log), **({"PYTHONPATH": pythonpath} if pythonpath else {}))
     spawned = time.time()
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device, policy], capture_output=True,
-                       text=True, env=env)
+    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device, policy, scale_search],
+                       capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if p.returncode:
         sys.exit(f"conversion failed:\n{p.stderr}")
@@ -259,6 +261,9 @@ def main() -> None:
     ap.add_argument("--vs", metavar="PYTHONPATH", default=None,
                     help="also run the shardquant package found under this path (e.g. an earlier release "
                          "unpacked with `git archive`), alternating with this one; report the time ratio")
+    ap.add_argument("--scale-search", default="none", choices=("none", "mse"),
+                    help="also convert with this --scale-search, alternating with round to nearest on the same "
+                         "files; report both medians and their ratio (issue 12: mse at most 1.5x RTN on an H200)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -266,7 +271,7 @@ def main() -> None:
         # compiles once, on its first conversion; not what any later conversion pays, so not timed here
         tiny = Path(__file__).resolve().parent.parent / "examples" / "tiny-moe"
         for fmt in args.formats.split(","):
-            convert_once(tiny, work / "warm-up", fmt, args.device, cold=False)
+            convert_once(tiny, work / "warm-up", fmt, args.device, cold=False, scale_search=args.scale_search)
         shutil.rmtree(work / "warm-up", ignore_errors=True)
     results = []
     for size in args.size or [2.0]:
@@ -282,6 +287,10 @@ def main() -> None:
                     base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs, policy)
                     info["vs_seconds"], info["vs_wall"] = base["seconds"], base["wall"]
                     info["ratio_seconds"], info["ratio_wall"] = info["seconds"] / base["seconds"], info["wall"] / base["wall"]
+                if args.scale_search != "none":  # the same conversion with searched scales, right after RTN's
+                    sr = convert_once(src, work / "out", fmt, args.device, args.cold, policy=policy,
+                                      scale_search=args.scale_search)
+                    info["search_seconds"], info["search_wall"] = sr["seconds"], sr["wall"]
                 if args.verify:  # reading source + output once, then verify over the same files
                     info["vread_s"], info["vread_bytes"] = read_all([src, work / "out"], args.cold)
                     v = verify_once(src, work / "out", args.cold, args.verify_device)
@@ -324,6 +333,15 @@ def main() -> None:
             if args.vs:  # pairwise ratios (this / --vs), each pair run back to back
                 for k in ("ratio_seconds", "ratio_wall", "vs_seconds", "vs_wall"):
                     res[k] = statistics.median(r[k] for r in rows)
+            if args.scale_search != "none":  # medians of each, and searched over RTN (ratio of the medians)
+                for k in ("search_seconds", "search_wall"):
+                    res[k] = statistics.median(r[k] for r in rows)
+                res["search_over_rtn_seconds"] = res["search_seconds"] / med["seconds"]
+                res["search_over_rtn_wall"] = res["search_wall"] / med["wall"]
+                print(f"# {fmt} --scale-search {args.scale_search} on {res['backend']}: {res['search_seconds']:.2f} s "
+                      f"vs RTN {med['seconds']:.2f} s in run ({res['search_over_rtn_seconds']:.2f}x), whole process "
+                      f"{res['search_wall']:.2f} s vs {med['wall']:.2f} s ({res['search_over_rtn_wall']:.2f}x), "
+                      f"medians of {args.runs}", flush=True)
             results.append(res)
             print(json.dumps(res), flush=True)
         if not args.keep:

@@ -1,7 +1,7 @@
 """GPU kernel throughput of every format in the registry (shardquant.formats.FORMATS) against a
 device-to-device copy of the same bytes, and pinned host-to-device bandwidth. Needs cupy and a CUDA device.
 
-    python tools/bench_kernels.py [--mib 1024] [--reps 50] [--formats nvfp4,fp8-block]
+    python tools/bench_kernels.py [--mib 1024] [--reps 50] [--formats nvfp4,fp8-block] [--scale-search mse]
 
 Input: bf16 [mib * 2^19 / 4096, 4096] (whole 128x128 tiles and 32-element blocks), normal values
 times 0.02, three buffers in rotation so that repeated runs do not measure the 50 MB L2. Each format
@@ -10,6 +10,8 @@ amax. Figures per format: GB/s of input consumed; GB/s of input read plus output
 block scales, from the format's declared layout) and that over the copy's rate (the copy moves the
 input size in and out). `method` is the call a conversion makes (for formats with their own scales
 it includes reading back the NaN/Inf flag: one synchronization); `kernel` leaves that read-back out.
+With --scale-search, each format that declares it is also timed searching (method; `search_over_rtn`
+is its time over round to nearest's).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024, help="bf16 input size per buffer")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--formats", default="", help="comma-separated format names (default: every format with a kernel)")
+    ap.add_argument("--scale-search", default="none", choices=("none", "mse"))
     args = ap.parse_args()
 
     import cupy as cp
@@ -89,6 +92,9 @@ def main() -> None:
         res[fmt] = {"in_gbs": nb / t_method / 1e9, "inout_gbs": (nb + out_bytes) / t_method / 1e9,
                     "kernel_in_gbs": nb / t_kernel / 1e9, "kernel_inout_gbs": (nb + out_bytes) / t_kernel / 1e9,
                     "out_bytes": out_bytes}
+        if args.scale_search in decl.scale_search:
+            t_search = timed(lambda x: method(x, "BF16", gs, name="bench", search=args.scale_search))
+            res[fmt].update(search_in_gbs=nb / t_search / 1e9, search_over_rtn=t_search / t_method)
 
     host = cp.cuda.alloc_pinned_memory(nb)
     hview = np.frombuffer(host, np.uint16, nb // 2)
@@ -115,6 +121,9 @@ def main() -> None:
         kin = r.get("kernel_in_gbs", r["in_gbs"])
         kio = r.get("kernel_inout_gbs", r["inout_gbs"])
         print(f"| {k} | {r['in_gbs']:.0f} | {r['inout_gbs']:.0f} | {r['inout_gbs'] / copy:.2f} | {kin:.0f} | {kio / copy:.2f} |")
+        if "search_in_gbs" in r:
+            print(f"| {k} --scale-search {args.scale_search} | {r['search_in_gbs']:.0f} | | "
+                  f"{r['search_over_rtn']:.2f}x RTN's time | | |")
     print(f"| h2d_pinned | {res['h2d_pinned']['in_gbs']:.0f} | | | | |")
 
 

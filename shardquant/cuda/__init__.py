@@ -22,6 +22,9 @@ _TYPES = {"BF16": "unsigned short", "F16": "Half", "F32": "float"}
 _VEC = {"BF16": 8, "F16": 8, "F32": 4}  # elements per 16-byte load
 _THREADS = 256
 _ROW_CHUNKS = 8  # kernels.cu ROW_CHUNKS
+# --scale-search modes (besides "none") each Device method (formats/base.py Format.kernel) computes on
+# the GPU, byte for byte as the format's NumPy search: kernels.cu nvfp4_search, mx_search, tile_search
+SEARCHES = {"nvfp4": ("mse",), "mxfp8": ("mse",), "mxfp4": ("mse",), "fp8_block": ("mse",)}
 
 
 def available() -> bool:
@@ -55,9 +58,10 @@ class _Module:
 
         names = ["ieee_probe", "block_fp8_decode<0>", "block_fp8_decode<1>"]
         for dtype, t in _TYPES.items():
-            names += [f"amax_bits<{t}>", f"nvfp4_quant<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>",
-                      f"mxfp8_quant<{t}>", f"mxfp4_quant<{t}>"]
-            names += [f"{k}<{t}, {v}>" for k in ("fp8_channel_quant", "fp8_block_quant") for v in (_VEC[dtype], 1)]
+            names += [f"amax_bits<{t}>", f"fp8_quant<{t}>", f"fp8_quant_scalar<{t}>"]
+            names += [f"{k}<{t}, {s}>" for k in ("nvfp4_quant", "mxfp8_quant", "mxfp4_quant") for s in (0, 1)]
+            names += [f"fp8_channel_quant<{t}, {v}>" for v in (_VEC[dtype], 1)]
+            names += [f"fp8_block_quant<{t}, {v}, {s}>" for v in (_VEC[dtype], 1) for s in (0, 1)]
             names += [f"error_power<{t}, {c}, {s}>" for c in (0, 1) for s in (0, 1, 2)]
         with cupy.cuda.Device(device):
             source = _SRC.read_text()
@@ -188,6 +192,15 @@ def _kernel(device: int, name: str, dtype: str, *args: int):
     return _module(device).get(f"{name}<{', '.join([_TYPES[dtype], *map(str, args)])}>")
 
 
+def _search(kernel: str, search: str) -> int:
+    """The kernels' SEARCH template argument: 0 for round to nearest, 1 for "mse" (SEARCHES)."""
+    if search == "none":
+        return 0
+    if search not in SEARCHES.get(kernel, ()):
+        raise ShardquantError(f"--scale-search {search} has no GPU kernel in Device.{kernel}; use --device cpu")
+    return 1
+
+
 def _grid(n: int) -> tuple[int]:
     return (max(1, (n + _THREADS - 1) // _THREADS),)
 
@@ -246,11 +259,13 @@ class Device:
         """max |x| of one tensor (device array), exact; NaN/Inf raise NumericError naming it."""
         return self.amaxes([(x, dtype, name)])[0]
 
-    def nvfp4(self, x, dtype: str, s2: np.float32, name: str = "the weight"):
+    def nvfp4(self, x, dtype: str, s2: np.float32, name: str = "the weight", search: str = "none"):
         """Device arrays (packed uint8 [rows, cols/2], E4M3 codes uint8 [rows, cols/16]). NaN/Inf are
-        refused by the quantizer's amax pass (amaxes), not here."""
+        refused by the quantizer's amax pass (amaxes), not here. search "mse": block scales as
+        formats/nvfp4.py search_scales chooses them (kernels.cu nvfp4_search)."""
         from ..formats.nvfp4 import code_thresholds
 
+        flag = _search("nvfp4", search)
         rows, cols = x.shape
         nb = x.size // 16
         with self.device, self.stream:
@@ -261,7 +276,7 @@ class Device:
                 if self._thr_key != key:  # one table per quantizer (per s2)
                     self._thr = self.cp.asarray(code_thresholds(np.float32(s2)).view(np.uint32))
                     self._thr_key = key
-                _kernel(self.index, "nvfp4_quant", dtype)(
+                _kernel(self.index, "nvfp4_quant", dtype, flag)(
                     _grid(nb), (_THREADS,), (x, np.int64(nb), np.float32(s2), self._thr, packed, scales),
                     stream=self.stream)
         return packed, scales
@@ -314,24 +329,27 @@ class Device:
                 self._refuse_nonfinite(bad, dtype, name)
         return out, scales
 
-    def fp8_block(self, x, dtype: str, gs=None, name: str = "the weight"):
+    def fp8_block(self, x, dtype: str, gs=None, name: str = "the weight", search: str = "none"):
         """Device arrays (E4M3 codes uint8 [rows, cols], fp32 tile scales [ceil(rows/128), ceil(cols/128)]);
-        formats/fp8_block.py, edge tiles included."""
+        formats/fp8_block.py, edge tiles included. search "mse": tile scales as search_tile_scales
+        chooses them (kernels.cu tile_search), for a tensor of whole tiles as the NumPy path."""
         rows, cols = x.shape
         br, bc = 128, 128
+        flag = _search("fp8_block", search) if rows % br == 0 and cols % bc == 0 else 0
         with self.device, self.stream:
             x = self.cp.ascontiguousarray(x)
             out = self.cp.empty((rows, cols), dtype=self.cp.uint8)
             scales = self.cp.empty((-(-rows // br), -(-cols // bc)), dtype=self.cp.float32)
             if x.size:
                 bad = self._flag()
-                _kernel(self.index, "fp8_block_quant", dtype, self._vec(x, dtype, cols))(
+                _kernel(self.index, "fp8_block_quant", dtype, self._vec(x, dtype, cols), flag)(
                     (scales.shape[1], scales.shape[0]), (256,), (x, np.int64(rows), np.int64(cols), out, scales, bad),
                     stream=self.stream)
                 self._refuse_nonfinite(bad, dtype, name)
         return out, scales
 
-    def _mx(self, kernel: str, x, dtype: str, name: str, packed_cols: int):
+    def _mx(self, method: str, x, dtype: str, name: str, packed_cols: int, search: str):
+        flag = _search(method, search)
         rows, cols = x.shape
         if cols % 32:
             raise ShardquantError(f"input dim {cols} of {name} is not a multiple of 32")
@@ -343,19 +361,20 @@ class Device:
             scales = self.cp.empty((rows, cols // 32), dtype=self.cp.uint8)
             if x.size:
                 bad, nchunks = self._flag(), x.size // _VEC[dtype]
-                _kernel(self.index, kernel, dtype)(_grid(nchunks), (_THREADS,), (x, np.int64(nchunks), out, scales, bad),
-                                                   stream=self.stream)
+                _kernel(self.index, f"{method}_quant", dtype, flag)(
+                    _grid(nchunks), (_THREADS,), (x, np.int64(nchunks), out, scales, bad), stream=self.stream)
                 self._refuse_nonfinite(bad, dtype, name)
         return out, scales
 
-    def mxfp8(self, x, dtype: str, gs=None, name: str = "the weight"):
-        """Device arrays (E4M3 codes uint8 [rows, cols], E8M0 bytes uint8 [rows, cols/32]); formats/mxfp8.py."""
-        return self._mx("mxfp8_quant", x, dtype, name, x.shape[1])
+    def mxfp8(self, x, dtype: str, gs=None, name: str = "the weight", search: str = "none"):
+        """Device arrays (E4M3 codes uint8 [rows, cols], E8M0 bytes uint8 [rows, cols/32]); formats/mxfp8.py.
+        search "mse": bytes as formats/mxfp4.py search_scales chooses them (kernels.cu mx_search)."""
+        return self._mx("mxfp8", x, dtype, name, x.shape[1], search)
 
-    def mxfp4(self, x, dtype: str, gs=None, name: str = "the weight"):
+    def mxfp4(self, x, dtype: str, gs=None, name: str = "the weight", search: str = "none"):
         """Device arrays (packed E2M1 uint8 [rows, cols/2], low nibble first; E8M0 bytes uint8 [rows, cols/32]);
-        formats/mxfp4.py."""
-        return self._mx("mxfp4_quant", x, dtype, name, x.shape[1] // 2)
+        formats/mxfp4.py. search "mse": as mxfp8."""
+        return self._mx("mxfp4", x, dtype, name, x.shape[1] // 2, search)
 
     def error_power(self, src: np.ndarray, dtype: str, weight: np.ndarray, code: int, scale: np.ndarray,
                     scale_kind: int, tile: tuple[int, int], pq: float) -> tuple[float, float, np.float32]:

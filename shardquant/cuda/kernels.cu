@@ -73,6 +73,49 @@ __device__ __forceinline__ unsigned int e2m1(float x) {
     return c | ((x < 0.0f) ? 8u : 0u);
 }
 
+// fp32 value of an E2M1 magnitude code 0..7 (0, 0.5, 1, 1.5, 2, 3, 4, 6), from its bits: exponent
+// c >> 1 (bias 1), mantissa c & 1; code 1 is the subnormal 0.5. Exact.
+__device__ __forceinline__ float e2m1_mag(unsigned int c) {
+    return c < 2u ? (float)c * 0.5f : __uint_as_float((((c >> 1) + 126u) << 23) | ((c & 1u) << 22));
+}
+
+__device__ __forceinline__ float e2m1_value(unsigned int c) {  // a signed code 0..15
+    float v = e2m1_mag(c & 7u);
+    return (c & 8u) ? -v : v;
+}
+
+// E2M1 magnitude code 0..7 of fp32 magnitude bits `a` against one row of nvfp4.code_thresholds
+// (lo = the thresholds of 0.25, 0.75, 1.25, 1.75; hi = of 2.5, 3.5, 5, then the sign threshold):
+// a 3-step search. Thresholds and magnitudes compare as fp32 bit patterns (integer order is the order
+// of non-negative floats), so tiny and subnormal thresholds compare exactly, whatever the FTZ mode.
+__device__ __forceinline__ unsigned int nvfp4_mag_code(unsigned int a, uint4 lo, uint4 hi) {
+    bool b4 = a >= lo.w;                      // passes 1.75: code >= 4
+    bool b2 = a >= (b4 ? hi.y : lo.y);        // passes 3.5 / 0.75
+    unsigned int t1 = b4 ? (b2 ? hi.z : hi.x) : (b2 ? lo.z : lo.x);
+    bool b1 = a >= t1;                        // passes 5 / 2.5 / 1.25 / 0.25
+    return (b4 ? 4u : 0u) | (b2 ? 2u : 0u) | (b1 ? 1u : 0u);
+}
+
+// ---- --scale-search mse (formats/nvfp4.py search_scales, formats/mxfp4.py search_scales,
+// formats/fp8_block.py search_tile_scales) ----
+// Each candidate's error is the NumPy path's, operation for operation: the element codes it writes,
+// their values times the candidate scale rounded as NumPy rounds them (fp32, or float64 where it
+// multiplies in float64), then (x - deq)^2 in float64 added one term at a time in the NumPy path's fixed
+// element order. So every sum is the CPU's to the bit, and so is every comparison: strictly less
+// moves, so a tie (or a NaN) keeps the earlier candidate, RTN's first.
+
+// Candidate k's step from round to nearest: 0, -1, +1, -2, +2 (nvfp4.SEARCH_STEPS, mxfp4.SEARCH_STEPS
+// its first three; fp8_block.SEARCH_FACTORS are 1 + step / 16).
+__device__ __forceinline__ int search_step(int k) {
+    return ((k + 1) >> 1) * ((k & 1) ? -1 : 1);
+}
+
+// (x - deq)^2 in float64, each operation correctly rounded (never fused): one term of the sums above.
+__device__ __forceinline__ double sq_err(double x, double deq) {
+    double d = __dsub_rn(x, deq);
+    return __dmul_rn(d, d);
+}
+
 // max |x| as magnitude bits (their integer order is the order of |x| for finite values).
 template <typename T>
 __global__ void amax_bits(const typename Store<T>::type* __restrict__ x, long long n, unsigned int* out) {
@@ -90,12 +133,40 @@ __global__ void amax_bits(const typename Store<T>::type* __restrict__ x, long lo
     }
 }
 
+// One NVFP4 block's scale code under --scale-search mse (formats/nvfp4.py search_scales): RTN's code
+// `sc`, then sc - 1, sc + 1, sc - 2, sc + 2 within [1, 0x7e] (2^-9 .. 448). block_sse's error: the
+// code of each element by the candidate's thresholds, deq = value x (scale x s2) in fp32, then
+// (|x| - deq)^2 summed in float64 over elements 0..15 in turn. Magnitudes suffice: deq has x's sign
+// or is zero, and rounding is symmetric, so the signed difference has the same square.
+__device__ unsigned int nvfp4_search(const unsigned int (&a)[16], unsigned int sc, float s2,
+                                     const uint4* __restrict__ thr) {
+    unsigned int best = sc;
+    double best_err = 0.0;
+    for (int k = 0; k < 5; ++k) {
+        int c = (int)sc + search_step(k);
+        if (c < 1 || c > 0x7e) continue;
+        float d = __fmul_rn(e4m3_to_f32((unsigned int)c), s2);
+        uint4 lo = __ldg(thr + 2 * c), hi = __ldg(thr + 2 * c + 1);
+        double err = 0.0;  // 0 + the first term is that term: the NumPy path's copy of it
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            float deq = __fmul_rn(e2m1_mag(nvfp4_mag_code(a[j], lo, hi)), d);
+            err = __dadd_rn(err, sq_err((double)__uint_as_float(a[j]), (double)deq));
+        }
+        if (k == 0 || err < best_err) {
+            best = (unsigned int)c;
+            best_err = err;
+        }
+    }
+    return best;
+}
+
 // One thread per 16-element block: block amax, E4M3 block scale, 16 E2M1 codes packed in 8 bytes.
 // Matches FORMATS.md section 2 / ModelOpt 0.47 NVFP4QTensor.quantize on the CPU. The element codes
 // come from `thr` (nvfp4.code_thresholds: per scale code, the exact |w| at which the correctly
 // rounded quotient w / (scale * s2) passes each FP4 bound), so no element needs a division:
-// a 3-step search over the 7 thresholds, then the sign.
-template <typename T>
+// nvfp4_mag_code, then the sign. SEARCH 1: the scale is nvfp4_search's (--scale-search mse).
+template <typename T, int SEARCH>
 __global__ void nvfp4_quant(const typename Store<T>::type* __restrict__ x, long long nblocks, float s2,
                             const uint4* __restrict__ thr,
                             unsigned long long* __restrict__ packed, unsigned char* __restrict__ scales) {
@@ -106,29 +177,27 @@ __global__ void nvfp4_quant(const typename Store<T>::type* __restrict__ x, long 
     const uint4* src = reinterpret_cast<const uint4*>(x + b * 16);
 #pragma unroll
     for (int k = 0; k < (int)(16 * sizeof(S) / 16); ++k) reinterpret_cast<uint4*>(v)[k] = src[k];
-    unsigned int m[16];
+    unsigned int a[16];  // |x| as fp32 bits
     unsigned int mx = 0;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) { m[k] = Raw<T>::mag(v[k]); mx = max(mx, m[k]); }
+    for (int k = 0; k < 16; ++k) {
+        unsigned int m = Raw<T>::mag(v[k]);
+        mx = max(mx, m);
+        a[k] = Raw<T>::mag_f32_bits(m);
+    }
     float bamax = Raw<T>::mag_f32(mx);
     float t = __fmul_rn(6.0f, s2);
     float s = __fdiv_rn(bamax, t);
     if (s == 0.0f) s = 1.0f;
     s = fminf(fmaxf(s, 0.001953125f), E4M3_MAX);
     unsigned int sc = e4m3_rne(s);
-    // Thresholds and magnitudes compared as fp32 bit patterns (integer order is the order of
-    // non-negative floats), so tiny and subnormal thresholds compare exactly, whatever the FTZ mode.
+    if (SEARCH) sc = nvfp4_search(a, sc, s2, thr);
     uint4 lo = __ldg(thr + 2 * sc), hi = __ldg(thr + 2 * sc + 1);  // t0..t3 | t4..t6, sign threshold
     unsigned long long p = 0;
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
-        unsigned int a = Raw<T>::mag_f32_bits(m[k]);
-        bool b4 = a >= lo.w;                      // passes 1.75: code >= 4
-        bool b2 = a >= (b4 ? hi.y : lo.y);        // passes 3.5 / 0.75
-        unsigned int t1 = b4 ? (b2 ? hi.z : hi.x) : (b2 ? lo.z : lo.x);
-        bool b1 = a >= t1;                        // passes 5 / 2.5 / 1.25 / 0.25
-        unsigned int c = (b4 ? 4u : 0u) | (b2 ? 2u : 0u) | (b1 ? 1u : 0u);
-        if (Raw<T>::negative(v[k]) && a >= hi.w) c |= 8u;
+        unsigned int c = nvfp4_mag_code(a[k], lo, hi);
+        if (Raw<T>::negative(v[k]) && a[k] >= hi.w) c |= 8u;
         p |= (unsigned long long)c << (4 * k);
     }
     packed[b] = p;
@@ -282,12 +351,63 @@ __global__ void fp8_channel_quant(const typename Store<T>::type* __restrict__ x,
     }
 }
 
+// One whole 128x128 tile's scale under --scale-search mse (formats/fp8_block.py search_tile_scales):
+// RTN's scale s times 1, 15/16, 17/16, 7/8, 9/8 (one fp32 rounding; a candidate that is not a finite
+// normal fp32 is skipped). tile_sse's error: e4m3_rne(clip(x / scale)), its value times the scale
+// (fp32), (x - deq)^2 in float64 added along each tile row (elements 0..127 in turn), those row sums
+// then added over the rows (0..127 in turn). The block's 256 threads take (candidate, row) pairs, each
+// summing one row read again from memory (the tile's first read left it in L1/L2); every thread returns
+// the same choice. `tile` points at the tile's first element; rows are `cols` apart.
+template <typename T, int V>
+__device__ float tile_search(const typename Store<T>::type* __restrict__ tile, long long cols, float s) {
+    typedef typename Store<T>::type S;
+    __shared__ double row_err[5][128];
+    __shared__ double total[5];
+    for (int p = threadIdx.x; p < 5 * 128; p += blockDim.x) {
+        const int k = p >> 7, r = p & 127;
+        const float c = __fmul_rn(s, (float)(16 + search_step(k)) * 0.0625f);
+        const S* row = tile + r * cols;
+        double t = 0.0;  // 0 + the first term is that term: the NumPy path's copy of it
+        for (int j = 0; j < 128; j += V) {
+            S w[V];
+            load_chunk<S, V>(row + j, w);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                const float xv = Raw<T>::f32(w[e]);
+                const float q = fminf(fmaxf(__fdiv_rn(xv, c), -E4M3_MAX), E4M3_MAX);
+                const float deq = __fmul_rn(e4m3_to_f32(e4m3_rne(q)), c);
+                t = __dadd_rn(t, sq_err((double)xv, (double)deq));
+            }
+        }
+        row_err[k][r] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x < 5) {
+        double t = 0.0;
+        for (int r = 0; r < 128; ++r) t = __dadd_rn(t, row_err[threadIdx.x][r]);
+        total[threadIdx.x] = t;
+    }
+    __syncthreads();
+    float best = s;
+    double best_err = total[0];
+    for (int k = 1; k < 5; ++k) {
+        const float c = __fmul_rn(s, (float)(16 + search_step(k)) * 0.0625f);
+        const bool ok = c >= __uint_as_float(0x00800000u) && c <= __uint_as_float(0x7f7fffffu);  // finite, normal
+        if (ok && total[k] < best_err) {
+            best = c;
+            best_err = total[k];
+        }
+    }
+    return best;
+}
+
 // FP8, one fp32 scale per 128x128 tile (formats/fp8_block.py): one block of 256 threads per tile
 // (grid: tile columns x tile rows). A tile row is 128 / V chunks; each thread holds the same chunk
 // column of every (256 / (128 / V))-th tile row: 64 elements in registers, so each element is read
 // once. Edge tiles hold only the elements inside the tensor, as the NumPy path crops them
-// (cols % V == 0, so a chunk is wholly inside or outside).
-template <typename T, int V>
+// (cols % V == 0, so a chunk is wholly inside or outside). SEARCH 1: the scale is tile_search's
+// (--scale-search mse; launched only for tensors of whole tiles, as the NumPy path searches only those).
+template <typename T, int V, int SEARCH>
 __global__ void __launch_bounds__(256) fp8_block_quant(const typename Store<T>::type* __restrict__ x, long long rows,
                                                        long long cols, unsigned char* __restrict__ out,
                                                        float* __restrict__ scales, unsigned int* __restrict__ bad) {
@@ -308,11 +428,12 @@ __global__ void __launch_bounds__(256) fp8_block_quant(const typename Store<T>::
         }
     }
     m = block_max(m);
-    if (m >= Raw<T>::inf_mag()) {
+    if (m >= Raw<T>::inf_mag()) {  // the whole block returns: m is the block's
         if (threadIdx.x == 0) *bad = m;
         return;
     }
     float s = fp8_scale<T>(m);
+    if (SEARCH) s = tile_search<T, V>(x + blockIdx.y * 128LL * cols + blockIdx.x * 128LL, cols, s);
     if (threadIdx.x == 0) scales[blockIdx.y * (long long)gridDim.x + blockIdx.x] = s;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -321,12 +442,65 @@ __global__ void __launch_bounds__(256) fp8_block_quant(const typename Store<T>::
     }
 }
 
+// fp32 value of the MX element that a scaled value q is written as: E2M1 (EMAX 2; e2m1 above, past 6
+// saturating) or E4M3 (EMAX 8; clipped to +-448, formats/mxfp8.py). A zero's sign is left as it
+// comes: it changes no error below.
+template <int EMAX>
+__device__ __forceinline__ float mx_element(float q) {
+    if (EMAX == 2) return e2m1_value(e2m1(q));
+    return e4m3_to_f32(e4m3_rne(fminf(fmaxf(q, -E4M3_MAX), E4M3_MAX)));
+}
+
+// One MX block's byte under --scale-search mse (formats/mxfp4.py search_scales; MXFP8 passes E4M3
+// elements): the rule's byte, then byte - 1 and byte + 1 within 1..254. block_sse's error: the element
+// of x * 2^(127 - byte) (fp32; 2^(127 - 254) is written as 0, as mxfp4.inverse_scales writes it), its
+// value times 2^(byte - 127) in float64 (exact), (x - deq)^2 added in float64 over elements 0..31 in
+// turn: lane g of the block's L lanes adds its V terms onto the total lane g - 1 hands on by shuffle.
+// Every lane of the warp must call it (shuffles), and every lane of a block returns the same byte.
+template <typename T, int EMAX>
+__device__ int mx_search(const typename Store<T>::type (&v)[16 / sizeof(typename Store<T>::type)], int rule) {
+    typedef typename Store<T>::type S;
+    const int V = 16 / sizeof(S), L = 32 / V;
+    const int g = threadIdx.x & (L - 1);
+    int best = rule;
+    double best_err = 0.0;
+    for (int k = 0; k < 3; ++k) {
+        const int want = rule + search_step(k);
+        const int c = min(max(want, 1), 254);
+        const float inv = __uint_as_float((unsigned int)(254 - c) << 23);
+        const double scale = __longlong_as_double((long long)(c + 1023 - 127) << 52);
+        double sq[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            const float xv = Raw<T>::f32(v[j]);
+            sq[j] = sq_err((double)xv, __dmul_rn((double)mx_element<EMAX>(__fmul_rn(xv, inv)), scale));
+        }
+        double t = 0.0;  // 0 + the first term is that term: the NumPy path's copy of it
+#pragma unroll
+        for (int r = 0; r < L; ++r) {
+            const double before = r ? __shfl_up_sync(0xffffffffu, t, 1, L) : 0.0;
+            if (g == r) {
+                t = before;
+#pragma unroll
+                for (int j = 0; j < V; ++j) t = __dadd_rn(t, sq[j]);
+            }
+        }
+        t = __shfl_sync(0xffffffffu, t, L - 1, L);
+        if (k == 0 || (want == c && t < best_err)) {
+            best = c;
+            best_err = t;
+        }
+    }
+    return best;
+}
+
 // MX (formats/mxfp4.py, mxfp8.py): one E8M0 byte per 32 elements along the row (cols % 32 == 0, so
 // the blocks are the tensor's consecutive 32-element runs). One thread per 16-byte chunk of V
 // elements, L = 32 / V neighbouring lanes per block, their max combined by shuffles: every warp load
 // is one coalesced 512-byte run. Returns the block's byte and sets *inv = 2^(127 - byte), or returns
 // -1 for a thread past the end or a block holding NaN/Inf (whose magnitude goes to *bad).
-template <typename T, int EMAX>
+// SEARCH 1: the byte is mx_search's (--scale-search mse).
+template <typename T, int EMAX, int SEARCH>
 __device__ __forceinline__ int mx_block(const typename Store<T>::type* __restrict__ x, long long nchunks,
                                         typename Store<T>::type (&v)[16 / sizeof(typename Store<T>::type)],
                                         float* inv, unsigned char* __restrict__ scales, unsigned int* __restrict__ bad) {
@@ -339,25 +513,29 @@ __device__ __forceinline__ int mx_block(const typename Store<T>::type* __restric
         load_chunk<S, V>(x + i * V, v);
 #pragma unroll
         for (int j = 0; j < V; ++j) m = max(m, Raw<T>::mag(v[j]));
+    } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = 0;  // zeros for mx_search, which every lane joins
     }
 #pragma unroll
     for (int o = L / 2; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    // mxfp4.e8m0_bytes: the amax's biased exponent after rounding up at mantissa >= 1.75, minus emax,
+    // clamped to 1..254 (bits + 2^21 cannot carry past 0x7fa00000: no overflow)
+    int e = (int)((Raw<T>::mag_f32_bits(m) + (1u << 21)) >> 23) - EMAX;
+    e = min(max(e, 1), 254);
+    if (SEARCH) e = mx_search<T, EMAX>(v, e);  // before any lane returns
     if (!in) return -1;
     if (m >= Raw<T>::inf_mag()) {
         *bad = m;
         return -1;
     }
-    // mxfp4.e8m0_bytes: the amax's biased exponent after rounding up at mantissa >= 1.75, minus emax,
-    // clamped to 1..254 (bits + 2^21 cannot carry past 0x7fa00000: no overflow)
-    int e = (int)((Raw<T>::mag_f32_bits(m) + (1u << 21)) >> 23) - EMAX;
-    e = min(max(e, 1), 254);
     if ((threadIdx.x & (L - 1)) == 0) scales[i / L] = (unsigned char)e;
     *inv = __uint_as_float((unsigned int)(254 - e) << 23);  // mxfp4.inverse_scales (x * inv is exact but for underflow)
     return e;
 }
 
 // MXFP8: e4m3_rne(clip(x * 2^(127 - byte) + 0.0)) (formats/mxfp8.py); V code bytes per thread.
-template <typename T>
+template <typename T, int SEARCH>
 __global__ void mxfp8_quant(const typename Store<T>::type* __restrict__ x, long long nchunks,
                             unsigned char* __restrict__ out, unsigned char* __restrict__ scales,
                             unsigned int* __restrict__ bad) {
@@ -365,7 +543,7 @@ __global__ void mxfp8_quant(const typename Store<T>::type* __restrict__ x, long 
     const int V = 16 / sizeof(S);
     S v[V];
     float inv;
-    if (mx_block<T, 8>(x, nchunks, v, &inv, scales, bad) < 0) return;
+    if (mx_block<T, 8, SEARCH>(x, nchunks, v, &inv, scales, bad) < 0) return;
     unsigned long long c = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -378,7 +556,7 @@ __global__ void mxfp8_quant(const typename Store<T>::type* __restrict__ x, long 
 
 // MXFP4: E2M1 codes of x * 2^(127 - byte) (formats/nvfp4.py fp4_codes, e2m1 above; saturating at 6),
 // two per byte, low nibble first: V / 2 bytes per thread.
-template <typename T>
+template <typename T, int SEARCH>
 __global__ void mxfp4_quant(const typename Store<T>::type* __restrict__ x, long long nchunks,
                             unsigned char* __restrict__ out, unsigned char* __restrict__ scales,
                             unsigned int* __restrict__ bad) {
@@ -386,7 +564,7 @@ __global__ void mxfp4_quant(const typename Store<T>::type* __restrict__ x, long 
     const int V = 16 / sizeof(S);
     S v[V];
     float inv;
-    if (mx_block<T, 2>(x, nchunks, v, &inv, scales, bad) < 0) return;
+    if (mx_block<T, 2, SEARCH>(x, nchunks, v, &inv, scales, bad) < 0) return;
     unsigned int p = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) p |= e2m1(__fmul_rn(Raw<T>::f32(v[j]), inv)) << (4 * j);
@@ -412,12 +590,6 @@ __global__ void ieee_probe(float tiny, unsigned int* out) {
 // 1): deq = value * (scale * pq), the order of formats/*.py dequantize.
 __device__ __forceinline__ float e4m3_value(unsigned int c) {  // E4M3FN: 0x7f and 0xff are NaN
     return (c & 0x7fu) == 0x7fu ? __uint_as_float(0x7fc00000u) : e4m3_to_f32(c);
-}
-
-__device__ __forceinline__ float e2m1_value(unsigned int c) {
-    const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-    float v = mags[c & 7u];
-    return (c & 8u) ? -v : v;
 }
 
 __device__ __forceinline__ float e8m0_value(unsigned int b) {  // 2^(b - 127); 0 is 2^-127, 255 NaN

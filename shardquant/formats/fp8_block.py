@@ -117,6 +117,8 @@ class Quantizer:
         if raw.size == 0:
             return out, scales
         col_starts = np.arange(0, cols, bc)
+        # a tensor of whole tiles only (conversion quantizes no other: Format.fits), whatever the row chunks
+        search = self.search == "mse" and rows % br == 0 and cols % bc == 0
 
         def tiles_fn(a: int, b: int) -> None:  # tile rows a..b
             r0, r1 = a * br, min(rows, b * br)
@@ -124,7 +126,7 @@ class Quantizer:
             amax = np.maximum.reduceat(np.abs(x), col_starts, axis=1)
             amax = np.maximum.reduceat(amax, np.arange(0, r1 - r0, br), axis=0)
             s = tile_scales(amax)
-            if self.search == "mse" and (r1 - r0) % br == 0 and cols % bc == 0:
+            if search:
                 s = search_tile_scales(x, s)
             scales[a:b] = s
             out[r0:r1] = e4m3(x / _expand(s, r1 - r0, cols))
