@@ -7,6 +7,7 @@ is one job:
     formats = ["nvfp4", "fp8"]
     output = "zoo/{name}-{format}"          # {name}, {format}, {flavor}, {policy}
     expert_policy = "shared"
+    push_name = "{name}-{format}"           # with --push-to ORG: the repo ORG/<push_name> (default: the output's name)
 
     [[model]]
     source = "Qwen/Qwen3-30B-A3B"            # a hub repo id or a local directory
@@ -23,7 +24,8 @@ paying the start-up (imports, CUDA, kernels) once for all its jobs; a job that f
 and the others go on. A job whose output is already complete and passes verify is skipped, so a
 batch that was stopped resumes by running it again (an unfinished output resumes inside convert,
 from its journal). The summary (JSON and Markdown) gives per job: source and output bytes, time,
-GB/s, each engine's verdict, the worst SQNR and the error of a failed job.
+GB/s, each engine's verdict, the worst SQNR and the error of a failed job. With `push`, each finished,
+verified output is uploaded to a hub repo while the next jobs convert (shardquant/publish.py).
 """
 
 from __future__ import annotations
@@ -35,18 +37,19 @@ import queue
 import re
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import publish
 from .errors import ShardquantError
 from .text import show
 
 MODEL_KEYS = {"source": str, "name": str, "revision": str, "formats": list, "flavor": str, "expert_policy": str,
               "rules": str, "output": str, "mx_source": str,
-              "scale_search": str}
+              "scale_search": str, "push_name": str}
 DEFAULT_KEYS = {k: t for k, t in MODEL_KEYS.items() if k not in ("source", "name", "revision")}
 VERIFY_MODES = ("source", "contract", "none")
-TEMPLATE_FIELDS = {"name", "format", "flavor", "policy"}
+TEMPLATE_FIELDS = {"name", "format", "flavor", "policy"}  # of the output and push_name templates
 SUMMARY_NAME = "shardquant-batch-summary"  # .json and .md beside the zoo file (or --report DIR)
 
 
@@ -67,10 +70,15 @@ class Job:
     line: int = 0  # the line of the job's [[model]] table in the zoo file
     mx_source: str = "cast"  # MXFP4 source weights: cast or requantize (plan.py MX_SOURCE)
     scale_search: str = "none"  # block scales by round to nearest, or searched (plan.py SCALE_SEARCH)
+    push_name: str | None = None  # the hub repo's name under --push-to's namespace (None: the output's name)
 
     @property
     def label(self) -> str:
         return f"{self.name}/{self.format}"
+
+    @property
+    def repo_name(self) -> str:
+        return self.push_name or Path(self.output).name
 
 
 @dataclass
@@ -85,6 +93,10 @@ class JobResult:
     rtn_gain_db: float | None = None  # searched scales: mean SQNR gain over round to nearest
     verified: bool | None = None
     error: str | None = None
+    # the verify run as shardquant/card.py VerifyFacts' fields (what a pushed card says); a dict, so that
+    # the batch's process reads a worker's result without importing the card's modules
+    verify_facts: dict | None = None
+    push: dict | None = None  # with push: shardquant/publish.py Pusher's record of this job's push
 
     @property
     def gb_per_s(self) -> float | None:
@@ -95,8 +107,9 @@ class JobResult:
 # The zoo file
 
 
-def load_zoo(path: str | Path) -> list[Job]:
-    """The jobs of a zoo file, in file order (model by model, format by format). Raises ZooError
+def load_zoo(path: str | Path, push_to: str | None = None) -> list[Job]:
+    """The jobs of a zoo file, in file order (model by model, format by format). With `push_to` (a hub
+    namespace), each job's repo id `push_to/<push name>` must be valid and its own. Raises ZooError
     listing every problem found, each with its line."""
     try:
         import tomllib
@@ -165,15 +178,17 @@ def load_zoo(path: str | Path) -> list[Job]:
         if "mx_source" in good and good["mx_source"] not in MX_SOURCE:
             problems.append(f"{p}:{at('mx_source')}: {what}: mx_source must be one of {', '.join(MX_SOURCE)}, "
                             f"not {show(good['mx_source'])}")
-        if "output" in good:
+        for key in ("output", "push_name"):
+            if key not in good:
+                continue
             try:
-                used = {f for _, f, _, _ in string.Formatter().parse(good["output"]) if f is not None}
+                used = {f for _, f, _, _ in string.Formatter().parse(good[key]) if f is not None}
             except ValueError as e:
-                problems.append(f"{p}:{at('output')}: {what}: output template {show(good['output'])}: {e}")
+                problems.append(f"{p}:{at(key)}: {what}: {key} template {show(good[key])}: {e}")
             else:
                 bad = used - TEMPLATE_FIELDS
                 if bad:
-                    problems.append(f"{p}:{at('output')}: {what}: output template names {', '.join(sorted(bad))}; "
+                    problems.append(f"{p}:{at(key)}: {what}: {key} template names {', '.join(sorted(bad))}; "
                                     f"it may use {', '.join('{' + f + '}' for f in sorted(TEMPLATE_FIELDS))}")
         return good
 
@@ -191,6 +206,7 @@ def load_zoo(path: str | Path) -> list[Job]:
         models = []
     jobs: list[Job] = []
     seen_out: dict[str, int] = {}
+    seen_repo: dict[str, int] = {}
     base = p.parent
     for i, m in enumerate(models):
         start = model_lines[i] if i < len(model_lines) else 1
@@ -208,11 +224,15 @@ def load_zoo(path: str | Path) -> list[Job]:
             problems.append(f"{p}:{start}: {what} ({name}): no formats (here or in [defaults])")
             continue
         template = merged.get("output", "{name}-{format}")
+        push_line = (key_line(start, "push_name") if "push_name" in m
+                     else key_line(defaults_line, "push_name") if "push_name" in defaults else start)
         for f in merged["formats"]:
             fmt = f.lower()
             policy = merged.get("expert_policy", "shared")
+            fields = {"name": name, "format": fmt, "flavor": merged.get("flavor") or "default", "policy": policy}
             try:
-                out = template.format(name=name, format=fmt, flavor=merged.get("flavor") or "default", policy=policy)
+                out = template.format(**fields)
+                push_name = merged["push_name"].format(**fields) if "push_name" in merged else None
             except (KeyError, IndexError, ValueError):
                 continue  # reported above
             out = str((base / Path(out).expanduser()).resolve())
@@ -221,9 +241,21 @@ def load_zoo(path: str | Path) -> list[Job]:
                                 "output template tell them apart ({name}, {format})")
                 continue
             rules = merged.get("rules")
-            jobs.append(Job(name, source, fmt, out, m.get("revision"), merged.get("flavor"), policy,
-                            str((base / rules).resolve()) if rules else None, start, merged.get("mx_source", "cast"),
-                            merged.get("scale_search", "none")))
+            job = Job(name, source, fmt, out, m.get("revision"), merged.get("flavor"), policy,
+                      str((base / rules).resolve()) if rules else None, start, merged.get("mx_source", "cast"),
+                      merged.get("scale_search", "none"), push_name)
+            if push_to is not None:
+                repo = f"{push_to}/{job.repo_name}"
+                why = publish.repo_problem(repo)
+                if why is not None:
+                    problems.append(f"{p}:{push_line}: {what} ({name}, {fmt}): repo id {show(repo)} is not valid "
+                                    f"on the hub ({why}); set push_name")
+                elif repo in seen_repo:
+                    problems.append(f"{p}:{push_line}: {what} ({name}, {fmt}): repo {repo} is also job "
+                                    f"{seen_repo[repo]}'s: make push_name tell them apart ({{name}}, {{format}})")
+                else:
+                    seen_repo[repo] = len(jobs) + 1
+            jobs.append(job)
             seen_out[out] = len(jobs)
     if problems:
         def line_of(msg: str) -> int:
@@ -242,6 +274,7 @@ def load_zoo(path: str | Path) -> list[Job]:
 def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobResult:
     """One job in this process: convert (or find it complete), then verify. Never raises a
     ShardquantError: a failure is the result's error."""
+    from .card import VerifyFacts
     from .convert import convert
     from .verify import verify
 
@@ -256,6 +289,7 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobR
             rep = verify(job.output, job.source if verify_mode == "source" and not r.complete else None,
                          revision=job.revision, device=device)
             res.verified = rep.ok
+            res.verify_facts = asdict(VerifyFacts.of(rep))
             eng = getattr(rep, "engines", None)
             res.engines = {v.engine.name: v.status for v in eng.verdicts} if eng is not None else {}
             finite = [t.sqnr_db for t in rep.tensors if t.sqnr_db == t.sqnr_db]
@@ -365,12 +399,13 @@ class _HubSources:
 def _cached_blobs(repo: str) -> set[str]:
     """Names of the blobs the hub cache holds for a model repo now."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.file_download import repo_folder_name
 
-    blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
     try:
+        blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
         return {p.name for p in blobs.iterdir()}
-    except OSError:
+    except (OSError, HFValidationError):  # none yet, or not a repo id (a missing local directory: its jobs fail)
         return set()
 
 
@@ -393,13 +428,15 @@ def _evict(ck, names: list[str]) -> None:
 
 def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = None, workers: int = 1,
         verify_mode: str = "source", on_event=None, download_budget: int | None = None,
-        evict_source: bool = False) -> list[JobResult]:
+        evict_source: bool = False, push=None) -> list[JobResult]:
     """Every job, in worker processes: one per entry of `devices` (e.g. ["cuda:0", "cuda:1"]), else
     `workers` on `device`. on_event(kind, job, result) is called here as jobs start ("start") and
     end ("done"). A worker that dies takes only its job with it: it is recorded as failed and the
     others go on. Hub sources download ahead of their jobs within `download_budget` bytes (None: no
     bound), and with `evict_source` the files a source's jobs downloaded are deleted from the hub
-    cache once all its jobs succeeded (_HubSources)."""
+    cache once all its jobs succeeded (_HubSources). With `push` (shardquant/publish.py Push), each
+    job's output is pushed as the job ends, if it succeeded and verified (on_event "pushed", from
+    the pushing thread); run returns once every push has ended."""
     if verify_mode not in VERIFY_MODES:
         raise ShardquantError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify_mode!r}")
     places = list(devices) if devices else [device] * max(1, workers)
@@ -416,6 +453,7 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
         procs.append(pr)
     results: dict[int, JobResult] = {}
     sources = _HubSources(jobs, download_budget, evict_source)
+    pusher = publish.Pusher(push, on_event) if push is not None else None
     try:
         while len(results) < len(jobs):
             try:
@@ -435,13 +473,18 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
                 sources.done(jobs[i], r.status != "failed")
                 if on_event:
                     on_event("done", jobs[i], r)
+                if pusher is not None:
+                    pusher.submit(r)
     finally:
         sources.close()
         for pr in procs:
             if pr.is_alive():
                 pr.terminate()
             pr.join(timeout=5)
-    return [results[i] for i in range(len(jobs))]
+    out = [results[i] for i in range(len(jobs))]
+    if pusher is not None:
+        pusher.finish(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,24 +500,36 @@ def summary(results: list[JobResult]) -> dict:
              "gb_per_s": None if r.gb_per_s is None else round(r.gb_per_s, 3), "verified": r.verified,
              "engines": r.engines, "worst_sqnr_db": None if r.worst_sqnr_db is None else round(r.worst_sqnr_db, 2),
              "rtn_gain_db": None if r.rtn_gain_db is None else round(r.rtn_gain_db, 3),
-             "error": r.error}
+             "error": r.error, "push": r.push}
         rows.append(d)
     counts = {s: sum(r.status == s for r in results) for s in ("converted", "skipped", "failed")}
-    return {"jobs": rows, "counts": counts}
+    doc = {"jobs": rows, "counts": counts}
+    pushes = publish.counts(results)
+    if pushes is not None:
+        doc["push_counts"] = pushes
+    return doc
 
 
 def markdown(doc: dict) -> str:
     c = doc["counts"]
-    out = [f"# shardquant batch: {c['converted']} converted, {c['skipped']} already complete, {c['failed']} failed", "",
-           "| model | format | status | source MB | output MB | s | GB/s | worst SQNR dB | engines | error |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    pushes = doc.get("push_counts")
+    head = f"# shardquant batch: {c['converted']} converted, {c['skipped']} already complete, {c['failed']} failed"
+    if pushes is not None:
+        head += (f"; pushed {pushes['pushed']}, already pushed {pushes['already_pushed']}, push failed "
+                 f"{pushes['failed']}")
+    out = [head, "",
+           "| model | format | status | source MB | output MB | s | GB/s | worst SQNR dB | engines | error |"
+           + (" pushed |" if pushes is not None else ""),
+           "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pushes is not None else "")]
     for j in doc["jobs"]:
         eng = ", ".join(f"{k}: {v}" for k, v in sorted(j["engines"].items())) or "-"
         cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        err = (j["error"] or "").replace("|", "\\|").replace("\n", " ")
+        esc = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        err = esc(j["error"] or "")
         out.append(f"| {j['model']} | {j['format']} | {j['status']} | {j['source_bytes'] / 1e6:.1f} | "
                    f"{j['output_bytes'] / 1e6:.1f} | {j['seconds']:.1f} | {cell(j['gb_per_s'], '.2f')} | "
-                   f"{cell(j['worst_sqnr_db'], '.2f')} | {eng} | {err or '-'} |")
+                   f"{cell(j['worst_sqnr_db'], '.2f')} | {eng} | {err or '-'} |"
+                   + (f" {esc(publish.cell(j['push']))} |" if pushes is not None else ""))
     return "\n".join(out) + "\n"
 
 

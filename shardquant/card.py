@@ -11,17 +11,21 @@ Deterministic: a function of the plan, the scale manifest (shardquant/manifest.p
 table) and the finished files' config and headers; no timestamps, no absolute paths (a local source
 is named by its directory name only), no host names. shardquant/convert.py `_finish` writes it
 through `OutputDir.write_file` before the manifest, which lists it with its SHA-256 like every file.
+Its Verify section says how to run verify; `with_verify` gives the same card with a verify run's
+results in that section (what `shardquant batch --push-to` uploads, shardquant/publish.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from . import formats
+from .errors import ShardquantError
 from .flavors import FLAVORS
 from .rules import KINDS
 from .text import show
@@ -167,6 +171,48 @@ def _serve_lines(engine: str, flavor: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# what a verify run found, as the card states it
+
+@dataclasses.dataclass(frozen=True)
+class VerifyFacts:
+    """A verify Report (shardquant/report.py) reduced to what the card states: plain values, so a batch
+    worker sends its fields back with its job's result (shardquant/batch.py JobResult.verify_facts)."""
+
+    ok: bool
+    modules: int  # quantized modules checked
+    files: int | None = None  # files checked against the manifest (None: no files table)
+    hashed: bool = False  # ... by SHA-256 (else sizes only)
+    violations: int = 0
+    rules: tuple[str, ...] = ()  # the rules violated, sorted
+    tensors: int = 0  # quantized tensors compared with the source (0: not compared)
+    overall_sqnr_db: float | None = None  # all compared tensors' signal over all their noise
+    worst_sqnr_db: float | None = None
+    worst_tensor: str | None = None
+    min_sqnr_db: float | None = None  # the floor a tensor had to reach
+    engines: tuple[tuple[str, str], ...] = ()  # (engine label, verdict), as verify gave them
+
+    @classmethod
+    def of(cls, rep) -> "VerifyFacts":
+        worst = rep.worst(1)[0] if rep.tensors else None
+        eng = getattr(rep, "engines", None)
+        return cls(rep.ok, rep.modules, rep.files_checked, rep.hashed, len(rep.violations),
+                   tuple(sorted({v.rule for v in rep.violations})), len(rep.tensors),
+                   rep.overall().sqnr_db if rep.tensors else None, worst.sqnr_db if worst else None,
+                   worst.name if worst else None, rep.min_sqnr if rep.tensors else None,
+                   tuple((v.engine.label, v.status) for v in eng.verdicts) if eng is not None else ())
+
+
+def with_verify(text: str, facts: VerifyFacts, repo: str | None, revision: str | None) -> str:
+    """The card `text` (as model_card wrote it without a verify run, for the source `repo` at
+    `revision` of its manifest) with `facts` in its Verify section; every other byte unchanged."""
+    old = "\n".join(_verify_section(None, repo, revision))
+    if old not in text:
+        raise ShardquantError(f"{CARD_NAME}: no Verify section as shardquant writes it (a card of another "
+                              "shardquant version, or edited): convert the output again")
+    return text.replace(old, "\n".join(_verify_section(facts, repo, revision)), 1)
+
+
+# ---------------------------------------------------------------------------------------------
 # the card
 
 def model_card(plan, manifest_doc: dict, verify_summary=None, source_readme: str | None = None,
@@ -218,7 +264,8 @@ def model_card(plan, manifest_doc: dict, verify_summary=None, source_readme: str
     out += _kept(manifest_doc.get("excluded", [])) + [""]
     out += _schemes(fmts, flavor) + [""]
     out += _serving(engines, served, flavor) + [""]
-    out += _verify_section(verify_summary, repo, revision) + [""]
+    facts = VerifyFacts.of(verify_summary) if verify_summary is not None else None
+    out += _verify_section(facts, repo, revision) + [""]
     out += ["Every quantizer's members, amax and scale, every kept tensor with its reason, and every file's "
             "size and SHA-256 are recorded in `scale_manifest.json`.", ""]
     if body is not None and body.strip():  # a source card of front matter alone has nothing to add
@@ -377,23 +424,35 @@ def _notes(v) -> list[str]:
     return (["Caveats:", ""] + out) if out else []
 
 
-def _verify_section(rep, repo: str | None, revision: str | None) -> list[str]:
+def _verify_section(facts: VerifyFacts | None, repo: str | None, revision: str | None) -> list[str]:
     out = ["## Verify", ""]
     src = repo or "<source directory>"
     cmd = f"shardquant verify {MODEL} --source {src}" + (f" --revision {revision}" if repo and revision else "")
     how = [f"`shardquant verify {MODEL}` checks every file's size and SHA-256 against `scale_manifest.json`, the "
            "format's contract (names, dtypes, shapes, scales) and each engine's loading rules; "
            f"`{cmd}` also compares every quantized tensor with its source (SQNR) and every kept tensor byte for byte."]
-    if rep is None:
+    if facts is None:
         return out + how
-    if rep.ok:
-        got = f"passed: {rep.modules} quantized modules"
-        if rep.files_checked is not None:
-            got += f", {rep.files_checked} files" + (" (SHA-256)" if rep.hashed else " (sizes)")
+    if facts.ok:
+        got = f"passed: {facts.modules} quantized modules"
+        if facts.files is not None:
+            got += f", {facts.files} files" + (" (SHA-256)" if facts.hashed else " (sizes)")
     else:
-        rules = sorted({v.rule for v in rep.violations})
-        got = f"FAILED: {len(rep.violations)} violation(s) of {', '.join(rules)}"
-    return out + [f"`shardquant verify` on this output {_text(got)}.", ""] + how
+        got = f"FAILED: {facts.violations} violation(s) of {', '.join(facts.rules)}"
+    out += [f"`shardquant verify` on this output {_text(got)}.", ""]
+    if facts.tensors:
+        worst = f"{_db(facts.worst_sqnr_db)} (" + _code(facts.worst_tensor or "") + ")"
+        out += [f"Against its source: {facts.tensors} quantized tensors, SQNR {_db(facts.overall_sqnr_db)} overall, "
+                f"worst {worst}" + (f", floor {_db(facts.min_sqnr_db)}" if facts.min_sqnr_db is not None else "")
+                + ".", ""]
+    if facts.engines:
+        out += ["Engines: " + "; ".join(f"{_text(label)} {_text(status)}" for label, status in facts.engines) + ".",
+                ""]
+    return out + how
+
+
+def _db(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} dB" if math.isfinite(x) else _text(str(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,17 +247,40 @@ def inspect(directory) -> None:
 @click.option("--evict-source", is_flag=True,
               help="Once all jobs of a hub source succeeded, delete the files this batch downloaded for it from "
                    "the hub cache (a zoo larger than the disk).")
-@click.option("--dry-run", is_flag=True, help="Check the zoo and plan every job (headers only); convert nothing.")
+@click.option("--push-to", "push_to", default=None, metavar="ORG",
+              help="Upload each finished, verified output to the hub repo ORG/<output directory name> (or the zoo's "
+                   "push_name), with the verify results in its card; resumable. The token is huggingface_hub's "
+                   "(HF_TOKEN or `hf auth login`).")
+@click.option("--push-private", is_flag=True, help="With --push-to: repos the push creates are private.")
+@click.option("--dry-run", is_flag=True, help="Check the zoo and plan every job (headers only); convert nothing. "
+                                              "With --push-to: what would be pushed where.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-job lines.")
-def batch(zoo, devices, device, workers, verify_mode, report, ray_address, download_budget, evict_source, dry_run,
-          quiet) -> None:
+def batch(zoo, devices, device, workers, verify_mode, report, ray_address, download_budget, evict_source, push_to,
+          push_private, dry_run, quiet) -> None:
     """Convert every model of ZOO (a TOML file) into each of its formats; see `shardquant.batch`."""
     from . import batch as b
+    from .publish import Push, cell, repo_problem
 
-    jobs = _guard(lambda: b.load_zoo(zoo))
+    where = Path(report) if report else Path(zoo).resolve().parent
+    push = None
+    if push_to is not None:
+        why = "a namespace has no /" if "/" in push_to else repo_problem(push_to)
+        if why is not None:
+            _fail(f"--push-to {push_to!r}: not a hub namespace (a user or organization name): {why}")
+        if verify_mode == "none":
+            _fail("--push-to pushes verified outputs only: leave out --verify none")
+        push = Push(push_to, where, push_private)
+    elif push_private:
+        _fail("--push-private needs --push-to ORG")
+    jobs = _guard(lambda: b.load_zoo(zoo, push_to))
     if dry_run:
-        _plan_jobs(jobs)
+        _plan_jobs(jobs, push)
         return
+    if push is not None:
+        from .hub import token_present
+
+        if not token_present():
+            _fail("--push-to needs a hub token: set HF_TOKEN or run `hf auth login`")
     places = None
     if devices:
         idx = _device_list(devices)
@@ -269,6 +292,8 @@ def batch(zoo, devices, device, workers, verify_mode, report, ray_address, downl
             return
         if kind == "start":
             click.echo(f"{job.label:{width}s}  started", err=True)
+        elif kind == "pushed":
+            click.echo(f"{job.label:{width}s}  {cell(r.push)}", err=True)
         elif r.status == "failed":
             click.echo(f"{job.label:{width}s}  FAILED: {r.error}", err=True)
         else:
@@ -282,19 +307,23 @@ def batch(zoo, devices, device, workers, verify_mode, report, ray_address, downl
 
         address = None if ray_address == "local" else ray_address
         results = _guard(lambda: run_on_ray(jobs, address=address, device="cpu" if device == "auto" else device,
-                                            verify_mode=verify_mode, on_event=event))
+                                            verify_mode=verify_mode, on_event=event, push=push))
     else:
         results = _guard(lambda: b.run(jobs, device=device, devices=places, workers=workers, verify_mode=verify_mode,
-                                       on_event=event, download_budget=download_budget, evict_source=evict_source))
-    where = Path(report) if report else Path(zoo).resolve().parent
+                                       on_event=event, download_budget=download_budget, evict_source=evict_source,
+                                       push=push))
     try:
         js, md = b.write_summary(results, where)
     except OSError as e:
         _fail(f"{e.filename}: cannot write the summary ({e.strerror or e})")
     failed = [r for r in results if r.status == "failed"]
+    push_failed = [r for r in results if r.push is not None and r.push["status"] == "failed"]
+    pushed = "" if push is None else (
+        f"; {sum(r.push['status'] in ('pushed', 'already pushed') for r in results)} pushed to {push.org}"
+        + (f", {len(push_failed)} push(es) failed" if push_failed else ""))
     click.echo(f"{len(results) - len(failed)} of {len(results)} jobs done "
-               f"({sum(r.status == 'skipped' for r in results)} already complete); summary: {md}", err=True)
-    sys.exit(1 if failed else 0)
+               f"({sum(r.status == 'skipped' for r in results)} already complete){pushed}; summary: {md}", err=True)
+    sys.exit(1 if failed or push_failed else 0)
 
 
 def _device_list(devices: str) -> list[int]:
@@ -314,9 +343,11 @@ def _device_list(devices: str) -> list[int]:
     return idx
 
 
-def _plan_jobs(jobs) -> None:
-    """--dry-run: each job's plan from the headers: sizes, memory and the formats of its quantizers."""
+def _plan_jobs(jobs, push=None) -> None:
+    """--dry-run: each job's plan from the headers: sizes, memory and the formats of its quantizers;
+    with `push` (shardquant/publish.py Push), the repo each output would be pushed to, its files and bytes."""
     from .convert import prepare
+    from .publish import plan_line
 
     failed = 0
     for j in jobs:
@@ -335,6 +366,14 @@ def _plan_jobs(jobs) -> None:
                    f"{_human(p.output_bytes)} in {len(p.shards)} shards at {j.output}; peak memory "
                    f"{_human(p.peak_bytes)}" + (f"; {_human(p.checkpoint.download_bytes)} to download"
                                                  if p.checkpoint.download_bytes else ""))
+        if push is not None:
+            click.echo(plan_line(j, p, push))
+    if push is not None:
+        from .hub import token_present
+
+        if not token_present():
+            failed += 1
+            click.echo("push: no hub token (set HF_TOKEN or run `hf auth login`): every push would fail")
     if failed:
         sys.exit(1)
 

@@ -21,6 +21,10 @@ within the same call (Range from the bytes it has); a file whose download was ki
 again from its start, while every file that was complete stays in the cache and is not fetched
 again, and the output's journal resumes the conversion (its fingerprint names hub files by the
 hub's size and SHA-256, shardquant/journal.py, so it needs no file on disk).
+
+Pushes (`shardquant batch --push-to`, shardquant/publish.py) go through push_folder: the repo created
+if missing, the folder uploaded with the installed huggingface_hub's resumable folder upload, and the
+repo left holding exactly the folder's files. Every call goes through the client _api() returns.
 """
 
 from __future__ import annotations
@@ -114,6 +118,96 @@ def start_download(ck: Checkpoint, order: list[str] = (), progress: bool = False
     any others by name. Shards already in the cache have their header checked here."""
     check_space(ck)
     return Downloads(ck, list(order), progress and not background)
+
+
+class PushError(ShardquantError):
+    """A push to the hub failed: one line naming the repo, and what to do."""
+
+
+def push_folder(folder: Path, repo_id: str, names: list[str], *, private: bool = False, message: str) -> str:
+    """Make the hub model repo `repo_id` hold exactly the files `names` of `folder`: created if missing
+    (private with `private`; an existing repo keeps its visibility), the folder uploaded by
+    _upload_call's method, then any other file of the repo deleted. Returns the repo's commit
+    afterwards. Calling it again after an interruption resumes the upload: files the hub has are
+    not sent again. The token is huggingface_hub's own (HF_TOKEN, or the one `hf auth login` saved)."""
+    from huggingface_hub import CommitOperationDelete
+
+    api = _api()
+    with push_errors(repo_id), _progress_bars(False):  # the batch prints one line per push
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if _upload_call(api) == "upload_large_folder":
+            api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", private=private,
+                                    print_report=False)
+        else:
+            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=message)
+        extra = sorted(set(api.list_repo_files(repo_id, repo_type="model")) - set(names))
+        if extra:  # an earlier push of another output, or files put there by hand
+            api.create_commit(repo_id, [CommitOperationDelete(path_in_repo=f) for f in extra], repo_type="model",
+                              commit_message=f"{message}: remove {len(extra)} file(s) the output does not have")
+        return api.model_info(repo_id).sha
+
+
+def _api():
+    """The hub client of every push call (tests put a huggingface_hub 1.x-shaped one here)."""
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def _upload_call(api) -> str:
+    """The resumable folder upload of the installed huggingface_hub. Where upload_folder is the
+    streamed multi-commit upload (huggingface_hub/_upload_pipeline.py, installed 2.4.0: "Interrupted
+    uploads are resumable by simply re-running the same call"; used when hf_xet is installed), it is
+    that one: 2.x has no upload_large_folder, and later 1.x releases deprecate it. Before it (1.x), an
+    upload_folder is one commit that starts over, and upload_large_folder is the resumable one."""
+    if hasattr(api, "upload_large_folder") and not _folder_upload_resumes():
+        return "upload_large_folder"
+    return "upload_folder"
+
+
+def _folder_upload_resumes() -> bool:
+    import importlib.util
+
+    try:
+        from huggingface_hub.utils._runtime import is_xet_available
+    except ImportError:
+        return False
+    return importlib.util.find_spec("huggingface_hub._upload_pipeline") is not None and is_xet_available()
+
+
+def token_present() -> bool:
+    """A hub token is set or saved (read locally: HF_TOKEN, or the file `hf auth login` writes)."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+@contextlib.contextmanager
+def push_errors(repo_id: str):
+    """huggingface_hub's failures while pushing as one PushError line naming the repo."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+    org = repo_id.split("/", 1)[0]
+    again = "run the batch again to resume the push"
+    try:
+        yield
+    except ShardquantError:
+        raise
+    except OfflineModeIsEnabled:
+        raise PushError(f"{repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it") from None
+    except HFValidationError as e:
+        raise PushError(f"{repo_id}: not a valid hub repo id ({_first(e)})") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403, 404):
+            raise PushError(f"{repo_id}: the hub refused (HTTP {status}): the token cannot write to {org} (check "
+                            "HF_TOKEN or `hf auth login`, and the token's write access to that namespace)") from None
+        if status is not None and status >= 500:
+            raise PushError(f"{repo_id}: the hub answered HTTP {status}, a server error ({_first(e)}); "
+                            f"{again}") from None
+        raise PushError(f"{repo_id}: the hub refused a request (HTTP {status}: {_first(e)})") from None
+    except Exception as e:  # transport errors, a file that cannot be read: one line
+        raise PushError(f"{repo_id}: push failed ({type(e).__name__}: {_first(e)}); {again}") from None
 
 
 class Downloads:

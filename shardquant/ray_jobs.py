@@ -5,13 +5,15 @@ for it, and nothing else in the package imports this module. A task asks for one
 `cuda`) or one CPU; Ray sets CUDA_VISIBLE_DEVICES, so inside the task the GPU is `cuda:0`. Outputs go
 where the zoo's output template says, which must be a path every node shares. A task whose node is
 lost is run again by Ray (`max_retries`); the conversion it restarts resumes from the output's
-journal. Results and failures come back into the batch's summary.
+journal. Results and failures come back into the batch's summary; with `push`, outputs are pushed
+from this process as their tasks end (shardquant/publish.py), as in the worker-process batch.
 """
 
 from __future__ import annotations
 
 from .batch import Job, JobResult, run_job
 from .errors import ShardquantError
+from .publish import Pusher
 
 MAX_RETRIES = 2  # a task lost with its node (or its worker process) is run again this many times
 
@@ -21,10 +23,10 @@ def _task(job: Job, device: str, verify_mode: str) -> JobResult:
 
 
 def run_on_ray(jobs: list[Job], *, address: str | None = None, device: str = "cpu", verify_mode: str = "source",
-               on_event=None) -> list[JobResult]:
+               on_event=None, push=None) -> list[JobResult]:
     """Every job as a Ray task on the cluster at `address` (None: the one this process is attached
-    to, or a local one Ray starts). on_event(kind, job, result) as in batch.run ("start" when the
-    task is submitted)."""
+    to, or a local one Ray starts). on_event(kind, job, result) and `push` as in batch.run ("start"
+    when the task is submitted)."""
     try:
         import ray
     except ImportError:
@@ -43,6 +45,7 @@ def run_on_ray(jobs: list[Job], *, address: str | None = None, device: str = "cp
         if on_event:
             on_event("start", job, None)
     results: dict[int, JobResult] = {}
+    pusher = Pusher(push, on_event) if push is not None else None
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
@@ -54,4 +57,9 @@ def run_on_ray(jobs: list[Job], *, address: str | None = None, device: str = "cp
             results[i] = r
             if on_event:
                 on_event("done", jobs[i], r)
-    return [results[i] for i in range(len(jobs))]
+            if pusher is not None:
+                pusher.submit(r)
+    out = [results[i] for i in range(len(jobs))]
+    if pusher is not None:
+        pusher.finish(out)
+    return out

@@ -12,10 +12,23 @@ file_download.py get_hf_file_metadata / http_get, utils/_http.py hf_raise_for_st
   second server (the CDN, another origin, so huggingface_hub drops the token) with X-Linked-Etag (the
   SHA-256) and X-Linked-Size; Range answered with 206 and Content-Range;
 - errors as X-Error-Code: RepoNotFound (401), GatedRepo (403), RevisionNotFound / EntryNotFound (404).
+
+And what a push reaches (hf_api.py create_repo / list_repo_tree / _validate_yaml, _commit_api.py
+_fetch_upload_modes / _send_commit, _upload_pipeline.py), each call recorded with what it carried:
+- POST api/repos/create {"name", "organization", "visibility" (or "private")}: a new repo holding a
+  .gitattributes, as the hub makes one; 409 when it exists;
+- GET api/models/{repo}/tree/{rev}: [{"type": "file", "path", "size", "oid", "lfs"?}];
+- POST api/models/{repo}/preupload/{rev}: every file "regular" (so the upload commits the bytes
+  inline, without the Xet protocol), with the git blob id of the file the repo has, so an unchanged
+  file is not committed again;
+- POST api/validate-yaml: no errors;
+- POST api/models/{repo}/commit/{rev}: NDJSON "header", "file" (base64) and "deletedFile" lines,
+  applied to the repo's directory, which gets a new commit.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -46,9 +59,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # the stand-in
 
 class Repo:
-    def __init__(self, root: Path, *, private: bool = False, gated: bool = False, sha256: dict | None = None):
+    def __init__(self, root: Path, *, private: bool = False, gated: bool = False, sha256: dict | None = None,
+                 commit: str | None = None):
         self.root = root
-        self.commit = hashlib.sha1(str(root).encode()).hexdigest()
+        self.commit = commit or hashlib.sha1(str(root).encode()).hexdigest()
         self.files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
         self.private, self.gated = private, gated
         self._sha = dict(sha256 or {})
@@ -65,6 +79,11 @@ class Repo:
     def oid(self, name: str) -> str:  # stands in for the git blob id
         return hashlib.sha1(f"{name}:{self.files[name].stat().st_size}".encode()).hexdigest()
 
+    def git_oid(self, name: str) -> str:
+        """The git blob id, as huggingface_hub computes it for a file it uploads (its _local_oid)."""
+        data = self.files[name].read_bytes()
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
 
 class StandIn:
     def __init__(self):
@@ -78,6 +97,8 @@ class StandIn:
         # file name -> event: a whole-file GET of it (a download, not a header's range) waits for the event
         self.hold: dict[str, threading.Event] = {}
         self.fail: dict[str, int] = {}  # file name -> HTTP status for every whole-file GET of it
+        self.store: Path | None = None  # where repos created by a push live (the fixture sets it)
+        self.fail_commits: list[int] = []  # HTTP statuses answered to the next commits, one each, changing nothing
         self.hub = _Server(self, "hub")
         self.cdn = _Server(self, "cdn")
 
@@ -115,6 +136,24 @@ class StandIn:
     def sent(self) -> int:
         return sum(r["sent"] for r in self.requests())
 
+    def calls(self, kind: str) -> list[dict]:
+        """Recorded push calls of one kind ("create", "preupload", "commit"), each with its "repo" and
+        "body" (what it carried) and "status"."""
+        return [r for r in self.requests() if r.get("call") == kind]
+
+    def commit_to(self, repo_id: str, added: dict[str, bytes], deleted: list[str]) -> str:
+        """Apply a commit to the repo's directory; its new commit id."""
+        with self.lock:
+            r = self.repos[repo_id]
+            for name in deleted:
+                (r.root / name).unlink()
+            for name, data in added.items():
+                (r.root / name).parent.mkdir(parents=True, exist_ok=True)
+                (r.root / name).write_bytes(data)
+            commit = hashlib.sha1(f"{r.commit}:{sorted(added)}:{deleted}:{time.monotonic_ns()}".encode()).hexdigest()
+            self.repos[repo_id] = Repo(r.root, private=r.private, commit=commit)
+            return commit
+
     def stop(self) -> None:
         self.release.set()
         for s in (self.hub, self.cdn):
@@ -146,6 +185,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._handle(body=True)
 
+    def do_POST(self):
+        self._handle(body=True)
+
     def _handle(self, body: bool) -> None:
         stand: StandIn = self.server.stand
         url = urllib.parse.urlsplit(self.path)
@@ -158,6 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.server.kind == "cdn":
                 self._cdn(stand, parts, rec, body)
+            elif self.command == "POST":
+                self._post(stand, parts, rec)
+            elif parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+                self._tree(stand, "/".join(parts[2:4]), parts[5], rec)
             elif parts[:2] == ["api", "models"] and len(parts) >= 4:
                 self._api(stand, parts[2:], urllib.parse.parse_qs(url.query), rec)
             elif len(parts) >= 5 and parts[2] == "resolve":
@@ -219,6 +265,71 @@ class _Handler(BaseHTTPRequestHandler):
             siblings.append(s)
         self._reply(rec, 200, {"id": repo_id, "sha": r.commit, "private": r.private,
                                "gated": "manual" if r.gated else False, "siblings": siblings})
+
+    def _tree(self, stand: StandIn, repo_id: str, rev: str, rec: dict) -> None:
+        r = self._repo_or_error(stand, repo_id, rev, rec, files=False)
+        if r is None:
+            return
+        out = []
+        for n, p in r.files.items():
+            e = {"type": "file", "path": n, "size": p.stat().st_size, "oid": r.oid(n)}
+            if r.lfs(n):
+                e["lfs"] = {"oid": r.sha256(n), "size": p.stat().st_size, "pointerSize": 134}
+            out.append(e)
+        self._reply(rec, 200, out)
+
+    def _post(self, stand: StandIn, parts: list[str], rec: dict) -> None:
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if parts == ["api", "validate-yaml"]:
+            self._reply(rec, 200, {"errors": [], "warnings": []})
+            return
+        if not self._authorized():
+            self._reply(rec, 401, {"error": "Invalid credentials in Authorization header"})
+            return
+        if parts == ["api", "repos", "create"]:
+            self._create(stand, json.loads(data), rec)
+            return
+        if parts[:2] != ["api", "models"] or len(parts) < 6 or parts[4] not in ("preupload", "commit"):
+            self._reply(rec, 404, {"error": "not found"})
+            return
+        repo_id, rev = "/".join(parts[2:4]), parts[5]
+        rec.update(call=parts[4], repo=repo_id)
+        r = self._repo_or_error(stand, repo_id, rev, rec, files=False)
+        if r is None:
+            return
+        if parts[4] == "preupload":
+            files = json.loads(data)["files"]
+            rec["body"] = [f["path"] for f in files]
+            self._reply(rec, 200, {"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                 "oid": r.git_oid(f["path"]) if f["path"] in r.files else None} for f in files]})
+            return
+        lines = [json.loads(ln) for ln in data.splitlines() if ln.strip()]
+        added = {ln["value"]["path"]: base64.b64decode(ln["value"]["content"]) for ln in lines if ln["key"] == "file"}
+        deleted = [ln["value"]["path"] for ln in lines if ln["key"] == "deletedFile"]
+        rec["body"] = {"summary": lines[0]["value"]["summary"], "added": sorted(added), "deleted": sorted(deleted)}
+        if stand.fail_commits:
+            self._reply(rec, stand.fail_commits.pop(0), {"error": "Insufficient storage"})
+            return
+        commit = stand.commit_to(repo_id, added, deleted)
+        self._reply(rec, 200, {"commitUrl": f"{stand.endpoint}/{repo_id}/commit/{commit}", "commitOid": commit,
+                               "pullRequestUrl": None})
+
+    def _create(self, stand: StandIn, payload: dict, rec: dict) -> None:
+        repo_id = f"{payload.get('organization')}/{payload['name']}"
+        private = payload.get("visibility") == "private" or payload.get("private") is True
+        rec.update(call="create", repo=repo_id, body=payload)
+        if repo_id in stand.repos:
+            self._reply(rec, 409, {"error": "You already created this model repo",
+                                   "url": f"{stand.endpoint}/{repo_id}"})
+            return
+        root = stand.store / repo_id
+        root.mkdir(parents=True)
+        (root / ".gitattributes").write_text("*.bin filter=lfs diff=lfs merge=lfs -text\n"
+                                             "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                                             "*.zip filter=lfs diff=lfs merge=lfs -text\n")
+        stand.add(repo_id, root, private=private)
+        self._reply(rec, 200, {"url": f"{stand.endpoint}/{repo_id}", "name": repo_id})
 
     def _resolve(self, stand: StandIn, parts: list[str], rec: dict, body: bool) -> None:
         repo_id, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
@@ -316,6 +427,7 @@ def hub(tmp_path, monkeypatch):
     import huggingface_hub.constants as C
 
     stand = StandIn()
+    stand.store = tmp_path / "hub-store"
     for k in list(os.environ):
         if k.startswith(("HF_", "HUGGINGFACE_")):
             monkeypatch.delenv(k)
