@@ -34,13 +34,21 @@ _MAX_LOCK_BYTES = 4096
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def _proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the name (field 3 on), or None where unknown (not Linux)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            tail = f.read().rsplit(b")", 1)[1].split()
-        return int(tail[19])  # field 22 of the line; the name in parentheses may hold spaces
-    except (OSError, IndexError, ValueError):
+            return f.read().rsplit(b")", 1)[1].split()  # the name in parentheses may hold spaces
+    except (OSError, IndexError):
+        return None
+
+
+def _proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
+    tail = _stat(pid)
+    try:
+        return int(tail[19]) if tail else None  # field 22 of the line
+    except (IndexError, ValueError):
         return None
 
 
@@ -61,6 +69,9 @@ def _alive(pid: int, start: int | None) -> bool:
         pass  # exists, owned by someone else
     except OSError:
         return True
+    tail = _stat(pid)
+    if tail and tail[0] in (b"Z", b"X"):  # exited, not yet reaped (a container's init may never reap it)
+        return False
     now = _proc_start(pid)
     return start is None or now is None or now == start
 

@@ -254,6 +254,27 @@ def test_lock_of_a_dead_process_is_taken_over(src, clean, tmp_path):
     assert files(out) == files(clean)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to see a process's state")
+def test_lock_of_an_exited_but_unreaped_process_is_taken_over(src, clean, tmp_path):
+    """A holder killed but not yet reaped (a zombie: its pid still answers kill(pid, 0), as in a container
+    whose first process never reaps) holds nothing: the next run takes its lock over."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "HELD"
+        p.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{p.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline, "the holder did not exit"
+            time.sleep(0.01)
+        run(src, out)  # not waited for: still a zombie while this runs
+        assert Path(f"/proc/{p.pid}").exists()
+        assert files(out) == files(clean)
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_a_racing_runs_lock_temporary_is_not_someone_elses_file(src, clean, tmp_path):
     """Two runs starting at once each prepare a lock under a temporary name; the winner's claim may see
     the loser's before the loser removes it. It is neither a conversion's file nor the winner's to delete."""
