@@ -174,27 +174,36 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_out
 @click.argument("src")
 @_common
 @click.option("--verbose", "-v", is_flag=True, help="One row per quantizer (default: the largest 40).")
+@click.option("--tensors", is_flag=True, help="Also one row per source weight: how it is stored (encoding, "
+              "scale tensors) and what becomes of it (its quantizer and format, a cast and its blocks out of "
+              "range, or kept and why).")
 @click.option("--gpu-memory", "device_memory", callback=_size_or_auto, default=None, metavar="SIZE",
               help="Plan for a GPU conversion whose quantizers may be held in SIZE of device memory "
                    "(e.g. 110GiB on an H200); default: a CPU conversion.")
-def plan(src, verbose, **kw) -> None:
+def plan(src, verbose, tensors, **kw) -> None:
     """Print the quantizer table, totals and estimated peak memory for SRC; read no weights."""
     from .convert import prepare
 
     p = _guard(lambda: prepare(src, **kw))
     _warn(p, False)
     _print_plan(p, limit=None if verbose else 40)
+    if tensors:
+        _print_tensors(p)
 
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 def inspect(directory) -> None:
-    """Summarise the scale manifest of a converted checkpoint."""
+    """Summarise the scale manifest of a converted checkpoint; for a source checkpoint (no manifest),
+    how each of its weights is stored."""
     from . import manifest
+    from .source import INDEX_NAME
 
     path = Path(directory) / manifest.MANIFEST_NAME
     if not path.exists():
-        _fail(f"{path}: no scale manifest here (not a shardquant output?)")
+        if (Path(directory) / INDEX_NAME).exists() or any(Path(directory).glob("*.safetensors")):
+            return _inspect_source(Path(directory))
+        _fail(f"{path}: no scale manifest here (not a shardquant output?), and no safetensors checkpoint")
     m = _guard(lambda: manifest.load(path))
     try:
         qs = m["quantizers"]
@@ -472,15 +481,87 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
     click.echo(f"estimated time: {_duration(secs)} (a rough estimate: {how})")
 
 
+def _inspect_source(root: Path) -> None:
+    """A source checkpoint's weights as its headers and config store them (shardquant/encoding.py
+    recognize): one row per weight stored quantized or as fused 3-D experts, then the plain tensors by
+    dtype. Reads headers only."""
+    from . import encoding
+    from .source import scan
+
+    ck = _guard(lambda: scan(root))
+    layout = _guard(lambda: encoding.recognize(ck.tensors, ck.config))
+    special = [e for e in layout.encodings.values() if e.kind != encoding.PLAIN]
+    plain: dict[str, int] = {}
+    for e in layout.encodings.values():
+        if e.kind == encoding.PLAIN:
+            plain[e.dtype] = plain.get(e.dtype, 0) + 1
+    qc = encoding.quantization_config(ck.config)
+    click.echo(f"source {root}: {len(ck.tensors)} tensors in {len({t.file for t in ck.tensors.values()})} files"
+               + (f"; quantization_config quant_method {show(str(qc.get('quant_method')), quote=False)}"
+                  if isinstance(qc, dict) else ""))
+    width = max((len(show(e.name, quote=False)) for e in special), default=0)
+    if special:
+        click.echo(f"{'weight':{width}s} {'logical shape':>16s}  stored as (tensors read)")
+    for e in special:
+        shape = ("x".join(map(str, e.shape)) + (f" x{e.experts}" if e.experts else "")) if e.shape else "-"
+        stem = e.name.rsplit(".", 1)[0] + "." if "." in e.name else ""
+        read = " + ".join(show(n[len(stem):] if n.startswith(stem) else n, quote=False) for n in e.tensors)
+        click.echo(f"{show(e.name, quote=False):{width}s} {shape:>16s}  {encoding.describe(e)} ({read})")
+    for dtype, n in sorted(plain.items()):
+        click.echo(f"plain {dtype}: {n} tensor{'s' * (n != 1)}")
+    click.echo("what a conversion does with each: shardquant plan SRC --format F --tensors")
+
+
+def _print_tensors(p: Plan) -> None:
+    """plan --tensors: every planned weight, how the source stores it and what becomes of it."""
+    from .encoding import describe
+
+    ck = p.checkpoint
+    where = {m.name: g for g in p.groups for m in g.members}
+    kept = {e["name"]: e["reason"] for e in p.excluded}
+    out_of_range = _cast_out_of_range(p)
+    width = max((len(show(n, quote=False)) for n in ck.tensors), default=0)
+    click.echo(f"{'tensor':{width}s} {'stored as':40s} becomes")
+    for name, t in ck.tensors.items():
+        enc = getattr(t, "encoding", None)
+        stored = describe(enc) if enc is not None and getattr(t, "parts", None) else t.dtype
+        g = where.get(name)
+        if g is None:
+            what = f"kept: {kept.get(name, 'not a weight')}"
+        elif g.cast is not None:
+            n, total = out_of_range.get(name, (0, 0))
+            what = f"cast into {g.format}, codes kept ({n} of {total} blocks outside its scale range) in {g.key}"
+        else:
+            what = f"{g.format} in {g.key}" + (" (decoded to BF16 as read)" if getattr(t, "parts", None) else "")
+        click.echo(f"{show(name, quote=False):{width}s} {stored:40s} {show(what, quote=False)}")
+
+
+def _cast_out_of_range(p: Plan) -> dict[str, tuple[int, int]]:
+    """{member: (blocks outside the target's scale range, blocks)} of every lossless cast, from the
+    scale tensors alone (1/16 of the codes; re-quantized unless all zero: docs/formats.md)."""
+    import numpy as np
+
+    from . import decode
+    from .st import read_raw
+
+    counts: dict[str, tuple[int, int]] = {}
+    for g in p.groups:
+        if g.cast is None:
+            continue
+        e8m0 = [read_raw(m.parts[1]).view(np.uint8) for m in g.members]
+        top = decode.mx_global_exponent(decode.e8m0_group_max(e8m0, g.key))
+        for m, b in zip(g.members, e8m0):
+            d = b.astype(np.int32) - decode.E8M0_BIAS - top
+            counts[m.name] = (int(np.count_nonzero((d < decode.E4M3_KMIN) | (d > decode.E4M3_KMAX))), int(b.size))
+    return counts
+
+
 def _source_encodings(p: Plan, ck) -> list[str]:
     """A source stored quantized: each encoding, how many weights have it and what happens to them;
     for a lossless cast, how many blocks fall outside the target's scale range (read from the scale
     tensors alone, 1/16 of the codes: re-quantized, unless all zero)."""
-    import numpy as np
-
     from . import decode
     from .encoding import describe
-    from .st import read_raw
 
     cast = {m.name: g for g in p.groups if g.cast is not None for m in g.members}
     decoded = [t for t in ck.tensors.values() if getattr(t, "parts", None)]
@@ -489,6 +570,7 @@ def _source_encodings(p: Plan, ck) -> list[str]:
         g = cast.get(t.name)
         by.setdefault((describe(t.encoding), g.format if g else None), []).append(t)
     lines = []
+    counts = _cast_out_of_range(p) if cast else {}
     for (what, into), ts in by.items():
         stored = sum(t.stored_bytes for t in ts)
         scales = sum(len(t.encoding.scales) for t in ts)
@@ -498,14 +580,7 @@ def _source_encodings(p: Plan, ck) -> list[str]:
             lines.append(head + f"decoded to BF16 as they are read ({sum(t.nbytes for t in ts) / 1e6:.2f} MB, the "
                          "sizes above)" + tail)
             continue
-        out = total = 0
-        for g in {id(cast[t.name]): cast[t.name] for t in ts}.values():
-            e8m0 = [read_raw(m.parts[1]).view(np.uint8) for m in g.members]
-            top = decode.mx_global_exponent(decode.e8m0_group_max(e8m0, g.key))
-            for b in e8m0:
-                d = b.astype(np.int32) - decode.E8M0_BIAS - top
-                out += int(np.count_nonzero((d < decode.E4M3_KMIN) | (d > decode.E4M3_KMAX)))
-                total += b.size
+        out, total = (sum(counts[t.name][i] for t in ts) for i in (0, 1))
         lines.append(head + f"cast into {into} code for code; {out} of {total} blocks of {decode.MX_BLOCK} fall "
                      "outside its scale range (re-quantized unless all zero)" + tail)
     return lines

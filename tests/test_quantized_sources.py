@@ -565,3 +565,66 @@ def test_mx_source_requantize_decodes_instead_of_casting(sources, tmp_path):
 
     with pytest.raises(PlanError, match="--mx-source must be one of cast, requantize"):
         conv.convert(str(src), tmp_path / "c", "nvfp4", device="cpu", mx_source="rtn")
+
+
+# ---------------------------------------------------------------------------------------------
+# plan --tensors and inspect on a source: each weight's encoding and what becomes of it
+
+
+def _table(output: str, head: str) -> dict[str, str]:
+    """{first column: the rest} of the rows after the line starting with `head` (rows of one name, then text)."""
+    lines = output.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(head)) + 1
+    return {x.split(None, 1)[0]: x.split(None, 1)[1] for x in lines[start:] if x.strip() and not x.startswith(("plain ", "what "))}
+
+
+def test_plan_tensors_shows_each_weights_encoding_and_fate(k3, v3):
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+
+    fx, src = k3
+    r = CliRunner().invoke(main, ["plan", str(src), "--format", "nvfp4", "--tensors"])
+    assert r.exit_code == 0, r.output
+    rows = _table(r.output, "tensor ")
+    mx = [n for n, d, _ in fx.model.specs if n.endswith(".weight_packed")]
+    assert mx and all(rows[n.replace("weight_packed", "weight")].startswith("MXFP4, E8M0 scales per 32") for n in mx)
+    cast = {n: x for n, x in rows.items() if "cast into nvfp4, codes kept" in x}
+    assert len(cast) == len(mx)
+    per = [re.search(r"\((\d+) of (\d+) blocks", x).groups() for x in cast.values()]
+    summary = re.search(r"cast into nvfp4 code for code; (\d+) of (\d+) blocks", r.output).groups()
+    assert [sum(int(p[i]) for p in per) for i in (0, 1)] == [int(summary[0]), int(summary[1])]
+    assert int(summary[0]) > 0  # the fixture plants out-of-range blocks
+    assert all(x.startswith(("BF16", "F32")) for n, x in rows.items() if n not in cast)
+    assert any("kept: router" in x for x in rows.values())
+
+    fx3, fp8, _ = v3
+    r = CliRunner().invoke(main, ["plan", str(fp8), "--format", "fp8", "--tensors"])
+    assert r.exit_code == 0, r.output
+    rows = _table(r.output, "tensor ")
+    blocks = [n for n, d, _ in fx3.model.specs if d == "F8_E4M3"]
+    decoded = [n for n in blocks if "(decoded to BF16 as read)" in rows[n]]
+    assert blocks and all(rows[n].startswith("block-FP8 128x128, F32 scales") for n in blocks)
+    assert decoded and all(re.search(r"(fp8 in \S+ \(decoded|kept: )", rows[n]) for n in blocks)
+    assert not any(n.endswith("_scale_inv") for n in rows)  # scale tensors are not weights of the plan
+
+
+def test_inspect_on_a_source_lists_how_its_weights_are_stored(tmp_path):
+    import subprocess
+    import sys
+
+    fx = gpt_oss()
+    src = fx.write(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "shardquant", "inspect", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = _table(r.stdout, "weight ")
+    fused = {n: w for n, w in fx.expected.items() if w.experts}
+    assert fused and set(rows) == set(fused)  # every fused 3-D weight, nothing else
+    for name, want in fused.items():
+        assert f"x{want.experts}  MXFP4 3-D, {want.experts} experts" in rows[name]
+        assert ("gate/up interleaved" in rows[name]) == name.endswith("gate_up_proj")
+        assert f"({name.rsplit('.', 1)[1]}_blocks + {name.rsplit('.', 1)[1]}_scales)" in rows[name]
+    n_plain = len(fx.expected) - len(fused)
+    assert f"plain BF16: {n_plain} tensors" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "shardquant", "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no safetensors checkpoint" in r.stderr
