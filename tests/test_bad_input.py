@@ -454,8 +454,11 @@ def test_bad_rules_file(src, out, tmp_path, name, text):
     assert_clean_failure(convert_cli(src, out, "-q", "--rules", rules), out, str(rules))
 
 
-def test_inspect_without_manifest(src):
-    assert_clean_failure(run("inspect", src), None, "scale_manifest.json")
+def test_inspect_without_manifest_or_checkpoint(tmp_path):
+    """A directory with neither a manifest nor safetensors (a source checkpoint is shown as one: its
+    stored encodings, tests/test_quantized_sources.py)."""
+    (tmp_path / "config.json").write_text("{}")
+    assert_clean_failure(run("inspect", tmp_path), None, "scale_manifest.json", "no safetensors checkpoint")
 
 
 def test_real_process_prints_no_traceback(src, out):
