@@ -426,11 +426,18 @@ def _evict(ck, names: list[str]) -> None:
             pass  # a cache file another process removed or holds: left as it is
 
 
+def worker_places(device: str, devices: list[str] | None, workers: int) -> list[str]:
+    """The device of each worker process: `workers` per entry of `devices`, grouped by device, else
+    `workers` on `device`."""
+    return [d for d in devices for _ in range(max(1, workers))] if devices else [device] * max(1, workers)
+
+
 def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = None, workers: int = 1,
         verify_mode: str = "source", on_event=None, download_budget: int | None = None,
         evict_source: bool = False, push=None) -> list[JobResult]:
-    """Every job, in worker processes: one per entry of `devices` (e.g. ["cuda:0", "cuda:1"]), else
-    `workers` on `device`. on_event(kind, job, result) is called here as jobs start ("start") and
+    """Every job, in worker processes: `workers` per entry of `devices` (e.g. ["cuda:0", "cuda:1"]), else
+    `workers` on `device`. Two workers sharing a GPU overlap one job's start-up and reads with the other's
+    last writes (docs/benchmarks/README.md, "A zoo through shardquant batch"). on_event(kind, job, result) is called here as jobs start ("start") and
     end ("done"). A worker that dies takes only its job with it: it is recorded as failed and the
     others go on. Hub sources download ahead of their jobs within `download_budget` bytes (None: no
     bound), and with `evict_source` the files a source's jobs downloaded are deleted from the hub
@@ -439,7 +446,7 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
     the pushing thread); run returns once every push has ended."""
     if verify_mode not in VERIFY_MODES:
         raise ShardquantError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify_mode!r}")
-    places = list(devices) if devices else [device] * max(1, workers)
+    places = worker_places(device, devices, workers)
     ctx = multiprocessing.get_context("spawn")
     todo: multiprocessing.Queue = ctx.Queue()
     done: multiprocessing.Queue = ctx.Queue()

@@ -241,7 +241,8 @@ def inspect(directory) -> None:
               help="GPUs to use, one worker process each: indices (0,1,3) or all. Default: --device, --workers.")
 @click.option("--device", default="auto", show_default=True, help="Where workers convert without --devices.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Worker processes without --devices (each converts one job at a time).")
+              help="Worker processes on --device, or per GPU with --devices (each converts one job at a time; "
+                   "2 per GPU overlap one job's start and reads with another's last writes).")
 @click.option("--verify", "verify_mode", type=click.Choice(["source", "contract", "none"]), default="source",
               show_default=True, help="After each conversion: verify --source (SQNR per tensor, engines), the "
                                       "contract alone, or nothing. An output already complete gets the contract.")

@@ -188,3 +188,10 @@ def test_zoo_keys_reach_the_conversion_and_the_summary(zoo):
     z.write_text('[defaults]\nformats = ["nvfp4"]\n\n[[model]]\nsource = "./m0"\nscale_search = "best"\n')
     with pytest.raises(batch.ZooError, match=r"search.toml:6: model 1: scale_search must be one of none, mse"):
         batch.load_zoo(z)
+
+
+def test_workers_are_per_device_with_devices():
+    assert batch.worker_places("auto", ["cuda:0", "cuda:1"], 2) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert batch.worker_places("auto", ["cuda:3"], 1) == ["cuda:3"]
+    assert batch.worker_places("cpu", None, 3) == ["cpu"] * 3
+    assert batch.worker_places("cpu", None, 0) == ["cpu"]
