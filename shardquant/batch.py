@@ -30,6 +30,7 @@ verified output is uploaded to a hub repo while the next jobs convert (shardquan
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -46,10 +47,11 @@ from .text import show
 
 MODEL_KEYS = {"source": str, "name": str, "revision": str, "formats": list, "flavor": str, "expert_policy": str,
               "rules": str, "output": str, "mx_source": str,
-              "scale_search": str, "push_name": str}
+              "scale_search": str, "push_name": str, "staging": str}
 DEFAULT_KEYS = {k: t for k, t in MODEL_KEYS.items() if k not in ("source", "name", "revision")}
 VERIFY_MODES = ("source", "contract", "none")
 TEMPLATE_FIELDS = {"name", "format", "flavor", "policy"}  # of the output and push_name templates
+URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")  # an output in an object store, through fsspec
 SUMMARY_NAME = "shardquant-batch-summary"  # .json and .md beside the zoo file (or --report DIR)
 
 
@@ -71,6 +73,18 @@ class Job:
     mx_source: str = "cast"  # MXFP4 source weights: cast or requantize (plan.py MX_SOURCE)
     scale_search: str = "none"  # block scales by round to nearest, or searched (plan.py SCALE_SEARCH)
     push_name: str | None = None  # the hub repo's name under --push-to's namespace (None: the output's name)
+    # an output URI (s3://..., gs://..., file://...: any fsspec protocol): the job converts into `stage`, a
+    # local directory, verifies there, then uploads (store_output); None: `output` is a local path
+    stage: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.stage is not None
+
+    @property
+    def local_output(self) -> str:
+        """Where the conversion writes: the output itself, or its local stage for an output URI."""
+        return self.stage or self.output
 
     @property
     def label(self) -> str:
@@ -78,7 +92,7 @@ class Job:
 
     @property
     def repo_name(self) -> str:
-        return self.push_name or Path(self.output).name
+        return self.push_name or Path(self.output.rstrip("/")).name
 
 
 @dataclass
@@ -235,7 +249,21 @@ def load_zoo(path: str | Path, push_to: str | None = None) -> list[Job]:
                 push_name = merged["push_name"].format(**fields) if "push_name" in merged else None
             except (KeyError, IndexError, ValueError):
                 continue  # reported above
-            out = str((base / Path(out).expanduser()).resolve())
+            stage = None
+            if URI.match(out):
+                why = (_store_problem(out) if push_to is None else
+                       "an output in an object store is not pushed to the hub as well; give a local output with --push-to")
+
+                if why is not None:
+                    problems.append(f"{p}:{key_line(start, 'output') if 'output' in m else start}: {what} ({name}, "
+                                    f"{fmt}): output {show(out)}: {why}")
+                    continue
+                out = out.rstrip("/")
+                key = hashlib.sha256(out.encode()).hexdigest()[:12]
+                stage_dir = base / Path(merged.get("staging", "shardquant-batch-staging")).expanduser()
+                stage = str((stage_dir / f"{Path(out).name}-{key}").resolve())
+            else:
+                out = str((base / Path(out).expanduser()).resolve())
             if out in seen_out:
                 problems.append(f"{p}:{start}: {what} ({name}): output {out} is also job {seen_out[out]}'s: make the "
                                 "output template tell them apart ({name}, {format})")
@@ -243,7 +271,7 @@ def load_zoo(path: str | Path, push_to: str | None = None) -> list[Job]:
             rules = merged.get("rules")
             job = Job(name, source, fmt, out, m.get("revision"), merged.get("flavor"), policy,
                       str((base / rules).resolve()) if rules else None, start, merged.get("mx_source", "cast"),
-                      merged.get("scale_search", "none"), push_name)
+                      merged.get("scale_search", "none"), push_name, stage)
             if push_to is not None:
                 repo = f"{push_to}/{job.repo_name}"
                 why = publish.repo_problem(repo)
@@ -280,13 +308,15 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobR
 
     t0 = time.perf_counter()
     try:
-        r = convert(job.source, job.output, job.format, revision=job.revision, expert_policy=job.expert_policy,
+        if job.remote and stored_complete(job.output):
+            return JobResult(job, "skipped", error=None)
+        r = convert(job.source, job.local_output, job.format, revision=job.revision, expert_policy=job.expert_policy,
                     rules_file=job.rules, flavor=job.flavor, device=device, mx_source=job.mx_source,
                     scale_search=job.scale_search)
         res = JobResult(job, "skipped" if r.complete else "converted", seconds=r.seconds,
                         source_bytes=r.plan.source_bytes, output_bytes=r.plan.output_bytes)
         if verify_mode != "none":
-            rep = verify(job.output, job.source if verify_mode == "source" and not r.complete else None,
+            rep = verify(job.local_output, job.source if verify_mode == "source" and not r.complete else None,
                          revision=job.revision, device=device)
             res.verified = rep.ok
             res.verify_facts = asdict(VerifyFacts.of(rep))
@@ -299,11 +329,68 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobR
             if not rep.ok:
                 res.status = "failed"
                 res.error = "verify: " + "; ".join(f"{v.rule} {v.name}: {v.detail}" for v in rep.violations[:3])
+        if job.remote and res.status != "failed":
+            store_output(Path(job.stage), job.output)
+            res.status = "converted"  # a stage found complete was not yet stored
         return res
     except ShardquantError as e:
         return JobResult(job, "failed", seconds=time.perf_counter() - t0, error=str(e))
     except Exception as e:  # a bug: recorded, the batch goes on
         return JobResult(job, "failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs in an object store (fsspec)
+
+
+def _store_problem(uri: str) -> str | None:
+    """Why fsspec cannot write to `uri` on this machine (unknown protocol, its package not installed),
+    or None. Checked when the zoo is read, so a batch does not fail at its first upload."""
+    import fsspec
+
+    protocol = uri.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as e:
+        return f"no filesystem for {protocol}:// ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def stored_complete(uri: str) -> bool:
+    """An output in an object store is complete when its scale manifest is there: store_output puts
+    the manifest last, after every other file."""
+    import fsspec
+
+    from .manifest import MANIFEST_NAME
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs.exists(f"{root}/{MANIFEST_NAME}")
+
+
+def store_output(stage: Path, uri: str) -> None:
+    """Upload a finished, verified output from its local stage to `uri` (fsspec: s3://, gs://, az://,
+    file://, ...): every file of the output's manifest but the manifest, then the manifest, so an
+    interrupted upload never looks complete (stored_complete); then delete the stage, which this
+    batch's conversion wrote. Raises ShardquantError naming the URI."""
+    import shutil
+
+    import fsspec
+
+    from .manifest import MANIFEST_NAME
+
+    files = sorted(f.relative_to(stage).as_posix() for f in stage.rglob("*") if f.is_file() and not f.is_symlink())
+    if MANIFEST_NAME not in files:
+        raise ShardquantError(f"{stage}: no {MANIFEST_NAME}: not a finished output, not uploaded to {uri}")
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+        if fs.exists(f"{root}/{MANIFEST_NAME}"):  # a previous, different output: no longer complete
+            fs.rm(f"{root}/{MANIFEST_NAME}")
+        for rel in [f for f in files if f != MANIFEST_NAME] + [MANIFEST_NAME]:
+            fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(stage / rel), f"{root}/{rel}")
+    except Exception as e:  # the filesystem's own errors (botocore, gcsfs, OSError, ...): one line
+        raise ShardquantError(f"upload to {uri}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    shutil.rmtree(stage)
 
 
 def _worker(device: str, verify_mode: str, jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:

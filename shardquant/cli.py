@@ -251,7 +251,8 @@ def inspect(directory) -> None:
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run each job as a Ray task (one GPU with --device cuda, else one CPU) on the cluster at ADDRESS "
                    "(default: auto, the one this machine belongs to; local: start one on this machine). Outputs "
-                   "must be on a path every node shares. Needs `pip install 'shardquant[ray]'`.")
+                   "must be on a path every node shares or at an object-store URI (output = \"s3://...\"). Needs "
+                   "`pip install 'shardquant[ray]'`.")
 @click.option("--download-ahead", "download_budget", callback=_size, default="200GB", show_default=True,
               help="Hub sources download ahead of their jobs, up to this much not yet converted.")
 @click.option("--evict-source", is_flag=True,

@@ -195,3 +195,80 @@ def test_workers_are_per_device_with_devices():
     assert batch.worker_places("auto", ["cuda:3"], 1) == ["cuda:3"]
     assert batch.worker_places("cpu", None, 3) == ["cpu"] * 3
     assert batch.worker_places("cpu", None, 0) == ["cpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs in an object store (fsspec URIs; file:// stands in for s3:// and the like)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_outputs_at_a_uri_are_converted_locally_verified_and_stored(zoo, tmp_path):
+    from shardquant.verify import verify
+
+    store = tmp_path / "store"
+    z = tmp_path / "zoo-remote.toml"
+    z.write_text(f'[defaults]\nformats = ["nvfp4"]\noutput = "file://{store}/{{name}}-{{format}}"\n'
+                 f'staging = "stage"\n\n[[model]]\nsource = "./m0"\n\n[[model]]\nsource = "./m1"\n')
+    jobs = batch.load_zoo(z)
+    assert [j.output for j in jobs] == [f"file://{store}/m0-nvfp4", f"file://{store}/m1-nvfp4"]
+    assert all(j.remote and Path(j.stage).parent == tmp_path / "stage" for j in jobs)
+    res = batch.run(jobs, device="cpu", verify_mode="source")
+    assert [r.status for r in res] == ["converted", "converted"], [r.error for r in res]
+    assert all(r.verified for r in res)
+    local = tmp_path / "local"
+    for j in jobs:
+        stored = store / Path(j.output).name
+        assert verify(stored).ok  # the stored output is complete and whole
+        from shardquant.convert import convert
+
+        convert(j.source, local / stored.name, "nvfp4", device="cpu")
+        assert _files(stored) == _files(local / stored.name)  # the bytes of a local conversion
+    assert not any((tmp_path / "stage").iterdir())  # each stage deleted once stored
+    again = batch.run(jobs, device="cpu", verify_mode="source")
+    assert [r.status for r in again] == ["skipped", "skipped"]
+
+
+def test_an_interrupted_upload_never_looks_complete_and_a_rerun_finishes_it(zoo, tmp_path, monkeypatch):
+    import fsspec.implementations.local as local_fs
+
+    from shardquant.manifest import MANIFEST_NAME
+    from shardquant.verify import verify
+
+    store = tmp_path / "store"
+    z = tmp_path / "zoo-remote.toml"
+    z.write_text(f'[defaults]\nformats = ["fp8"]\noutput = "file://{store}/{{name}}"\n\n[[model]]\nsource = "./m0"\n')
+    (job,) = batch.load_zoo(z)
+    real, calls = local_fs.LocalFileSystem.put_file, []
+
+    def failing(self, lpath, rpath, *a, **kw):
+        calls.append(rpath)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, lpath, rpath, *a, **kw)
+
+    monkeypatch.setattr(local_fs.LocalFileSystem, "put_file", failing)
+    r = batch.run_job(job, "cpu", "contract")
+    assert r.status == "failed" and r.error.startswith(f"upload to {job.output}: OSError") and "No space" in r.error
+    assert not (store / "m0" / MANIFEST_NAME).exists() and not batch.stored_complete(job.output)
+    assert Path(job.stage, MANIFEST_NAME).exists()  # the verified stage is kept for the rerun
+    monkeypatch.setattr(local_fs.LocalFileSystem, "put_file", real)
+    r = batch.run_job(job, "cpu", "contract")
+    assert r.status == "converted" and r.error is None
+    assert verify(store / "m0").ok and not Path(job.stage).exists()
+
+
+def test_an_output_uri_without_a_filesystem_is_a_zoo_problem(zoo, tmp_path):
+    z = tmp_path / "zoo-bad.toml"
+    z.write_text('[defaults]\nformats = ["fp8"]\n\n[[model]]\nsource = "./m0"\noutput = "nosuch://bucket/{name}"\n\n'
+                 '[[model]]\nsource = "./m1"\noutput = "file:///tmp/{name}"\n')
+    with pytest.raises(batch.ZooError) as e:
+        batch.load_zoo(z)
+    (line,) = str(e.value).splitlines()[1:]
+    assert line.startswith(f"{z}:6: model 1 (m0, fp8): output 'nosuch://bucket/m0': no filesystem for nosuch://")
+    push = tmp_path / "zoo-push.toml"
+    push.write_text('[defaults]\nformats = ["fp8"]\noutput = "file:///tmp/x/{name}"\n\n[[model]]\nsource = "./m0"\n')
+    with pytest.raises(batch.ZooError, match="not pushed to the hub as well"):
+        batch.load_zoo(push, push_to="org")
