@@ -6,6 +6,7 @@ import contextlib
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import interrupt, trace
 
@@ -19,9 +20,11 @@ import click  # noqa: E402
 from . import __version__, formats
 from .errors import ShardquantError
 from .flavors import FLAVORS
-from .plan import Plan, estimated_seconds
 from .text import show
 from .rules import EXPERT_POLICIES
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 # Sizes in the usual spellings: 5G = 5GB = 5e9 bytes (as the hub's max_shard_size), 5GiB = 5Gi = 5 * 2^30.
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -390,9 +393,15 @@ def _plan_jobs(jobs, push=None) -> None:
 
 
 def _engine_names() -> list[str]:
-    from .engines import engine_names  # the rule tables' engine column
+    """The rule tables' engine column, in their order (shardquant/engines.py tables), read from the
+    tables' JSON alone: --help does not import the engines module (NumPy)."""
+    import json
 
-    return engine_names()
+    found = []
+    for path in sorted(Path(__file__).with_name("engine_rules").glob("*.json")):
+        t = json.loads(path.read_text(encoding="utf-8"))
+        found.append((t.get("order", 0), t["engine"]))
+    return [name for _, name in sorted(found)]
 
 
 @main.command("verify")
@@ -479,6 +488,8 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
                    f"{len(ck.hub.skipped)} other files of the repo are never downloaded)")
     click.echo(f"disk needed: {_human(ck.download_bytes + p.output_bytes)} ({_human(ck.download_bytes)} into the hub "
                f"cache, {_human(p.output_bytes)} of output)")
+    from .plan import estimated_seconds
+
     secs, how = estimated_seconds(p)
     click.echo(f"estimated time: {_duration(secs)} (a rough estimate: {how})")
 

@@ -20,11 +20,13 @@ What each format writes, and its spelling in each flavor, is the format's declar
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from . import __version__, formats
 from .rules import TE_WEIGHT
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRODUCER = {"name": "shardquant", "version": __version__}
 
@@ -83,6 +85,8 @@ class Flavor:
 
     def scalar(self, fmt: str, gs: np.float32, shape: tuple[int, ...] = ()) -> np.ndarray:
         """The per-quantizer scale tensor as written: FP8's weight_scale, NVFP4's global scale."""
+        import numpy as np  # here, not at the top: the CLI imports this module for --help (shardquant/cli.py)
+
         v = np.float32(gs)
         if self.inverted(fmt):
             v = np.float32(1.0) / v  # compressed-tensors: weight_global_scale = 1/s2, correctly rounded

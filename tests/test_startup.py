@@ -191,3 +191,27 @@ def test_warm_start_hints_the_first_reads_in_plan_order(tmp_path, monkeypatch):
     assert all(h[3] == os.POSIX_FADV_WILLNEED for h in hints)
     assert all(a[0] != b[0] or a[1] + a[2] != b[1] for a, b in zip(hints, hints[1:]))  # adjacent: one hint
     assert len(hints) < len(first)  # this layout has adjacent members among the first
+
+
+def test_the_cli_starts_without_numpy_or_a_formats_module():
+    """`shardquant --help` and argument parsing import no format module, no engines table code and so
+    not NumPy (formats/__init__.py _Registry, cli.py _engine_names): start-up stays short."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import shardquant.cli as c; "
+            "c.main(['--help'], standalone_mode=False); c.main(['verify', '--help'], standalone_mode=False); "
+            "bad = [m for m in sys.modules if m == 'numpy' or m.startswith(('shardquant.formats.', 'shardquant.engines'))]; "
+            "print(bad)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_registries_the_cli_reads_light_are_the_full_ones():
+    from shardquant import engines, formats
+    from shardquant.cli import _engine_names
+
+    assert _engine_names() == engines.engine_names()
+    assert [formats.FORMATS[n].FORMAT.name for n in formats.FORMATS] == list(formats.FORMATS)
+    assert dict(formats.FORMATS.items()) == {n: formats.get(n) for n in formats.FORMATS}

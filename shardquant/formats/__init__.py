@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 
-from . import fp8, fp8_block, fp8_channel, mxfp4, mxfp8, nvfp4
+# name -> module of this package (its FORMAT declares that name: tests/test_formats_registry.py)
+_MODULES = {"nvfp4": "nvfp4", "fp8": "fp8", "fp8-channel": "fp8_channel", "fp8-block": "fp8_block",
+            "mxfp8": "mxfp8", "mxfp4": "mxfp4"}
 
-FORMATS: dict[str, ModuleType] = {m.FORMAT.name: m for m in (nvfp4, fp8, fp8_channel, fp8_block, mxfp8, mxfp4)}
+
+class _Registry(Mapping):
+    """name -> the format's module, imported when first asked for: the names alone (the CLI's choices,
+    `shardquant --help`) import no module of a format and so not NumPy (shardquant/cli.py start-up)."""
+
+    def __getitem__(self, name: str) -> ModuleType:
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_MODULES)
+
+    def __len__(self) -> int:
+        return len(_MODULES)
+
+
+FORMATS: Mapping[str, ModuleType] = _Registry()
 
 
 def get(name: str) -> ModuleType:
