@@ -90,7 +90,8 @@ def _common(f):
                      help="Largest output shard, e.g. 5GB."),
         click.option("--scale-search", type=click.Choice(["none", "mse"]), default="none", show_default=True,
                      help="Block scales by round to nearest (none: ModelOpt's bytes), or mse: per block the scale "
-                          "among RTN's E4M3 code and its neighbours with the least squared error (nvfp4; the CPU)."),
+                          "among RTN's and its neighbours with the least squared error (nvfp4, mxfp4, mxfp8, fp8-block; "
+                          "CPU and GPU give the same bytes)."),
         click.option("--mx-source", type=click.Choice(["cast", "requantize"]), default="cast", show_default=True,
                      help="A source with MXFP4 weights: cast them into NVFP4 code for code (lossless where every "
                           "block fits), or decode and re-quantize them by round to nearest."),

@@ -14,8 +14,6 @@ from pathlib import Path
 from . import card, flavors, formats, manifest, trace
 from .background import in_background
 from .errors import OutputError, ShardquantError, SourceError
-from .backend import NumpyBackend, describe, get_backends, gpu_searches
-from .pipeline import run, warm_start
 from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
 from .rules import RuleSet, format_choice, load_rules_file
 from .encoding import quantization_config
@@ -96,6 +94,13 @@ def prepare(
                      flavor=flavor, device_memory=device_memory)
 
 
+def get_backends(device: str, devices, gpu_memory) -> list:
+    """shardquant/backend.py get_backends, imported on first use: `plan` needs no backend (start-up)."""
+    from .backend import get_backends as backends
+
+    return backends(device, devices, gpu_memory)
+
+
 def convert(
     src: str,
     output: str | Path,
@@ -131,6 +136,10 @@ def convert(
     # The GPU starts (CuPy's import, the CUDA context, the kernels: shardquant/cuda) while the source's
     # headers are read and the plan is made; the plan asks for the GPU's budget only if a quantizer
     # exceeds --memory-budget (shardquant/plan.py make_plan).
+    # the backends and the pipeline are imported here, not at the top: `plan` needs neither (start-up)
+    from .backend import NumpyBackend, describe, gpu_searches
+    from .pipeline import warm_start
+
     trace.mark("convert")
     starting = in_background(lambda: get_backends(device, devices, gpu_memory))
 
@@ -187,6 +196,9 @@ def convert(
 
 def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force: bool, verify: bool,
                     progress: bool, on_start=None) -> Result:
+    from .backend import describe
+    from .pipeline import run
+
     claim = claim_output(od, plan, force, lock.previous_tokens)
     plan.warnings += claim.warnings
     name, where = backends[0].name, describe(backends)

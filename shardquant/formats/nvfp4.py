@@ -81,7 +81,8 @@ def code_thresholds(s2: np.float32) -> np.ndarray:
     correctly rounded quotient, with no division per element (the GPU kernel uses this table).
     Found by bisection over fp32 bit patterns, each step one correctly rounded division."""
     codes = np.arange(128, dtype=np.uint8)
-    d = scale_values(codes) * np.float32(s2)  # code 0 (scale 0) is never used: scales are >= 2^-9
+    with np.errstate(over="ignore"):  # a huge s2 makes the largest scales inf: their thresholds are inf too
+        d = scale_values(codes) * np.float32(s2)  # code 0 (scale 0) is never used: scales are >= 2^-9
     bounds = np.array(list(_BOUNDS) + [0.0], np.float32)
     strict = np.array([b not in _TIE_UP for b in _BOUNDS] + [True])
     lo = np.zeros((128, 8), np.int64)  # invariant: pattern lo fails, hi passes (inf always passes)
