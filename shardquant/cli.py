@@ -186,7 +186,7 @@ def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_out
                    "(e.g. 110GiB on an H200); default: a CPU conversion.")
 def plan(src, verbose, tensors, **kw) -> None:
     """Print the quantizer table, totals and estimated peak memory for SRC; read no weights."""
-    from .convert import prepare
+    from .plan import prepare
 
     p = _guard(lambda: prepare(src, **kw))
     _warn(p, False)
@@ -361,7 +361,7 @@ def _device_list(devices: str) -> list[int]:
 def _plan_jobs(jobs, push=None) -> None:
     """--dry-run: each job's plan from the headers: sizes, memory and the formats of its quantizers;
     with `push` (shardquant/publish.py Push), the repo each output would be pushed to, its files and bytes."""
-    from .convert import prepare
+    from .plan import prepare
     from .publish import plan_line
 
     failed = 0

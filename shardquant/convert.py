@@ -14,10 +14,8 @@ from pathlib import Path
 from . import card, flavors, formats, manifest, trace
 from .background import in_background
 from .errors import OutputError, ShardquantError, SourceError
-from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, make_plan
-from .rules import RuleSet, format_choice, load_rules_file
-from .encoding import quantization_config
-from .source import INDEX_NAME, Checkpoint, check_fetch, open_checkpoint, start_fetch, with_decoded
+from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, prepare
+from .source import INDEX_NAME, Checkpoint, check_fetch, start_fetch
 from .journal import JOURNAL_NAME, Journal, recipe
 from .lock import LOCK_NAME, Lock
 from .output import claim_output
@@ -42,56 +40,6 @@ class Result:
     device: str = ""  # where the arithmetic ran (backend.describe): "the CPU with NumPy 2.4.6, 16 threads"
     reread_bytes: int = 0  # of bytes_read, second reads of groups read twice (over --memory-budget)
     resumed_bytes: int = 0  # bytes of unfinished shards kept from an interrupted run's last checkpoint
-
-
-def prepare(
-    src: str,
-    fmt: str = "nvfp4",
-    *,
-    revision: str | None = None,
-    expert_policy: str = "shared",
-    rules_file: str | Path | None = None,
-    include: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    strict: bool = False,
-    max_shard_size: int = DEFAULT_SHARD_SIZE,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    flavor: str | None = None,
-    format_for: tuple[str, ...] = (),
-    device_memory: int | None = None,
-    mx_source: str = "cast",
-    scale_search: str = "none",
-) -> Plan:
-    """Open the source (headers only) and plan the conversion. flavor None: the format's own (modelopt
-    for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
-    format used. format_for: `SELECTOR=FORMAT` choices (rules.FormatChoice), tried before the rules
-    file's."""
-    fmt = fmt.lower() if isinstance(fmt, str) else fmt
-    if fmt not in formats.FORMATS:
-        raise ShardquantError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
-    if flavor is not None and flavor not in flavors.FLAVORS:
-        raise ShardquantError(f"unknown flavor {flavor!r}; choose one of {', '.join(flavors.FLAVORS)}")
-    known = tuple(formats.FORMATS)
-    choices = tuple(format_choice(c, known) for c in format_for)
-    user, from_file = load_rules_file(Path(rules_file), known) if rules_file else ((), ())
-    choices += from_file
-    if not choices:  # one format: refuse a pair that cannot be served before reading anything
-        pair_flavor = flavor or formats.default_flavor(fmt, flavors.FLAVORS)
-        why = flavors.refusal(pair_flavor, fmt)
-        if why:
-            raise ShardquantError(f"--format {fmt} --flavor {pair_flavor} is refused: {why}")
-    ck = open_checkpoint(src, revision, download=False)  # a hub repo: index, config and headers only
-    ck = with_decoded(ck)  # a quantized source: its weights as their dequantization (shardquant/encoding.py)
-    qc = quantization_config(ck.config)
-    if qc is not None and ck.stored is None:
-        raise SourceError(f"{ck.root / 'config.json'}: source is already quantized (quant_method "
-                          f"{qc.get('quant_method', '?')!r}) in a form shardquant does not read")
-    num_layers = (ck.config or {}).get("num_hidden_layers")
-    rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
-                    num_layers if isinstance(num_layers, int) else None, choices)
-    return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
-                     mx_source=mx_source, scale_search=scale_search,
-                     flavor=flavor, device_memory=device_memory)
 
 
 def get_backends(device: str, devices, gpu_memory) -> list:

@@ -7,15 +7,17 @@ from __future__ import annotations
 import functools
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 from dataclasses import dataclass, field
 
 from . import formats
-from .errors import PlanError, RuleError
+from .errors import PlanError, RuleError, ShardquantError, SourceError
 from .flavors import FLAVORS
 from .flavors import refusal
-from .rules import FLOAT_DTYPES, KEEP, KEEP_FORMAT, TE_WEIGHT, Decision, RuleSet, module_name
-from .source import Checkpoint
+from .rules import (FLOAT_DTYPES, KEEP, KEEP_FORMAT, TE_WEIGHT, Decision, RuleSet, format_choice, load_rules_file,
+                    module_name)
+from .source import Checkpoint, open_checkpoint, with_decoded
 from .st import OutTensor, TensorInfo
 from .text import show
 
@@ -492,3 +494,55 @@ def estimated_seconds(plan: Plan) -> tuple[float, str]:
     how = (f"download at {ESTIMATE_DOWNLOAD_BPS / 1e6:.0f} MB/s while " if down else "") + (
         f"conversion at {rate / 1e9:.2f} GB/s of source read on the {where}")
     return secs, how
+
+
+def prepare(
+    src: str,
+    fmt: str = "nvfp4",
+    *,
+    revision: str | None = None,
+    expert_policy: str = "shared",
+    rules_file: str | Path | None = None,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    strict: bool = False,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    flavor: str | None = None,
+    format_for: tuple[str, ...] = (),
+    device_memory: int | None = None,
+    mx_source: str = "cast",
+    scale_search: str = "none",
+) -> Plan:
+    """Open the source (headers only) and plan the conversion. flavor None: the format's own (modelopt
+    for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
+    format used. format_for: `SELECTOR=FORMAT` choices (rules.FormatChoice), tried before the rules
+    file's."""
+    from .encoding import quantization_config  # as with_decoded does: only once a plan is asked for
+
+    fmt = fmt.lower() if isinstance(fmt, str) else fmt
+    if fmt not in formats.FORMATS:
+        raise ShardquantError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
+    if flavor is not None and flavor not in FLAVORS:
+        raise ShardquantError(f"unknown flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
+    known = tuple(formats.FORMATS)
+    choices = tuple(format_choice(c, known) for c in format_for)
+    user, from_file = load_rules_file(Path(rules_file), known) if rules_file else ((), ())
+    choices += from_file
+    if not choices:  # one format: refuse a pair that cannot be served before reading anything
+        pair_flavor = flavor or formats.default_flavor(fmt, FLAVORS)
+        why = refusal(pair_flavor, fmt)
+        if why:
+            raise ShardquantError(f"--format {fmt} --flavor {pair_flavor} is refused: {why}")
+    ck = open_checkpoint(src, revision, download=False)  # a hub repo: index, config and headers only
+    ck = with_decoded(ck)  # a quantized source: its weights as their dequantization (shardquant/encoding.py)
+    qc = quantization_config(ck.config)
+    if qc is not None and ck.stored is None:
+        raise SourceError(f"{ck.root / 'config.json'}: source is already quantized (quant_method "
+                          f"{qc.get('quant_method', '?')!r}) in a form shardquant does not read")
+    num_layers = (ck.config or {}).get("num_hidden_layers")
+    rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
+                    num_layers if isinstance(num_layers, int) else None, choices)
+    return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
+                     mx_source=mx_source, scale_search=scale_search,
+                     flavor=flavor, device_memory=device_memory)

@@ -570,8 +570,7 @@ def test_ctrl_c_while_planning_writes_nothing(big, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(plan_mod, "make_plan", boom)
-    monkeypatch.setattr("shardquant.convert.make_plan", boom)
+    monkeypatch.setattr(plan_mod, "make_plan", boom)  # plan.prepare calls it
     r = cli("convert", big[0], "--format", "nvfp4", "-o", tmp_path / "out")
     assert r.exit_code == 130 and r.stderr == f"interrupted before converting; nothing was written to {tmp_path / 'out'}\n"
     assert not (tmp_path / "out").exists()
