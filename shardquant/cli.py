@@ -574,11 +574,13 @@ def _source_encodings(p: Plan, ck) -> list[str]:
     """A source stored quantized: each encoding, how many weights have it and what happens to them;
     for a lossless cast, how many blocks fall outside the target's scale range (read from the scale
     tensors alone, 1/16 of the codes: re-quantized, unless all zero)."""
+    decoded = [t for t in ck.tensors.values() if getattr(t, "parts", None)]
+    if not decoded:
+        return []
     from . import decode
     from .encoding import describe
 
     cast = {m.name: g for g in p.groups if g.cast is not None for m in g.members}
-    decoded = [t for t in ck.tensors.values() if getattr(t, "parts", None)]
     by: dict[tuple[str, str | None], list] = {}
     for t in decoded:
         g = cast.get(t.name)

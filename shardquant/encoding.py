@@ -29,6 +29,7 @@ from . import decode
 from .errors import SourceError
 from .formats import mxfp4
 from .formats.base import to_f32
+from .source import quantization_config  # noqa: F401 (config.json's, read where the source is opened)
 from .st import TensorInfo
 from .text import show
 
@@ -225,18 +226,6 @@ def model_types(config: Mapping | None) -> frozenset[str]:
     text = config.get("text_config")
     found = [config.get("model_type"), text.get("model_type") if isinstance(text, Mapping) else None]
     return frozenset(t for t in found if isinstance(t, str))
-
-
-def quantization_config(config: Mapping | None) -> Mapping | None:
-    """config.json's quantization_config, at the top level or in text_config (Kimi-K3 ships it there)."""
-    if not isinstance(config, Mapping):
-        return None
-    text = config.get("text_config")
-    for c in (config, text if isinstance(text, Mapping) else {}):
-        qc = c.get("quantization_config")
-        if isinstance(qc, Mapping):
-            return qc
-    return None
 
 
 def fp8_tile(config: Mapping | None) -> tuple[int, int]:

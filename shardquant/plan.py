@@ -17,7 +17,7 @@ from .flavors import FLAVORS
 from .flavors import refusal
 from .rules import (FLOAT_DTYPES, KEEP, KEEP_FORMAT, TE_WEIGHT, Decision, RuleSet, format_choice, load_rules_file,
                     module_name)
-from .source import Checkpoint, open_checkpoint, with_decoded
+from .source import Checkpoint, open_checkpoint, quantization_config, with_decoded
 from .st import OutTensor, TensorInfo
 from .text import show
 
@@ -191,7 +191,6 @@ def make_plan(
     Plan.device_memory once it knows it, which changes no decision. mx_source: "cast" (MXFP4 members
     go into NVFP4 code for code, where the format allows: encoding.py casts_losslessly) or
     "requantize" (decoded and re-quantized by round to nearest, as any other source)."""
-    from .encoding import MXFP4, casts_losslessly  # here, not at the top: `shardquant --help` never needs it
 
     gpu_bytes = functools.cache(device_memory if callable(device_memory) else lambda: device_memory)
     gpu_asked = False
@@ -259,13 +258,15 @@ def make_plan(
             continue
         g = Group(key, decisions[names[0]].rule, members, format=gfmt)
         kinds = {m.encoding.kind for m in members if getattr(m, "encoding", None) is not None}
-        cast = [k for k in kinds if casts_losslessly(k, layout)] if mx_source == "cast" else []
+        if kinds:  # a source stored quantized: only then is its encoding module imported (start-up)
+            from .encoding import MXFP4, casts_losslessly
+        cast = [k for k in kinds if casts_losslessly(k, layout)] if kinds and mx_source == "cast" else []
         if cast:
             if len(kinds) > 1 or len(members) != sum(getattr(m, "encoding", None) is not None for m in members):
                 raise PlanError(f"quantizer {show(key, quote=False)} mixes {cast[0]} members, which {gfmt} takes "
                                 "by a lossless cast, with members stored otherwise; one global scale cannot serve both")
             g.cast = cast[0]
-        elif MXFP4 in kinds:
+        elif kinds and MXFP4 in kinds:
             why = "--mx-source requantize" if mx_source != "cast" else "no lossless cast into it"
             warnings.append(f"quantizer {show(key, quote=False)}: source {', '.join(sorted(kinds))} decoded and "
                             f"re-quantized to {gfmt} ({why})")
@@ -518,8 +519,6 @@ def prepare(
     for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
     format used. format_for: `SELECTOR=FORMAT` choices (rules.FormatChoice), tried before the rules
     file's."""
-    from .encoding import quantization_config  # as with_decoded does: only once a plan is asked for
-
     fmt = fmt.lower() if isinstance(fmt, str) else fmt
     if fmt not in formats.FORMATS:
         raise ShardquantError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")

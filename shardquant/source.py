@@ -10,7 +10,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .errors import HeaderError, SourceError
 from .st import TensorInfo, read_header
@@ -278,18 +278,35 @@ def _read_json(path: Path) -> dict:
 
 
 
+def quantization_config(config: Mapping | None) -> Mapping | None:
+    """config.json's quantization_config, at the top level or in text_config (Kimi-K3 ships it there)."""
+    if not isinstance(config, Mapping):
+        return None
+    text = config.get("text_config")
+    for c in (config, text if isinstance(text, Mapping) else {}):
+        qc = c.get("quantization_config")
+        if isinstance(qc, Mapping):
+            return qc
+    return None
+
+
+# Dtypes and ranks that may need shardquant/encoding.py (its QUANTIZED_DTYPES, PACKED_DTYPES and 3-D expert
+# tensors; tests/test_sources.py checks the superset): a source with none of them and no
+# quantization_config is planned as it is, without importing that module (start-up of `plan`).
+_MAY_BE_ENCODED = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "U8", "I8")
+
+
 def with_decoded(ck: Checkpoint) -> Checkpoint:
     """The checkpoint as a conversion plans it: a source stored quantized (block FP8, MXFP4: its
     config's quantization_config, or quantized dtypes in its headers) gets its logical weights, and
     fused 3-D experts their per-expert slices (shardquant/encoding.py decoded_tensors); any other
     comes back as it is. Raises SourceError where
     the encoding is inconsistent, or one that is not converted yet, naming the tensor."""
+    if quantization_config(ck.config) is None and not any(
+            t.dtype in _MAY_BE_ENCODED or len(t.shape) == 3 for t in ck.tensors.values()):
+        return ck
     from . import encoding
 
-    quantized_dtypes = encoding.QUANTIZED_DTYPES + encoding.PACKED_DTYPES
-    if encoding.quantization_config(ck.config) is None and not any(
-            t.dtype in quantized_dtypes or encoding.fused_expert_name(n, t) for n, t in ck.tensors.items()):
-        return ck
     layout = encoding.recognize(ck.tensors, ck.config)
     notes: dict[str, list[int]] = {}
     tensors, stored = encoding.decoded_tensors(ck.tensors, layout, notes)

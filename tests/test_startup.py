@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 from click.testing import CliRunner
 
 from shardquant import cuda, testing, trace
@@ -215,3 +217,21 @@ def test_the_registries_the_cli_reads_light_are_the_full_ones():
     assert _engine_names() == engines.engine_names()
     assert [formats.FORMATS[n].FORMAT.name for n in formats.FORMATS] == list(formats.FORMATS)
     assert dict(formats.FORMATS.items()) == {n: formats.get(n) for n in formats.FORMATS}
+
+
+def test_planning_a_bf16_source_imports_no_encoding_code(tmp_path):
+    """A plain source is planned without shardquant/encoding.py (source.py _MAY_BE_ENCODED: a superset of
+    what that module recognizes, so nothing it would decode is missed)."""
+    import subprocess
+    import sys
+
+    from shardquant import encoding
+    from shardquant.source import _MAY_BE_ENCODED
+
+    assert set(encoding.QUANTIZED_DTYPES + encoding.PACKED_DTYPES) <= set(_MAY_BE_ENCODED)
+    code = ("import sys; from shardquant.plan import prepare; p = prepare(sys.argv[1], 'nvfp4'); "
+            "print(len(p.groups), 'shardquant.encoding' in sys.modules, 'shardquant.decode' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "tiny-moe")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    groups, enc, dec = r.stdout.split()
+    assert int(groups) > 0 and (enc, dec) == ("False", "False")
