@@ -54,7 +54,8 @@ FLAVOR_OF_METHOD = {"modelopt": "modelopt", "compressed-tensors": "compressed-te
 FLAVORS = tuple(FLAVOR_OF_METHOD.values())
 # applies_to vocabulary. Checkpoint-level keys are read from the config the engine reads; the others
 # select modules (a rule with module keys applies when at least one quantized module matches, and its
-# check sees those modules). `config.<key>` is a key of that config.
+# check sees those modules). `config.<key>` is a key of that config; `model.<key>` a key of config.json
+# itself (model_type, architectures: the model code the engine builds).
 CHECKPOINT_KEYS = ("quant_algo", "config_file")
 MODULE_KEYS = ("layer_algo", "moe", "fused", "format", "scale_dtype", "input_activations")
 SCHEME_PREFIXES = ("weights.", "input_activations.")
@@ -172,7 +173,7 @@ def problems() -> list[str]:
         for alt in r.applies_to:
             for k in alt:
                 if not (k in CHECKPOINT_KEYS or k in MODULE_KEYS or k.startswith(SCHEME_PREFIXES)
-                        or k.startswith("config.")):
+                        or k.startswith(("config.", "model."))):
                     out.append(f"{where}: applies_to key {k!r} is not in the vocabulary")
     for e in tables().values():
         for flavor, mode in e.reads.get("exclude_match", {}).items():
@@ -492,6 +493,8 @@ class View:
             return self.source
         if key.startswith("config."):
             return self.qc.get(key[len("config."):])
+        if key.startswith("model."):  # config.json's own keys: the architecture the engine builds
+            return self.ck.config.get(key[len("model."):])
         raise KeyError(key)
 
     def select(self, rule: Rule) -> list[Mod] | None:
@@ -503,7 +506,7 @@ class View:
         chosen: dict[str, Mod] = {}
         applies = False
         for alt in rule.applies_to or ({},):
-            ck = {k: v for k, v in alt.items() if k in CHECKPOINT_KEYS or k.startswith("config.")}
+            ck = {k: v for k, v in alt.items() if k in CHECKPOINT_KEYS or k.startswith(("config.", "model."))}
             mk = {k: v for k, v in alt.items() if k not in ck}
             if not all(_matches(v, self.checkpoint_value(k)) for k, v in ck.items()):
                 continue

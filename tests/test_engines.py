@@ -396,6 +396,9 @@ CASES: dict[tuple[str, str], tuple] = {
                                                                                        only="o_proj")),
     ("transformers", "fp8-block-dequant-divisible"): (lambda: make("block-fp8"), _rebuild("block-fp8", q_out=129)),
     ("transformers", "mx-scale-decoding"): (lambda: make("ct-mxfp8"), lambda ck: ck.set(f"{O}.weight_scale", fill=255)),
+    # the same per-expert NVFP4 MoE checkpoint, announced as gpt-oss: its loaders take fused experts only
+    **{(e, "gpt-oss-experts-fused-only"): (lambda: make("mo-nvfp4", moe=True), lambda ck: ck.extra.update(model_type="gpt_oss"))
+       for e in ("vllm", "sglang", "trtllm")},
 }
 # Rules an edit cannot help breaking too (same engine), named so that each case stays exact.
 ALSO: dict[tuple[str, str], set[str]] = {}
