@@ -757,9 +757,28 @@ def _start_files(root: Path, man: dict | None, hashes: bool, warnings: list[str]
     return fc
 
 
+def _hub_local_dir_cache(root: Path, rel: str) -> bool:
+    """`rel` is huggingface_hub's own bookkeeping of a `--local-dir` download or upload: a real top-level
+    `.cache` directory holding nothing but a real `huggingface` directory (huggingface_hub/_local_folder.py,
+    `_huggingface_dir`). No engine reads it (they read the index's shards and the config files), so it is
+    not part of the checkpoint; anything else in `.cache` is."""
+    if rel != ".cache":
+        return False
+    try:
+        top = root / rel
+        if not stat.S_ISDIR(os.lstat(top).st_mode):
+            return False
+        with os.scandir(top) as it:
+            names = [e.name for e in it]
+        return names == ["huggingface"] and stat.S_ISDIR(os.lstat(top / "huggingface").st_mode)
+    except OSError:
+        return False
+
+
 def _unlisted(root: Path, listed: dict[str, object], ignore: frozenset[str] = frozenset()) -> list[Violation]:
     """Every entry of `root` the manifest does not list (hidden ones too), descending only into real
-    directories that hold listed files; scale_manifest.json itself (at the top) excepted."""
+    directories that hold listed files; scale_manifest.json itself (at the top) and huggingface_hub's
+    `.cache/huggingface` of a `--local-dir` download (_hub_local_dir_cache) excepted."""
     folders = {name.rsplit("/", 1)[0] for name in listed if "/" in name}
     folders |= {f.rsplit("/", i)[0] for f in folders for i in range(1, f.count("/") + 1)}
     out: list[Violation] = []
@@ -774,7 +793,7 @@ def _unlisted(root: Path, listed: dict[str, object], ignore: frozenset[str] = fr
             continue
         for name, path in entries:
             r = f"{rel}/{name}" if rel else name
-            if r in listed or r == manifest.MANIFEST_NAME or r in ignore:
+            if r in listed or r == manifest.MANIFEST_NAME or r in ignore or _hub_local_dir_cache(root, r):
                 continue
             try:
                 mode = os.lstat(path).st_mode

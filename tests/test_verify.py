@@ -574,6 +574,24 @@ def test_unlisted_files_are_violations(broken):
         "sub": "a directory the manifest does not list", "link.json": "a symlink the manifest does not list"}
 
 
+def test_a_hub_local_dir_download_cache_is_not_part_of_the_checkpoint(broken, tmp_path):
+    """`hf download --local-dir` leaves .cache/huggingface/ (huggingface_hub/_local_folder.py): no engine
+    reads it, so it is not unlisted; anything else in .cache, or a .cache that is a link, still is."""
+    d = broken("qwen3_moe", "nvfp4")
+    meta = d / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    (meta / "config.json.metadata").write_text("abc\n0\n")
+    (d / ".cache" / "huggingface" / ".gitignore").write_text("*")
+    assert verify_contract(d, hashes=False) == []
+    (d / ".cache" / "other.bin").write_text("x")
+    assert [(v.rule, v.name) for v in verify_contract(d, hashes=False)] == [("file-unlisted", ".cache")]
+    shutil.rmtree(d / ".cache")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "huggingface").mkdir()
+    (d / ".cache").symlink_to(tmp_path / "hub")
+    assert [(v.rule, v.name) for v in verify_contract(d, hashes=False)] == [("file-unlisted", ".cache")]
+
+
 def test_files_in_subdirectories_are_checked(broken):
     """A listed `sub/x.json` is checked like any file; an unlisted one beside it is named."""
     d = broken("qwen3_moe", "fp8")
