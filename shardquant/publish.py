@@ -101,7 +101,10 @@ def stage(output: Path, folder: Path, facts) -> tuple[list[str], int]:
                GITATTRIBUTES: GITATTRIBUTES_TEXT.encode()}
     for name, data in written.items():
         files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    written[MANIFEST_NAME] = dumps({**doc, "files": dict(sorted(files.items()))}).encode()
+    # a local source's absolute path says where on this machine it lay (a user's home, a project's
+    # name): the published manifest keeps its directory name only; its files' SHA-256 stay the record
+    pub_src = {**src, "path": Path(src["path"]).name} if isinstance(src.get("path"), str) else src
+    written[MANIFEST_NAME] = dumps({**doc, "source": pub_src, "files": dict(sorted(files.items()))}).encode()
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(files) + [MANIFEST_NAME]
     tops = {n.split("/", 1)[0] for n in names}

@@ -290,3 +290,29 @@ def test_a_card_without_shardquants_verify_section_is_not_pushed():
     facts = VerifyFacts(ok=True, modules=3, files=5, hashed=True)
     with pytest.raises(ShardquantError, match=r"README.md: no Verify section as shardquant writes it"):
         with_verify("# my own card\n", facts, "org/m", "abc")
+
+
+def test_the_pushed_manifest_names_a_local_source_by_its_directory_only(tmp_path):
+    """A local source's absolute path (where it lay on this machine) is not published: the pushed
+    manifest keeps the directory's name; the staged repo still verifies."""
+    from shardquant.card import VerifyFacts
+    from shardquant.convert import convert
+    from shardquant.testing import qwen3_moe, write_checkpoint
+
+    src = write_checkpoint(tmp_path / "home" / "alice" / "secret-project" / "m0", qwen3_moe(hidden=64, layers=1,
+                                                                                            experts=4, inter=32))
+    out = tmp_path / "out"
+    convert(str(src), out, "fp8", device="cpu")
+    rep = verify(out, str(src), device="cpu")
+    names, _ = publish.stage(out, tmp_path / "staged", VerifyFacts.of(rep))
+    mine = json.loads((out / MANIFEST_NAME).read_text())
+    theirs = json.loads((tmp_path / "staged" / MANIFEST_NAME).read_text())
+    assert mine["source"]["path"] == str(src.resolve()) and theirs["source"]["path"] == "m0"
+    assert {k: v for k, v in theirs["source"].items() if k != "path"} == {
+        k: v for k, v in mine["source"].items() if k != "path"}
+    assert "alice" not in (tmp_path / "staged" / MANIFEST_NAME).read_text()
+    assert "alice" not in (tmp_path / "staged" / "README.md").read_text()
+    import shutil
+
+    shutil.copytree(tmp_path / "staged", tmp_path / "as-downloaded")  # the staged links become the files
+    assert verify(tmp_path / "as-downloaded").ok
