@@ -299,9 +299,10 @@ def load_zoo(path: str | Path, push_to: str | None = None) -> list[Job]:
 # Running jobs
 
 
-def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobResult:
+def run_job(job: Job, device: str = "auto", verify_mode: str = "source", gpu_memory: int | None = None) -> JobResult:
     """One job in this process: convert (or find it complete), then verify. Never raises a
-    ShardquantError: a failure is the result's error."""
+    ShardquantError: a failure is the result's error. gpu_memory: the device memory its quantizers may
+    be held in (None: the device's free memory at start, shardquant/backend.py)."""
     from .card import VerifyFacts
     from .convert import convert
     from .verify import verify
@@ -311,7 +312,8 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source") -> JobR
         if job.remote and stored_complete(job.output):
             return JobResult(job, "skipped", error=None)
         r = convert(job.source, job.local_output, job.format, revision=job.revision, expert_policy=job.expert_policy,
-                    rules_file=job.rules, flavor=job.flavor, device=device, mx_source=job.mx_source,
+                    rules_file=job.rules, flavor=job.flavor, device=device, gpu_memory=gpu_memory,
+                    mx_source=job.mx_source,
                     scale_search=job.scale_search)
         res = JobResult(job, "skipped" if r.complete else "converted", seconds=r.seconds,
                         source_bytes=r.plan.source_bytes, output_bytes=r.plan.output_bytes)
@@ -393,15 +395,37 @@ def store_output(stage: Path, uri: str) -> None:
     shutil.rmtree(stage)
 
 
-def _worker(device: str, verify_mode: str, jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
-    """A worker process: jobs one after another on one device, start-up paid once."""
+def shared_gpu_memory(device: str, share: int, budget_of=None) -> int | None:
+    """The device memory one of `share` workers on `device` may hold quantizers in: the device's own
+    budget (its free memory at start, shardquant/backend.py) divided among them, as they start together
+    and each would otherwise plan on all of it. None for one worker, or a device without a budget (the
+    CPU). `budget_of(device)` gives the whole budget (default: a backend's, made here)."""
+    if share <= 1:
+        return None
+    if budget_of is None:
+        from .backend import get_backend
+
+        def budget_of(d: str) -> int | None:
+            return get_backend(d, None).device_budget
+    whole = budget_of(device)
+    return None if whole is None else whole // share
+
+
+def _worker(device: str, verify_mode: str, jobs: multiprocessing.Queue, results: multiprocessing.Queue,
+            share: int = 1) -> None:
+    """A worker process: jobs one after another on one device, start-up paid once; `share` workers
+    use that device together (their GPU memory divided: shared_gpu_memory)."""
+    try:
+        gpu_memory = shared_gpu_memory(device, share)
+    except ShardquantError:
+        gpu_memory = None  # the device cannot start: each job says why
     while True:
         item = jobs.get()
         if item is None:
             return
         i, job = item
         results.put(("start", i, None))
-        r = run_job(job, device, verify_mode)
+        r = run_job(job, device, verify_mode, gpu_memory)
         results.put(("done", i, r))
 
 
@@ -540,9 +564,10 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
     for i, job in enumerate(jobs):
         todo.put((i, job))
     procs = []
-    for place in places[: max(1, len(jobs))]:
+    started = places[: max(1, len(jobs))]
+    for place in started:
         todo.put(None)
-        pr = ctx.Process(target=_worker, args=(place, verify_mode, todo, done), daemon=True)
+        pr = ctx.Process(target=_worker, args=(place, verify_mode, todo, done, started.count(place)), daemon=True)
         pr.start()
         procs.append(pr)
     results: dict[int, JobResult] = {}

@@ -272,3 +272,14 @@ def test_an_output_uri_without_a_filesystem_is_a_zoo_problem(zoo, tmp_path):
     push.write_text('[defaults]\nformats = ["fp8"]\noutput = "file:///tmp/x/{name}"\n\n[[model]]\nsource = "./m0"\n')
     with pytest.raises(batch.ZooError, match="not pushed to the hub as well"):
         batch.load_zoo(push, push_to="org")
+
+
+def test_workers_sharing_a_gpu_divide_its_memory():
+    """Two workers on one GPU start together and would each plan on its whole free memory: each gets its
+    share (shardquant/batch.py shared_gpu_memory); one worker, or the CPU, keeps the default."""
+    whole = {"cuda:0": 100 * 2**30, "cpu": None}
+    assert batch.shared_gpu_memory("cuda:0", 2, whole.get) == 50 * 2**30
+    assert batch.shared_gpu_memory("cuda:0", 3, whole.get) == 100 * 2**30 // 3
+    assert batch.shared_gpu_memory("cuda:0", 1, whole.get) is None
+    assert batch.shared_gpu_memory("cpu", 2, whole.get) is None
+    assert batch.shared_gpu_memory("cpu", 2) is None  # the real backend: the CPU has no device budget
