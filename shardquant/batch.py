@@ -78,6 +78,15 @@ class Job:
     stage: str | None = None
 
     @property
+    def options(self):
+        """The job's conversion choices as the one record convert and plan take (plan.py Options)."""
+        from .plan import Options
+
+        return Options(format=self.format, revision=self.revision, expert_policy=self.expert_policy,
+                       rules_file=self.rules, flavor=self.flavor, mx_source=self.mx_source,
+                       scale_search=self.scale_search)
+
+    @property
     def remote(self) -> bool:
         return self.stage is not None
 
@@ -311,10 +320,7 @@ def run_job(job: Job, device: str = "auto", verify_mode: str = "source", gpu_mem
     try:
         if job.remote and stored_complete(job.output):
             return JobResult(job, "skipped", error=None)
-        r = convert(job.source, job.local_output, job.format, revision=job.revision, expert_policy=job.expert_policy,
-                    rules_file=job.rules, flavor=job.flavor, device=device, gpu_memory=gpu_memory,
-                    mx_source=job.mx_source,
-                    scale_search=job.scale_search)
+        r = convert(job.source, job.local_output, options=job.options, device=device, gpu_memory=gpu_memory)
         res = JobResult(job, "skipped" if r.complete else "converted", seconds=r.seconds,
                         source_bytes=r.plan.source_bytes, output_bytes=r.plan.output_bytes)
         if verify_mode != "none":

@@ -367,8 +367,7 @@ def _plan_jobs(jobs, push=None) -> None:
     failed = 0
     for j in jobs:
         try:
-            p = prepare(j.source, j.format, revision=j.revision, expert_policy=j.expert_policy, rules_file=j.rules,
-                        flavor=j.flavor, mx_source=j.mx_source, scale_search=j.scale_search)
+            p = prepare(j.source, options=j.options)
         except ShardquantError as e:
             failed += 1
             click.echo(f"{j.label}: cannot be planned: {e}")

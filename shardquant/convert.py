@@ -14,7 +14,7 @@ from pathlib import Path
 from . import card, flavors, formats, manifest, trace
 from .background import in_background
 from .errors import OutputError, ShardquantError, SourceError
-from .plan import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, Plan, prepare
+from .plan import Options, Plan, prepare
 from .source import INDEX_NAME, Checkpoint, check_fetch, start_fetch
 from .journal import JOURNAL_NAME, Journal, recipe
 from .lock import LOCK_NAME, Lock
@@ -52,30 +52,21 @@ def get_backends(device: str, devices, gpu_memory) -> list:
 def convert(
     src: str,
     output: str | Path,
-    fmt: str = "nvfp4",
+    fmt: str | None = None,
     *,
-    revision: str | None = None,
-    expert_policy: str = "shared",
-    rules_file: str | Path | None = None,
-    include: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    strict: bool = False,
+    options: Options | None = None,
     device: str = "auto",
     devices: str | None = None,
     force: bool = False,
     dry_run: bool = False,
-    max_shard_size: int = DEFAULT_SHARD_SIZE,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     gpu_memory: int | None = DEFAULT_GPU_MEMORY,
-    flavor: str | None = None,
-    format_for: tuple[str, ...] = (),
-    mx_source: str = "cast",
-    scale_search: str = "none",
     verify: bool = False,
     progress: bool = False,
     on_start=None,
+    **choices,
 ) -> Result:
-    """Convert checkpoint `src` (directory or hub repo id) into `output`. on_start(plan, where), if
+    """Convert checkpoint `src` (directory or hub repo id) into `output` with `options` (plan.py
+    Options; or its fields by name, and `fmt` for its format). on_start(plan, where), if
     given, is called once the plan and the device are settled, before the output is touched (the
     command line prints the warnings and its start line there).
 
@@ -88,6 +79,7 @@ def convert(
     from .backend import NumpyBackend, describe, gpu_searches
     from .pipeline import warm_start
 
+    opts = Options.of(options, fmt, **choices)  # a misspelt choice is a TypeError before anything starts
     trace.mark("convert")
     starting = in_background(lambda: get_backends(device, devices, gpu_memory))
 
@@ -95,12 +87,7 @@ def convert(
         return min(b.device_budget for b in backends) if backends[0].device_budget is not None else None
 
     def planned(device_memory) -> Plan:
-        return prepare(
-            src, fmt, revision=revision, expert_policy=expert_policy, rules_file=rules_file,
-            include=include, exclude=exclude, strict=strict, max_shard_size=max_shard_size,
-            memory_budget=memory_budget, flavor=flavor, format_for=format_for, device_memory=device_memory,
-            mx_source=mx_source, scale_search=scale_search,
-        )
+        return prepare(src, options=opts, device_memory=device_memory)
 
     plan = planned(lambda: budget_of(starting.result()))
     if not dry_run and not starting.done():
@@ -112,8 +99,8 @@ def convert(
     trace.mark("planned")
     out = Path(output).expanduser()
     no_kernel = [f"--format {f}" for f in plan.formats if not formats.declared(f).kernel]
-    no_kernel += [f"--scale-search {scale_search} for --format {f}" for f in plan.formats
-                  if scale_search != "none" and scale_search not in gpu_searches(f)]
+    no_kernel += [f"--scale-search {opts.scale_search} for --format {f}" for f in plan.formats
+                  if opts.scale_search != "none" and opts.scale_search not in gpu_searches(f)]
     if budget is not None and no_kernel:
         if device != "auto" or devices:
             raise ShardquantError(f"{no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")

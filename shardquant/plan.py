@@ -4,6 +4,7 @@ memory bound."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections import defaultdict
@@ -497,51 +498,73 @@ def estimated_seconds(plan: Plan) -> tuple[float, str]:
     return secs, how
 
 
-def prepare(
-    src: str,
-    fmt: str = "nvfp4",
-    *,
-    revision: str | None = None,
-    expert_policy: str = "shared",
-    rules_file: str | Path | None = None,
-    include: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    strict: bool = False,
-    max_shard_size: int = DEFAULT_SHARD_SIZE,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    flavor: str | None = None,
-    format_for: tuple[str, ...] = (),
-    device_memory: int | None = None,
-    mx_source: str = "cast",
-    scale_search: str = "none",
-) -> Plan:
-    """Open the source (headers only) and plan the conversion. flavor None: the format's own (modelopt
-    for nvfp4, compressed-tensors for fp8), or with mixed precision the first flavor that spells every
-    format used. format_for: `SELECTOR=FORMAT` choices (rules.FormatChoice), tried before the rules
-    file's."""
-    fmt = fmt.lower() if isinstance(fmt, str) else fmt
+@dataclass(frozen=True)
+class Options:
+    """Every choice that shapes a conversion's plan, and so its bytes: one record for `prepare`,
+    `convert`, the command line, a zoo's jobs (shardquant/batch.py Job.options) and Ray tasks.
+
+    format: the output format (formats registry; any case). revision: a hub source's revision.
+    expert_policy: shared or per-expert (rules.EXPERT_POLICIES). rules_file: a TOML/JSON file of rule
+    rows. include / exclude: regexes of weights to quantize / keep. strict: warnings become errors.
+    max_shard_size, memory_budget: bytes. flavor: None for the format's own (modelopt for nvfp4,
+    compressed-tensors for fp8), or with mixed precision the first flavor that spells every format
+    used. format_for: `SELECTOR=FORMAT` choices (rules.FormatChoice), tried before the rules file's.
+    mx_source: MX_SOURCE. scale_search: SCALE_SEARCH."""
+
+    format: str = "nvfp4"
+    revision: str | None = None
+    expert_policy: str = "shared"
+    rules_file: str | Path | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    strict: bool = False
+    max_shard_size: int = DEFAULT_SHARD_SIZE
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    flavor: str | None = None
+    format_for: tuple[str, ...] = ()
+    mx_source: str = "cast"
+    scale_search: str = "none"
+
+    @classmethod
+    def of(cls, options: Options | None = None, fmt: str | None = None, **choices) -> Options:
+        """`options` (default: the defaults) with `fmt` and any of its fields given by name; an unknown
+        name is a TypeError, as a misspelt keyword argument is."""
+        opts = options or cls()
+        if fmt is not None:
+            choices["format"] = fmt
+        return dataclasses.replace(opts, **choices) if choices else opts
+
+
+def prepare(src: str, fmt: str | None = None, *, options: Options | None = None, device_memory=None,
+            **choices) -> Plan:
+    """Open the source (headers only) and plan the conversion with `options` (Options; or its fields
+    by name, and `fmt` for its format). device_memory: the GPU bytes a quantizer may be held in, or a
+    function giving them when first asked (make_plan)."""
+    o = Options.of(options, fmt, **choices)
+    fmt = o.format.lower() if isinstance(o.format, str) else o.format
+    flavor = o.flavor
     if fmt not in formats.FORMATS:
         raise ShardquantError(f"unknown format {fmt!r}; choose one of {', '.join(formats.FORMATS)}")
     if flavor is not None and flavor not in FLAVORS:
         raise ShardquantError(f"unknown flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
     known = tuple(formats.FORMATS)
-    choices = tuple(format_choice(c, known) for c in format_for)
-    user, from_file = load_rules_file(Path(rules_file), known) if rules_file else ((), ())
-    choices += from_file
-    if not choices:  # one format: refuse a pair that cannot be served before reading anything
+    picked = tuple(format_choice(c, known) for c in o.format_for)
+    user, from_file = load_rules_file(Path(o.rules_file), known) if o.rules_file else ((), ())
+    picked += from_file
+    if not picked:  # one format: refuse a pair that cannot be served before reading anything
         pair_flavor = flavor or formats.default_flavor(fmt, FLAVORS)
         why = refusal(pair_flavor, fmt)
         if why:
             raise ShardquantError(f"--format {fmt} --flavor {pair_flavor} is refused: {why}")
-    ck = open_checkpoint(src, revision, download=False)  # a hub repo: index, config and headers only
+    ck = open_checkpoint(src, o.revision, download=False)  # a hub repo: index, config and headers only
     ck = with_decoded(ck)  # a quantized source: its weights as their dequantization (shardquant/encoding.py)
     qc = quantization_config(ck.config)
     if qc is not None and ck.stored is None:
         raise SourceError(f"{ck.root / 'config.json'}: source is already quantized (quant_method "
                           f"{qc.get('quant_method', '?')!r}) in a form shardquant does not read")
     num_layers = (ck.config or {}).get("num_hidden_layers")
-    rules = RuleSet(user, tuple(include), tuple(exclude), expert_policy,
-                    num_layers if isinstance(num_layers, int) else None, choices)
-    return make_plan(ck, fmt, rules, max_shard_size=max_shard_size, memory_budget=memory_budget, strict=strict,
-                     mx_source=mx_source, scale_search=scale_search,
+    rules = RuleSet(user, tuple(o.include), tuple(o.exclude), o.expert_policy,
+                    num_layers if isinstance(num_layers, int) else None, picked)
+    return make_plan(ck, fmt, rules, max_shard_size=o.max_shard_size, memory_budget=o.memory_budget, strict=o.strict,
+                     mx_source=o.mx_source, scale_search=o.scale_search,
                      flavor=flavor, device_memory=device_memory)

@@ -603,3 +603,30 @@ def test_hub_cache_snapshot_records_repo_and_revision(sources, converted, tmp_pa
             assert (out / f).read_bytes() == (ref / f).read_bytes(), f
     assert "base_model:\n- org/name\n" in (out / "README.md").read_text()
     assert not any((out / f).is_symlink() for f in file_digests(out))
+
+
+def test_one_options_record_is_what_convert_plan_and_a_zoo_job_take(tmp_path):
+    """plan.py Options: convert and prepare take it whole or its fields by name (same bytes either
+    way); a misspelt choice is a TypeError before anything is written; a zoo job's choices are one."""
+    import dataclasses
+
+    from shardquant import batch
+    from shardquant.convert import convert
+    from shardquant.plan import Options, prepare
+
+    src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(hidden=64, layers=1, experts=4, inter=32))
+    opts = Options(format="fp8", expert_policy="per-expert", max_shard_size=50_000)
+    convert(str(src), tmp_path / "a", options=opts, device="cpu")
+    convert(str(src), tmp_path / "b", "fp8", expert_policy="per-expert", max_shard_size=50_000, device="cpu")
+    convert(str(src), tmp_path / "c", "nvfp4", options=opts, device="cpu")  # fmt over the record's format
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
+    assert files(tmp_path / "a") == files(tmp_path / "b") != files(tmp_path / "c")
+    assert len([n for n in files(tmp_path / "a") if n.endswith(".safetensors")]) > 1  # max_shard_size reached it
+    p = prepare(str(src), options=opts)
+    assert (p.format, p.expert_policy) == ("fp8", "per-expert")
+    with pytest.raises(TypeError, match="expert_polciy"):
+        convert(str(src), tmp_path / "d", "fp8", expert_polciy="per-expert", device="cpu")
+    assert not (tmp_path / "d").exists()
+    job = batch.Job("m", str(src), "mxfp4", str(tmp_path / "e"), flavor="compressed-tensors", scale_search="mse")
+    assert dataclasses.asdict(job.options) == dataclasses.asdict(Options(
+        format="mxfp4", flavor="compressed-tensors", scale_search="mse"))
