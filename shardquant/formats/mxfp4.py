@@ -131,6 +131,24 @@ def search_scales(x: np.ndarray, rule: np.ndarray, encode=_e2m1, values=_e2m1_va
     return best
 
 
+def block_scales(raw: np.ndarray, dtype: str, name: str, emax: int, search: str, encode=_e2m1,
+                 values=_e2m1_values) -> np.ndarray:
+    """E8M0 bytes per 32-element block of an MX format whose largest element has exponent `emax`: the
+    rule's (block_amax_bytes), or with search "mse" search_scales' choice under that format's element
+    encoding (`encode`, `values`); rows are searched in bands (map_rows). MXFP4's and MXFP8's."""
+    scales = block_amax_bytes(raw, dtype, name, emax)
+    if search == "mse":
+        rows, cols = raw.shape
+        nb = cols // BLOCK
+
+        def search_rows(a: int, b: int) -> None:
+            x = to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK)
+            scales[a:b] = search_scales(x, scales[a:b], encode, values)
+
+        map_rows(search_rows, rows, raw.strides[0] if rows else 0)
+    return scales
+
+
 class Quantizer:
     """MXFP4 has no per-quantizer state: gs is ignored. search "mse": each block's byte is
     search_scales' choice instead of the rule's (--scale-search)."""
@@ -144,14 +162,7 @@ class Quantizer:
     def quantize(self, raw: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(packed uint8 [out, in/2], low nibble first; E8M0 scale bytes uint8 [out, in/32])."""
         rows, cols = raw.shape
-        scales = block_amax_bytes(raw, dtype, name, EMAX)
-        if self.search == "mse":
-            nb = cols // BLOCK
-
-            def search_rows(a: int, b: int) -> None:
-                scales[a:b] = search_scales(to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK), scales[a:b])
-
-            map_rows(search_rows, rows, raw.strides[0] if rows else 0)
+        scales = block_scales(raw, dtype, name, EMAX, self.search)
         packed = np.empty((rows, cols // 2), np.uint8)
 
         def code_rows(a: int, b: int) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import e4m3_values, Format, map_rows, no_global_scale, to_f32
+from .base import e4m3_values, Format, map_rows, no_global_scale
 from .fp8 import e4m3
-from .mxfp4 import BLOCK, block_amax_bytes, scale_values, scaled_rows, search_scales
+from .mxfp4 import BLOCK, block_scales, scale_values, scaled_rows
 
 # docs/formats.md section 6: compressed-tensors `mxfp8-quantized`, weights and activations as its MXFP8
 # preset (group 32, uint8 scale_dtype; vLLM quantizes activations dynamically to MXFP8 whatever
@@ -69,15 +69,7 @@ class Quantizer:
     def quantize(self, raw: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(E4M3 codes uint8 [out, in], E8M0 scale bytes uint8 [out, in/32])."""
         rows, cols = raw.shape
-        scales = block_amax_bytes(raw, dtype, name, EMAX)
-        if self.search == "mse":
-            nb = cols // BLOCK
-
-            def search_rows(a: int, b: int) -> None:
-                x = to_f32(raw[a:b], dtype).reshape(b - a, nb, BLOCK)
-                scales[a:b] = search_scales(x, scales[a:b], _elements, e4m3_values)
-
-            map_rows(search_rows, rows, raw.strides[0] if rows else 0)
+        scales = block_scales(raw, dtype, name, EMAX, self.search, _elements, e4m3_values)
         out = np.empty((rows, cols), np.uint8)
 
         def code_rows(a: int, b: int) -> None:
