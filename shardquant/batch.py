@@ -262,7 +262,6 @@ def load_zoo(path: str | Path, push_to: str | None = None) -> list[Job]:
             if URI.match(out):
                 why = (_store_problem(out) if push_to is None else
                        "an output in an object store is not pushed to the hub as well; give a local output with --push-to")
-
                 if why is not None:
                     problems.append(f"{p}:{key_line(start, 'output') if 'output' in m else start}: {what} ({name}, "
                                     f"{fmt}): output {show(out)}: {why}")
@@ -554,8 +553,8 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
         evict_source: bool = False, push=None) -> list[JobResult]:
     """Every job, in worker processes: `workers` per entry of `devices` (e.g. ["cuda:0", "cuda:1"]), else
     `workers` on `device`. Two workers sharing a GPU overlap one job's start-up and reads with the other's
-    last writes (docs/benchmarks/README.md, "A zoo through shardquant batch"). on_event(kind, job, result) is called here as jobs start ("start") and
-    end ("done"). A worker that dies takes only its job with it: it is recorded as failed and the
+    last writes (docs/benchmarks/README.md, "A zoo through shardquant batch"). on_event(kind, job,
+    result) is called here as jobs start ("start") and end ("done"). A worker that dies takes only its job with it: it is recorded as failed and the
     others go on. Hub sources download ahead of their jobs within `download_budget` bytes (None: no
     bound), and with `evict_source` the files a source's jobs downloaded are deleted from the hub
     cache once all its jobs succeeded (_HubSources). With `push` (shardquant/publish.py Push), each

@@ -499,7 +499,7 @@ def _inspect_source(root: Path) -> None:
     recognize): one row per weight stored quantized or as fused 3-D experts, then the plain tensors by
     dtype. Reads headers only."""
     from . import encoding
-    from .source import scan
+    from .source import quantization_config, scan
 
     ck = _guard(lambda: scan(root))
     layout = _guard(lambda: encoding.recognize(ck.tensors, ck.config))
@@ -508,7 +508,7 @@ def _inspect_source(root: Path) -> None:
     for e in layout.encodings.values():
         if e.kind == encoding.PLAIN:
             plain[e.dtype] = plain.get(e.dtype, 0) + 1
-    qc = encoding.quantization_config(ck.config)
+    qc = quantization_config(ck.config)
     click.echo(f"source {root}: {len(ck.tensors)} tensors in {len({t.file for t in ck.tensors.values()})} files"
                + (f"; quantization_config quant_method {show(str(qc.get('quant_method')), quote=False)}"
                   if isinstance(qc, dict) else ""))

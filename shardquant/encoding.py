@@ -29,7 +29,7 @@ from . import decode
 from .errors import SourceError
 from .formats import mxfp4
 from .formats.base import to_f32
-from .source import quantization_config  # noqa: F401 (config.json's, read where the source is opened)
+from .source import quantization_config
 from .st import TensorInfo
 from .text import show
 

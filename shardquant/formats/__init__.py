@@ -6,7 +6,8 @@ import importlib
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 
-# name -> module of this package (its FORMAT declares that name: tests/test_formats_registry.py)
+# name -> module of this package (its FORMAT declares that name: tests/test_startup.py
+# test_the_registries_the_cli_reads_light_are_the_full_ones)
 _MODULES = {"nvfp4": "nvfp4", "fp8": "fp8", "fp8-channel": "fp8_channel", "fp8-block": "fp8_block",
             "mxfp8": "mxfp8", "mxfp4": "mxfp4"}
 
