@@ -463,7 +463,8 @@ def _print_plan(p: Plan, limit: int | None = None) -> None:
         out = sum(p.member_out_bytes(m) for m in g.members)
         shapes = {m.shape for m in g.members}
         shape = "x".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else "mixed"
-        flag = " (2 passes)" if g.two_pass else " (on the GPU)" if g.on_device else ""
+        flag = (" (2 passes)" if g.two_pass else " (on the GPU)" if g.on_device else
+                " (cast member by member)" if g.streamed else "")
         click.echo(f"{show(g.key, quote=False)[:64]:64s} {g.format:>11s} {len(g.members):7d} {shape:>14s} "
                    f"{g.source_bytes / 1e6:10.2f} {out / 1e6:10.2f}{flag}")
     if limit is not None and len(rows) > limit:

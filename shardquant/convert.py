@@ -109,7 +109,7 @@ def convert(
         plan.warnings.append(f"{no_kernel[0]} has no GPU kernel yet: converting on the CPU")
     if budget is not None:
         for g in plan.groups:
-            if not g.two_pass and not g.on_device and g.source_bytes > budget:
+            if not g.two_pass and not g.on_device and g.cast is None and g.source_bytes > budget:
                 plan.warnings.append(
                     f"quantizer {g.key} ({g.source_bytes / 1e9:.1f} GB) exceeds --gpu-memory: members past "
                     "the budget are uploaded again from host memory for the second pass")

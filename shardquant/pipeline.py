@@ -155,8 +155,9 @@ class _Reader:
                                 part_reads[id(p)] = pool.submit(self.counter.read, p)
                         # submitted after its parts: they have started (FIFO) when this waits on them
                         futures.append(pool.submit(_decode_when_read, m, [part_reads[id(p)] for p in parts]))
-                    else:
-                        futures.append(pool.submit(self.counter.read, m, True, self.defer if u.group else ()))
+                    else:  # a cast group's members as stored (pipeline.run cast_group casts their codes)
+                        defer = () if u.group is None else (u.group.cast,) if u.group.cast else self.defer
+                        futures.append(pool.submit(self.counter.read, m, True, defer))
                 self.q.put((u, futures))
         except BaseException as e:  # handed to the consumer, which raises it
             self.q.put((None, e))
@@ -250,8 +251,8 @@ def _block_fp8_amax(m, gate=None) -> np.float32:
 
 def _two(u: Unit) -> bool:
     """Groups the reader hands over without data: read twice, member by member onto the GPU, or cast
-    member by member (plan.Group.cast)."""
-    return u.group is not None and (u.group.two_pass or u.group.on_device or u.group.cast is not None)
+    member by member (plan.Group.streamed)."""
+    return u.group is not None and (u.group.two_pass or u.group.on_device or u.group.streamed)
 
 
 class _Shards:
@@ -479,12 +480,14 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     reader = _Reader(units, counter, backends[0].decodes)
     stop = threading.Event()
 
-    def cast_group(g, job: _Job) -> None:
+    def cast_group(g, data, job: _Job) -> None:
         """Members stored MXFP4 cast into the group's format code for code (decode.mxfp4_to_nvfp4): the
-        global scale from every member's E8M0 scales (read first: 1/16 of the codes), then each member's
-        codes read and cast. The same NumPy arithmetic whatever the backend: byte copies, and only the
-        blocks out of E4M3's range re-quantized (counted in the manifest)."""
-        e8m0 = [counter.read(m.parts[1]) for m in g.members]
+        global scale from every member's E8M0 scales, then each member's codes cast. `data`: every
+        member's stored parts as the reader read them (shardquant/encoding.py Encoded), or None for a
+        streamed group (plan.Group.streamed): its scales read first (1/16 of the codes), then each
+        member's codes read here. The same NumPy arithmetic whatever the backend: byte copies, and only
+        the blocks out of E4M3's range re-quantized (counted in the manifest)."""
+        e8m0 = [counter.read(m.parts[1]) for m in g.members] if data is None else [d.raws[1] for d in data]
         gmax = decode.e8m0_group_max(e8m0, g.key)
         amax = decode.mx_cast_amax(gmax)
         with lock:
@@ -492,7 +495,8 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         requantized = 0
 
         def cast(i: int):  # NumPy byte work that releases the GIL: CAST_THREADS members at once
-            return decode.mxfp4_to_nvfp4(counter.read(g.members[i].parts[0]), e8m0[i], gmax, g.members[i].name)
+            codes = counter.read(g.members[i].parts[0]) if data is None else data[i].raws[0]
+            return decode.mxfp4_to_nvfp4(codes, e8m0[i], gmax, g.members[i].name)
 
         with ThreadPoolExecutor(CAST_THREADS, thread_name_prefix="shardquant-cast") as pool:
             pending = deque(pool.submit(cast, i) for i in range(min(CAST_THREADS, len(g.members))))
@@ -501,8 +505,10 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                 if i + CAST_THREADS < len(g.members):
                     pending.append(pool.submit(cast, i + CAST_THREADS))
                 e8m0[i] = None
+                if data is not None:
+                    data[i] = None
                 requantized += n
-                put_member(g.format, m, weight, scale, s2, 0, job)
+                put_member(g.format, m, weight, scale, s2, 0 if data is None else m.nbytes, job)
         with lock:
             scales[g.key] = (float(amax), float(s2), requantized)
 
@@ -520,7 +526,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
 
     def quantize_group(backend, g, data, job: _Job) -> None:
         if g.cast is not None:
-            return cast_group(g, job)
+            return cast_group(g, data, job)
         fmt = formats.get(g.format)  # mixed precision: each quantizer its own format
         two_pass = data is None  # the reader did not read it: members are read here, one at a time
         held_on_device: set[int] = set()  # members whose read budget went back after the amax

@@ -49,9 +49,12 @@ class Group:
     on_device: bool = False  # larger than the host memory budget but held on the GPU: read once
     format: str = ""  # the registered format this quantizer takes (mixed precision: per group)
     # the source kind its members are cast from, code for code (shardquant/encoding.py casts_losslessly):
-    # the global scale comes from the members' scale tensors alone, each member is then read and cast
-    # on its own, so the group is never held whole
+    # the global scale comes from the members' scale tensors alone. A group within the memory budget is
+    # read ahead whole like any other (its bytes stream while the previous group is cast); a larger one
+    # is `streamed`: every member's scales first, then each member's codes read and cast on its own, so
+    # it is never held whole
     cast: str | None = None
+    streamed: bool = False
 
     @property
     def source_bytes(self) -> int:
@@ -164,7 +167,7 @@ def _widen(parts: list[str], nums: list[int]) -> str:
 
 
 def _held(u: Unit) -> int:
-    if u.group is not None and u.group.cast is not None:  # every member's scales, CAST_THREADS members' codes
+    if u.group is not None and u.group.streamed:  # every member's scales, CAST_THREADS members' codes
         return sum(m.parts[1].nbytes for m in u.group.members) + CAST_THREADS * max(m.nbytes for m in u.group.members)
     if u.group is not None and (u.group.two_pass or u.group.on_device):
         return max(m.nbytes for m in u.group.members)
@@ -267,6 +270,7 @@ def make_plan(
                 raise PlanError(f"quantizer {show(key, quote=False)} mixes {cast[0]} members, which {gfmt} takes "
                                 "by a lossless cast, with members stored otherwise; one global scale cannot serve both")
             g.cast = cast[0]
+            g.streamed = g.source_bytes > memory_budget
         elif kinds and MXFP4 in kinds:
             why = "--mx-source requantize" if mx_source != "cast" else "no lossless cast into it"
             warnings.append(f"quantizer {show(key, quote=False)}: source {', '.join(sorted(kinds))} decoded and "

@@ -628,3 +628,32 @@ def test_inspect_on_a_source_lists_how_its_weights_are_stored(tmp_path):
     assert f"plain BF16: {n_plain} tensors" in r.stdout
     r = subprocess.run([sys.executable, "-m", "shardquant", "inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no safetensors checkpoint" in r.stderr
+
+
+def test_a_cast_over_the_memory_budget_is_streamed_member_by_member(k3, tmp_path):
+    """A cast group within the memory budget is read ahead whole by the reader; one over it is cast
+    member by member, its scales first (plan.Group.streamed): the same bytes, every source byte read
+    once either way, and `plan` says which."""
+    from click.testing import CliRunner
+
+    from shardquant.cli import main
+
+    fx, src = k3
+    whole = conv.convert(str(src), tmp_path / "a", "nvfp4", device="cpu")
+    r = conv.convert(str(src), tmp_path / "b", "nvfp4", device="cpu", memory_budget=1)
+    casts = [g for g in r.plan.groups if g.cast]
+    assert casts and all(g.streamed for g in casts) and not any(g.streamed for g in whole.plan.groups)
+    assert _tensors(tmp_path / "a") == _tensors(tmp_path / "b")
+    stored = sum(t.nbytes for t in scan(src).tensors.values())
+    assert whole.bytes_read == stored and whole.reread_bytes == 0
+    # the other quantizers, over the budget too, are read twice; a cast reads each byte once
+    assert r.bytes_read - r.reread_bytes == stored
+    assert r.reread_bytes == sum(g.source_bytes for g in r.plan.groups if g.two_pass)
+    a = json.loads((tmp_path / "a" / "scale_manifest.json").read_text())["quantizers"]
+    b = json.loads((tmp_path / "b" / "scale_manifest.json").read_text())["quantizers"]
+    assert {k: {f: v for f, v in q.items() if f != "two_pass"} for k, q in a.items()} == \
+        {k: {f: v for f, v in q.items() if f != "two_pass"} for k, q in b.items()}
+    assert any("cast" in q for q in b.values())
+    out = CliRunner().invoke(main, ["plan", str(src), "--format", "nvfp4", "--memory-budget", "1", "--verbose"])
+    assert out.exit_code == 0, out.output
+    assert "(cast member by member)" in out.output

@@ -80,8 +80,10 @@ def encoded_data(spec, rng: np.random.Generator) -> np.ndarray:
     """fast_data for float tensors; E4M3 codes without NaN, packed E2M1 bytes, tile scales near 2^-10,
     E8M0 bytes 2^-12..2^-5 (a spread of 8 binades: every block fits a cast)."""
     name, dtype, shape = spec
-    if dtype == "F8_E4M3":
-        return rng.integers(0, 0x7F, size=shape, dtype=np.uint8) | (rng.integers(0, 2, size=shape, dtype=np.uint8) << 7)
+    if dtype == "F8_E4M3":  # random bytes, the NaN pattern (S.1111.111) made the largest finite code
+        b = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        b -= ((b & 0x7F) == 0x7F).view(np.uint8)
+        return b
     if name.endswith("_scale_inv"):
         return np.full(shape, 2.0**-10, np.float32) * (1 + rng.random(shape, dtype=np.float32))
     if name.endswith(".weight_packed"):
@@ -243,6 +245,57 @@ def read_trace(path: Path) -> dict[str, float]:
     return out
 
 
+def summarize(args, size: float, fmt: str, policy: str, rows: list[dict], results: list[dict]) -> None:
+    """Medians of one format and policy's runs, printed as JSON and added to `results`."""
+    alone = rows[0]["read_s"] is not None  # --baselines all: the source read alone, the output written alone
+    med = {k: statistics.median(r[k] for r in rows)
+           for k in ("read_s", "write_s", "both_s", "seconds", "wall", "rss") if alone or k not in ("read_s", "write_s")}
+    src_b, out_b = rows[0]["source_bytes"], rows[0]["output_bytes"]
+    res = {
+        "size_gb": size, "encoding": args.encoding, "format": fmt, "policy": policy, "device": args.device, "backend": rows[0]["backend"],
+        "runs": args.runs, "cold": args.cold, "source_gb": src_b / 1e9, "output_gb": out_b / 1e9,
+        "convert_gb_s": src_b / med["seconds"] / 1e9,
+        "wall_gb_s": src_b / med["wall"] / 1e9,
+        # the limit with reads and writes running at once, measured in the same run: the headline
+        "concurrent_limit_gb_s": src_b / med["both_s"] / 1e9,
+        "convert_over_concurrent_limit": med["both_s"] / med["seconds"],
+        "wall_over_concurrent_limit": med["both_s"] / med["wall"],
+        "bytes_read_over_source": max(r["bytes_read"] for r in rows) / src_b,
+        "peak_rss_mib": med["rss"] / 2**20,
+        "peak_bound_mib": rows[0]["peak_estimate"] / 2**20,
+    }
+    if alone:
+        disk_s = med["read_s"] + med["write_s"]
+        res.update({"read_gb_s": rows[0]["read_bytes"] / med["read_s"] / 1e9, "write_gb_s": out_b / med["write_s"] / 1e9,
+                    "disk_limit_gb_s": src_b / disk_s / 1e9, "convert_over_disk_limit": disk_s / med["seconds"],
+                    "convert_over_read": med["read_s"] / med["seconds"]})
+    # start-up and finish, seconds after the interpreter was started (medians; shardquant/trace.py)
+    for k in sorted({k for r in rows for k in r if k.startswith("at_") or k in PIPELINE_FIELDS}):
+        res[k] = statistics.median(r[k] for r in rows if k in r)
+    if "at_finished" in res:
+        res["after_finish_s"] = med["wall"] - res["at_finished"]
+    if args.verify:
+        vmed = {k: statistics.median(r[k] for r in rows) for k in ("vread_s", "verify_s", "verify_wall")}
+        res["verify_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_s"] / 1e9
+        res["verify_wall_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_wall"] / 1e9
+        res["verify_read_gb_s"] = rows[0]["vread_bytes"] / vmed["vread_s"] / 1e9
+        res["verify_over_read"] = vmed["vread_s"] / vmed["verify_s"]
+    if args.vs:  # pairwise ratios (this / --vs), each pair run back to back
+        for k in ("ratio_seconds", "ratio_wall", "vs_seconds", "vs_wall"):
+            res[k] = statistics.median(r[k] for r in rows)
+    if args.scale_search != "none":  # medians of each, and searched over RTN (ratio of the medians)
+        for k in ("search_seconds", "search_wall"):
+            res[k] = statistics.median(r[k] for r in rows)
+        res["search_over_rtn_seconds"] = res["search_seconds"] / med["seconds"]
+        res["search_over_rtn_wall"] = res["search_wall"] / med["wall"]
+        print(f"# {fmt} --scale-search {args.scale_search} on {res['backend']}: {res['search_seconds']:.2f} s "
+              f"vs RTN {med['seconds']:.2f} s in run ({res['search_over_rtn_seconds']:.2f}x), whole process "
+              f"{res['search_wall']:.2f} s vs {med['wall']:.2f} s ({res['search_over_rtn_wall']:.2f}x), "
+              f"medians of {args.runs}", flush=True)
+    results.append(res)
+    print(json.dumps(res), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=float, action="append", help="checkpoint size in GB of bf16 (repeatable)")
@@ -253,6 +306,10 @@ def main() -> None:
     ap.add_argument("--policies", default="shared", help="expert policies, comma-separated: shared,per-expert")
     ap.add_argument("--verify-device", default="auto", help="verify --device for --verify")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--baselines", default="all", choices=("all", "concurrent"),
+                    help="all: before each conversion the source read alone, after it the output written alone and "
+                         "both at once; concurrent: only both at once, once a run per format (the headline's limit; "
+                         "the policies of that run share it)")
     ap.add_argument("--cold", action="store_true", help="evict the source from the page cache before each read")
     ap.add_argument("--workdir", default=os.environ.get("SHARDQUANT_BENCH_DIR", "/tmp/shardquant-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the built checkpoints for the next run")
@@ -276,74 +333,35 @@ def main() -> None:
     results = []
     for size in args.size or [2.0]:
         src = build(work, size, args.encoding)
-        for fmt, policy in [(f, p) for f in args.formats.split(",") for p in args.policies.split(",")]:
-            rows = []
-            for _ in range(args.runs):  # read baseline and conversion alternate, same files
-                rt, nread = read_all(src, args.cold)
-                info = convert_once(src, work / "out", fmt, args.device, args.cold, policy=policy)
-                wt = write_baseline(work, info["output_bytes"])
-                info["both_s"] = read_and_write(src, work, info["output_bytes"], args.cold)
-                if args.vs:
-                    base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs, policy)
-                    info["vs_seconds"], info["vs_wall"] = base["seconds"], base["wall"]
-                    info["ratio_seconds"], info["ratio_wall"] = info["seconds"] / base["seconds"], info["wall"] / base["wall"]
-                if args.scale_search != "none":  # the same conversion with searched scales, right after RTN's
-                    sr = convert_once(src, work / "out", fmt, args.device, args.cold, policy=policy,
-                                      scale_search=args.scale_search)
-                    info["search_seconds"], info["search_wall"] = sr["seconds"], sr["wall"]
-                if args.verify:  # reading source + output once, then verify over the same files
-                    info["vread_s"], info["vread_bytes"] = read_all([src, work / "out"], args.cold)
-                    v = verify_once(src, work / "out", args.cold, args.verify_device)
-                    info["verify_s"], info["verify_wall"] = v["seconds"], v["wall"]
-                    print("# verify marks (s after spawn):", json.dumps(v["marks"]), flush=True)
-                rows.append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
-            med = {k: statistics.median(r[k] for r in rows)
-                   for k in ("read_s", "write_s", "both_s", "seconds", "wall", "rss")}
-            src_b, out_b = rows[0]["source_bytes"], rows[0]["output_bytes"]
-            disk_s = med["read_s"] + med["write_s"]
-            res = {
-                "size_gb": size, "encoding": args.encoding, "format": fmt, "policy": policy, "device": args.device, "backend": rows[0]["backend"],
-                "runs": args.runs, "cold": args.cold, "source_gb": src_b / 1e9, "output_gb": out_b / 1e9,
-                "convert_gb_s": src_b / med["seconds"] / 1e9,
-                "wall_gb_s": src_b / med["wall"] / 1e9,
-                "read_gb_s": rows[0]["read_bytes"] / med["read_s"] / 1e9,
-                "write_gb_s": out_b / med["write_s"] / 1e9,
-                "disk_limit_gb_s": src_b / disk_s / 1e9,
-                "convert_over_disk_limit": disk_s / med["seconds"],
-                # the limit with reads and writes running at once, measured in the same run: the headline
-                "concurrent_limit_gb_s": src_b / med["both_s"] / 1e9,
-                "convert_over_concurrent_limit": med["both_s"] / med["seconds"],
-                "wall_over_concurrent_limit": med["both_s"] / med["wall"],
-                "convert_over_read": med["read_s"] / med["seconds"],
-                "bytes_read_over_source": max(r["bytes_read"] for r in rows) / src_b,
-                "peak_rss_mib": med["rss"] / 2**20,
-                "peak_bound_mib": rows[0]["peak_estimate"] / 2**20,
-            }
-            # start-up and finish, seconds after the interpreter was started (medians; shardquant/trace.py)
-            for k in sorted({k for r in rows for k in r if k.startswith("at_") or k in PIPELINE_FIELDS}):
-                res[k] = statistics.median(r[k] for r in rows if k in r)
-            if "at_finished" in res:
-                res["after_finish_s"] = med["wall"] - res["at_finished"]
-            if args.verify:
-                vmed = {k: statistics.median(r[k] for r in rows) for k in ("vread_s", "verify_s", "verify_wall")}
-                res["verify_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_s"] / 1e9
-                res["verify_wall_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_wall"] / 1e9
-                res["verify_read_gb_s"] = rows[0]["vread_bytes"] / vmed["vread_s"] / 1e9
-                res["verify_over_read"] = vmed["vread_s"] / vmed["verify_s"]
-            if args.vs:  # pairwise ratios (this / --vs), each pair run back to back
-                for k in ("ratio_seconds", "ratio_wall", "vs_seconds", "vs_wall"):
-                    res[k] = statistics.median(r[k] for r in rows)
-            if args.scale_search != "none":  # medians of each, and searched over RTN (ratio of the medians)
-                for k in ("search_seconds", "search_wall"):
-                    res[k] = statistics.median(r[k] for r in rows)
-                res["search_over_rtn_seconds"] = res["search_seconds"] / med["seconds"]
-                res["search_over_rtn_wall"] = res["search_wall"] / med["wall"]
-                print(f"# {fmt} --scale-search {args.scale_search} on {res['backend']}: {res['search_seconds']:.2f} s "
-                      f"vs RTN {med['seconds']:.2f} s in run ({res['search_over_rtn_seconds']:.2f}x), whole process "
-                      f"{res['search_wall']:.2f} s vs {med['wall']:.2f} s ({res['search_over_rtn_wall']:.2f}x), "
-                      f"medians of {args.runs}", flush=True)
-            results.append(res)
-            print(json.dumps(res), flush=True)
+        policies = args.policies.split(",")
+        for fmt in args.formats.split(","):
+            rows_of: dict[str, list[dict]] = {p: [] for p in policies}
+            for _ in range(args.runs):  # baselines and conversions alternate, same files
+                both = None  # the concurrent limit: measured once a run, after its first conversion
+                for policy in policies:
+                    if args.baselines == "all" or both is None:
+                        rt, nread = read_all(src, args.cold) if args.baselines == "all" else (None, None)
+                    info = convert_once(src, work / "out", fmt, args.device, args.cold, policy=policy)
+                    wt = write_baseline(work, info["output_bytes"]) if args.baselines == "all" else None
+                    if args.baselines == "all" or both is None:
+                        both = read_and_write(src, work, info["output_bytes"], args.cold)
+                    info["both_s"] = both
+                    if args.vs:
+                        base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs, policy)
+                        info["vs_seconds"], info["vs_wall"] = base["seconds"], base["wall"]
+                        info["ratio_seconds"], info["ratio_wall"] = info["seconds"] / base["seconds"], info["wall"] / base["wall"]
+                    if args.scale_search != "none":  # the same conversion with searched scales, right after RTN's
+                        sr = convert_once(src, work / "out", fmt, args.device, args.cold, policy=policy,
+                                          scale_search=args.scale_search)
+                        info["search_seconds"], info["search_wall"] = sr["seconds"], sr["wall"]
+                    if args.verify:  # reading source + output once, then verify over the same files
+                        info["vread_s"], info["vread_bytes"] = read_all([src, work / "out"], args.cold)
+                        v = verify_once(src, work / "out", args.cold, args.verify_device)
+                        info["verify_s"], info["verify_wall"] = v["seconds"], v["wall"]
+                        print("# verify marks (s after spawn):", json.dumps(v["marks"]), flush=True)
+                    rows_of[policy].append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
+            for policy in policies:
+                summarize(args, size, fmt, policy, rows_of[policy], results)
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(work / "out", ignore_errors=True)
@@ -357,7 +375,8 @@ def main() -> None:
         print(f"| {r['size_gb']:g} {r['encoding']} | {r['format']} | {r['policy']} | {r['backend']} | {r['convert_gb_s'] * 1e3:.0f} | "
               f"{r['wall_gb_s'] * 1e3:.0f} | {r['concurrent_limit_gb_s'] * 1e3:.0f} | "
               f"{r['wall_over_concurrent_limit']:.2f} | {r['convert_over_concurrent_limit']:.2f} | "
-              f"{r['read_gb_s'] * 1e3:.0f} | {r['write_gb_s'] * 1e3:.0f} | {r['bytes_read_over_source']:.3f} | "
+              + " | ".join(f"{r[k] * 1e3:.0f}" if k in r else "-" for k in ("read_gb_s", "write_gb_s"))
+              + f" | {r['bytes_read_over_source']:.3f} | "
               f"{r['peak_rss_mib']:.0f} | {r['peak_bound_mib']:.0f} |")
     # warm start: the disk is asked to read ahead while the GPU starts (shardquant/pipeline.py warm_start)
     print("\n| size GB | format | policy | python ready s | disk reads from (warm start) s | plan and device ready s | "
