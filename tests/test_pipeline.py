@@ -165,3 +165,37 @@ def test_group_larger_than_host_budget_is_read_once_onto_the_device(src, tmp_pat
     monkeypatch.setattr(conv, "get_backends", lambda *a: [small])
     r = conv.convert(str(src), tmp_path / "small", "nvfp4", device="cpu", memory_budget=budget)
     assert not any(g.on_device for g in r.plan.groups) and r.plan.read_factor == cpu.plan.read_factor
+
+
+def test_every_output_byte_is_handed_to_the_disk_as_it_is_written(src, tmp_path, monkeypatch):
+    """Each write of a shard asks the disk to start writing that range (shardquant/writer.py
+    START_WRITEBACK: sync_file_range on Linux), so the checkpoint's fsync does not stall the writer and
+    the reads behind it: the ranges asked for, per file, tile it from byte 0 to its end."""
+    import os
+    import sys
+
+    from shardquant import writer
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("sync_file_range and /proc/self/fd are Linux's")
+    assert writer.START_WRITEBACK is not None  # the real call exists and accepts a file's range
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"x" * 8192)
+        assert writer.START_WRITEBACK(f.fileno(), 0, 8192) == 0
+    asked: dict[str, list[tuple[int, int]]] = {}
+
+    def record(fd, offset, n):  # the file by its (temporary) name: shardquant/writer.py tmp_name
+        asked.setdefault(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), []).append((offset, n))
+        return 0
+
+    monkeypatch.setattr(writer, "START_WRITEBACK", record)
+    out = tmp_path / "out"
+    conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=20_000)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for p in shards:
+        mine = [k for k in asked if k.startswith(f".{p.name}.")]
+        assert len(mine) == 1, (p.name, sorted(asked))
+        ranges = sorted(asked[mine[0]])
+        assert ranges[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+        assert ranges[-1][0] + ranges[-1][1] == p.stat().st_size
