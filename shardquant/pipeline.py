@@ -40,7 +40,9 @@ def warm_start(plan: Plan, nbytes: int = PREFETCH_BYTES) -> None:
     ranges: list[tuple[Path, int, int]] = []
     left = nbytes
     for u in plan.units:
-        for m in ([u.kept] if u.kept is not None else u.group.members):
+        # a weight the source stores quantized is read as its stored parts (shardquant/encoding.py)
+        for m in (p for t in ([u.kept] if u.kept is not None else u.group.members)
+                  for p in (getattr(t, "parts", None) or (t,))):
             if left <= 0:
                 break
             if ranges and ranges[-1][0] == m.file and ranges[-1][1] + ranges[-1][2] == m.offset:
@@ -50,14 +52,36 @@ def warm_start(plan: Plan, nbytes: int = PREFETCH_BYTES) -> None:
             left -= m.nbytes
         if left <= 0:
             break
+    _hint(ranges, ck.hub, "warm-start")
+
+
+def early_warm_start(src: str, nbytes: int = PREFETCH_BYTES // 2) -> None:
+    """Before the headers are read and the plan made: a local source's first shard (by name, the
+    order shardquant/source.py scan reads and the plan's first units come from) read ahead from its
+    start, header included, so the disk works while Python plans. warm_start then names the exact
+    ranges; a hint for bytes already cached costs nothing."""
+    root = Path(src).expanduser()
+    if not hasattr(os, "posix_fadvise") or not root.is_dir():
+        return
+    try:
+        first = min((p for p in root.iterdir() if p.name.endswith(".safetensors")), default=None)
+    except OSError:
+        return
+    if first is not None:
+        _hint([(first, 0, nbytes)], None, "early-warm-start")
+
+
+def _hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
+    """POSIX_FADV_WILLNEED over `ranges` on a daemon thread; files of a hub source not yet downloaded
+    whole are left alone. A hint is only a hint: a failure is ignored."""
 
     def hint() -> None:
-        trace.mark("warm-start")
+        trace.mark(mark)
         fds: dict[Path, int] = {}
         try:
             for path, off, n in ranges:
                 if path not in fds:
-                    if ck.hub is not None and (not path.is_file() or path.stat().st_size != ck.hub.sizes.get(path.name)):
+                    if hub is not None and (not path.is_file() or path.stat().st_size != hub.sizes.get(path.name)):
                         fds[path] = -1  # not downloaded yet
                     else:
                         fds[path] = os.open(path, os.O_RDONLY)
@@ -275,6 +299,7 @@ class _Shards:
         self.expect: list = []
         self.pos = 0
         self.idx = -1
+        self.synced = 0.0  # seconds the writer spent waiting for fsync (trace)
 
     def write(self, name: str, data: np.ndarray) -> None:
         i = self.where[name]
@@ -306,7 +331,9 @@ class _Shards:
 
     def _checkpoint(self) -> None:
         """Make the shard written so far durable and record it: an interrupted run resumes from here."""
+        t0 = time.perf_counter()
         info = self.cur.checkpoint()
+        self.synced += time.perf_counter() - t0
         with self.lock:
             scales = dict(self.scales)
         self.journal.checkpoint(self.cur.name, self.cur.tmp, self.pos, info, scales)
@@ -318,7 +345,9 @@ class _Shards:
         f, self.cur = self.cur, None
         try:
             self.journal.intend([f.name])
+            t0 = time.perf_counter()
             info = f.commit()
+            self.synced += time.perf_counter() - t0
         except BaseException:
             f.abort()
             raise
@@ -403,19 +432,29 @@ class _Job:
     def __init__(self, stop: threading.Event, items: list | None = None):
         self.q: queue.Queue = queue.Queue(maxsize=16)
         self.stop = stop
+        self.waited = 0.0  # seconds the device waited for the writer side to take its outputs (trace)
         for it in items or ():
             self.q.put(it)
 
     def put(self, item) -> None:
         if self.stop.is_set():  # the run is failing or interrupted: a device stops at its next output
             raise _Aborted()
-        while True:
-            try:
-                self.q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if self.stop.is_set():
-                    raise _Aborted() from None
+        try:
+            self.q.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    self.q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    if self.stop.is_set():
+                        raise _Aborted() from None
+        finally:
+            self.waited += time.perf_counter() - t0
 
 
 class _Devices:
@@ -426,6 +465,7 @@ class _Devices:
         self.free: queue.Queue = queue.Queue()
         self.tasks: queue.Queue = queue.Queue()
         self.busy = 0.0  # seconds the devices spent on groups, outputs handed over included (trace)
+        self.put_wait = 0.0  # of which waiting for the writer side to take the outputs
         self.threads = []
         for b in backends:
             self.free.put(b)
@@ -444,6 +484,7 @@ class _Devices:
                 work(backend, *args, job)
                 job.put(_DONE)
                 self.busy += time.perf_counter() - t0
+                self.put_wait += job.waited
             except BaseException as e:  # handed to the writer side, which raises it
                 try:
                     job.put(e)
@@ -625,7 +666,9 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         t_hash = time.perf_counter()
         sources = hasher.finish()
         trace.mark("pipeline", reader_wait_s=round(reader.waited, 3), writer_idle_s=round(writer.idle, 3),
-                   device_busy_s=round(devices.busy, 3), hash_busy_s=round(hasher.busy, 3),
+                   writer_sync_s=round(shards.synced, 3),
+                   device_busy_s=round(devices.busy, 3),
+                   device_put_wait_s=round(devices.put_wait, 3), hash_busy_s=round(hasher.busy, 3),
                    hash_finish_s=round(time.perf_counter() - t_hash, 3), hash_extra_bytes=hasher.extra_bytes,
                    units=len(units))
     except BaseException:

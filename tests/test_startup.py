@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 from click.testing import CliRunner
 
+import shardquant.convert as conv
 from shardquant import cuda, testing, trace
 from shardquant.cli import main
 from shardquant.rules import RuleSet
@@ -130,11 +131,12 @@ def test_trace_milestones_in_order(tmp_path):
     assert r.returncode == 0, r.stderr
     marks = trace.read(str(log))
     marks.pop("warm-start", None)  # only while the device is still starting when the plan is made
+    assert marks.pop("early-warm-start")["t"] >= marks["convert"]["t"]  # a hint on its own thread, before the plan
     order = ["python-ready", "convert", "planned", "first-read", "pipeline", "finished"]
     assert list(marks) == order
     assert all(marks[a]["t"] <= marks[b]["t"] for a, b in zip(order, order[1:]))
     lines = [json.loads(x) for x in log.read_text().splitlines()]
-    lines = [e for e in lines if e["event"] != "warm-start"]
+    lines = [e for e in lines if e["event"] not in ("warm-start", "early-warm-start")]
     assert len({e["pid"] for e in lines}) == 1 and len(lines) == len(order)  # each once
     (waits,) = [e for e in lines if e["event"] == "pipeline"]  # where the pipeline waited, for tools/bench.py
     assert waits["units"] > 0 and waits["reader_wait_s"] >= 0 and waits["writer_idle_s"] >= 0
@@ -235,3 +237,63 @@ def test_planning_a_bf16_source_imports_no_encoding_code(tmp_path):
     assert r.returncode == 0, r.stderr
     groups, enc, dec = r.stdout.split()
     assert int(groups) > 0 and (enc, dec) == ("False", "False")
+
+
+def _record_hints(monkeypatch):
+    from shardquant import pipeline
+
+    hints, names = [], {}
+    real_open = os.open
+
+    def record_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        names[fd] = Path(path)
+        return fd
+
+    monkeypatch.setattr(pipeline.os, "open", record_open)
+    monkeypatch.setattr(pipeline.os, "posix_fadvise", lambda fd, off, n, advice: hints.append((names[fd], off, n, advice)))
+    return hints
+
+
+def _join_hints():
+    import threading
+
+    for t in threading.enumerate():
+        if t.name == "shardquant-warm-start":
+            t.join(10)
+
+
+def test_early_warm_start_reads_ahead_the_first_shard_before_the_plan(tmp_path, monkeypatch):
+    """Before the headers are parsed (shardquant/pipeline.py early_warm_start): the first shard by
+    name, from its first byte, which is where scan and the plan's first unit begin; nothing for a
+    source that is not a local directory."""
+    from shardquant import pipeline
+
+    src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(), shard_bytes=16 * 1024)
+    hints = _record_hints(monkeypatch)
+    pipeline.early_warm_start("org/not-a-directory")
+    pipeline.early_warm_start(str(src), 4096)
+    _join_hints()
+    first = sorted(src.glob("*.safetensors"))[0]
+    assert hints == [(first, 0, 4096, os.POSIX_FADV_WILLNEED)]
+    plan = conv.prepare(str(src), "nvfp4")
+    assert plan.units[0].group.members[0].file == first if plan.units[0].group else plan.units[0].kept.file == first
+
+
+def test_warm_start_of_a_quantized_source_hints_its_stored_parts(tmp_path, monkeypatch):
+    """A weight stored quantized is read as its parts (codes, scales): those are the ranges hinted,
+    not its decoded size."""
+    from shardquant import pipeline
+    from shardquant.testing_sources import SOURCES
+
+    fx = SOURCES["deepseek_v3"]()
+    plan = conv.prepare(str(fx.write(tmp_path / "src")), "nvfp4")
+    hints = _record_hints(monkeypatch)
+    pipeline.warm_start(plan, 1 << 40)  # everything
+    _join_hints()
+    parts = [p for u in plan.units for t in ([u.kept] if u.kept is not None else u.group.members)
+             for p in (getattr(t, "parts", None) or (t,))]
+    assert any(getattr(t, "parts", None) for u in plan.units if u.group for t in u.group.members)
+    assert sum(h[2] for h in hints) == sum(p.nbytes for p in parts)
+    assert all(any(h[0] == p.file and h[1] <= p.offset and p.offset + p.nbytes <= h[1] + h[2] for h in hints)
+               for p in parts)

@@ -231,8 +231,8 @@ def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, python
 
 
 # the pipeline's own accounts (shardquant/pipeline.py run, trace mark "pipeline")
-PIPELINE_FIELDS = ("reader_wait_s", "writer_idle_s", "device_busy_s", "hash_busy_s", "hash_finish_s",
-                   "hash_extra_bytes")
+PIPELINE_FIELDS = ("reader_wait_s", "writer_idle_s", "writer_sync_s", "device_busy_s", "device_put_wait_s",
+                   "hash_busy_s", "hash_finish_s", "hash_extra_bytes")
 
 
 def read_trace(path: Path) -> dict[str, float]:
@@ -360,6 +360,9 @@ def main() -> None:
                         info["verify_s"], info["verify_wall"] = v["seconds"], v["wall"]
                         print("# verify marks (s after spawn):", json.dumps(v["marks"]), flush=True)
                     rows_of[policy].append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
+                    print(f"# {size:g} {args.encoding} {fmt} {policy} run {len(rows_of[policy])}: in run "
+                          f"{info['seconds']:.2f} s, whole process {info['wall']:.2f} s, read+write at once "
+                          f"{both:.2f} s", file=sys.stderr, flush=True)
             for policy in policies:
                 summarize(args, size, fmt, policy, rows_of[policy], results)
         if not args.keep:
@@ -383,8 +386,9 @@ def main() -> None:
           "first pipeline read s | finished s | after finish s | whole process s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        at = [r.get(k) for k in ("at_python_ready", "at_warm_start", "at_planned", "at_first_read", "at_finished",
-                                 "after_finish_s")]
+        hints = [r[k] for k in ("at_early_warm_start", "at_warm_start") if k in r]  # the first read-ahead asked
+        at = [r.get("at_python_ready"), min(hints, default=None)] + [
+            r.get(k) for k in ("at_planned", "at_first_read", "at_finished", "after_finish_s")]
         print(f"| {r['size_gb']:g} {r['encoding']} | {r['format']} | {r['policy']} | "
               + " | ".join("-" if v is None else f"{v:.2f}" for v in at)
               + f" | {r['source_gb'] / r['wall_gb_s']:.2f} |")
