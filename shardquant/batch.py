@@ -554,8 +554,8 @@ def run(jobs: list[Job], *, device: str = "auto", devices: list[str] | None = No
     """Every job, in worker processes: `workers` per entry of `devices` (e.g. ["cuda:0", "cuda:1"]), else
     `workers` on `device`. Two workers sharing a GPU overlap one job's start-up and reads with the other's
     last writes (docs/benchmarks/README.md, "A zoo through shardquant batch"). on_event(kind, job,
-    result) is called here as jobs start ("start") and end ("done"). A worker that dies takes only its job with it: it is recorded as failed and the
-    others go on. Hub sources download ahead of their jobs within `download_budget` bytes (None: no
+    result) is called here as jobs start ("start") and end ("done"). A worker that dies takes only its
+    job with it: it is recorded as failed and the others go on. Hub sources download ahead of their jobs within `download_budget` bytes (None: no
     bound), and with `evict_source` the files a source's jobs downloaded are deleted from the hub
     cache once all its jobs succeeded (_HubSources). With `push` (shardquant/publish.py Push), each
     job's output is pushed as the job ends, if it succeeded and verified (on_event "pushed", from

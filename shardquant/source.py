@@ -291,8 +291,9 @@ def quantization_config(config: Mapping | None) -> Mapping | None:
 
 
 # Dtypes and ranks that may need shardquant/encoding.py (its QUANTIZED_DTYPES, PACKED_DTYPES and 3-D expert
-# tensors; tests/test_startup.py test_planning_a_bf16_source_imports_no_encoding_code checks the superset): a source with none of them and no
-# quantization_config is planned as it is, without importing that module (start-up of `plan`).
+# tensors; tests/test_startup.py test_planning_a_bf16_source_imports_no_encoding_code checks the
+# superset): a source with none of them and no quantization_config is planned as it is, without
+# importing that module (start-up of `plan`).
 _MAY_BE_ENCODED = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "U8", "I8")
 
 

@@ -160,27 +160,14 @@ def test_warm_start_hints_the_first_reads_in_plan_order(tmp_path, monkeypatch):
     """While the GPU starts, the kernel is asked to read ahead what the pipeline reads first
     (shardquant/pipeline.py warm_start): the plan's first members, adjacent ones as one range,
     as many bytes as asked and no more than one member beyond."""
-    import threading
-
     from shardquant import pipeline
 
     ck = _moe(tmp_path)
     plan = make_plan(ck, "nvfp4", RuleSet(expert_policy="shared", num_layers=2))
-    hints, names = [], {}
-    real_open = os.open
-
-    def record_open(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        names[fd] = Path(path)
-        return fd
-
-    monkeypatch.setattr(pipeline.os, "open", record_open)
-    monkeypatch.setattr(pipeline.os, "posix_fadvise", lambda fd, off, n, advice: hints.append((names[fd], off, n, advice)))
+    hints = _record_hints(monkeypatch)
     want = sum(sorted(t.nbytes for t in ck.tensors.values())[-3:])  # a few tensors' worth
     pipeline.warm_start(plan, want)
-    for t in threading.enumerate():
-        if t.name == "shardquant-warm-start":
-            t.join(10)
+    _join_hints()
     members = [m for u in plan.units for m in ([u.kept] if u.kept is not None else u.group.members)]
     first = []
     total = 0
