@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -15,6 +17,7 @@ from . import formats
 from .encoding import Encoded
 from .errors import ShardquantError
 from .formats.base import tensor_amax
+from .plan import DEVICE_LANES
 
 
 class NumpyBackend:
@@ -23,6 +26,16 @@ class NumpyBackend:
     fallback: str | None = None  # --device auto on a machine with an NVIDIA GPU: why not the GPU, and the fix
 
     decodes: tuple[str, ...] = ()  # source kinds it decodes itself (shardquant/encoding.py Encoded)
+
+    def lanes(self) -> list:
+        """One: NumPy threads each kernel itself (formats/base.py threads)."""
+        return [self]
+
+    def ticket(self) -> None:
+        return None
+
+    def hold(self, ticket, nbytes: int | float, stop: threading.Event):
+        return nullcontext()
 
     def load(self, raw) -> np.ndarray:
         return raw.decode() if isinstance(raw, Encoded) else raw
@@ -42,6 +55,49 @@ class NumpyBackend:
 AUTO_GPU_FRACTION = 0.8  # --gpu-memory auto: this much of the device's free memory at start
 
 
+class DeviceMemory:
+    """One GPU's memory budget shared by its lanes (plan.DEVICE_LANES). A lane holds min(bytes, budget)
+    while it quantizes a group (its members kept on the device, shardquant/pipeline.py quantize_group).
+    Grants go in ticket order, the order groups were handed out, so a later group never takes the
+    memory an earlier one waits for: outputs are written in plan order, the earlier must finish first."""
+
+    def __init__(self, budget: int):
+        self.budget = self.free = budget
+        self.issued = self.granted = 0
+        self.users = 0  # lanes holding memory now
+        self.whole = False  # one of them holds the whole budget
+        self.cond = threading.Condition()
+
+    def ticket(self) -> int:
+        with self.cond:
+            self.issued += 1
+            return self.issued - 1
+
+    @contextmanager
+    def hold(self, ticket: int, nbytes: int | float, stop: threading.Event):
+        """`nbytes` at least the budget: the whole GPU, no other lane at the same time."""
+        whole = nbytes >= self.budget
+        n = self.budget if whole else int(nbytes)
+        with self.cond:
+            while self.granted != ticket or self.free < n or self.whole or (whole and self.users):
+                if stop.is_set():  # the run is failing: nothing more is granted
+                    raise InterruptedError("the run stopped")
+                self.cond.wait(0.1)
+            self.granted += 1
+            self.free -= n
+            self.users += 1
+            self.whole = whole
+            self.cond.notify_all()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += n
+                self.users -= 1
+                self.whole = False if whole else self.whole
+                self.cond.notify_all()
+
+
 class CupyBackend:
     name = "cupy"
 
@@ -54,6 +110,24 @@ class CupyBackend:
                 free, _total = self.dev.cp.cuda.runtime.memGetInfo()
             device_budget = int(free * AUTO_GPU_FRACTION)
         self.device_budget = device_budget
+        self.memory = DeviceMemory(device_budget)
+
+    def lanes(self) -> list:
+        """This backend and DEVICE_LANES - 1 twins on the same GPU: each its own stream, one memory budget."""
+        from .cuda import Device
+
+        twins = []
+        for _ in range(DEVICE_LANES - 1):
+            twin = object.__new__(CupyBackend)
+            twin.dev, twin.device_budget, twin.memory = Device(self.dev.index), self.device_budget, self.memory
+            twins.append(twin)
+        return [self] + twins
+
+    def ticket(self) -> int:
+        return self.memory.ticket()
+
+    def hold(self, ticket: int, nbytes: int | float, stop: threading.Event):
+        return self.memory.hold(ticket, nbytes, stop)
 
     # block FP8 decoded on the GPU: half the bytes uploaded, no decoding on the reader threads
     # (docs/benchmarks/README.md: decoding on the CPU held block-FP8 -> NVFP4 to 0.32 of the disk)

@@ -457,41 +457,61 @@ class _Job:
             self.waited += time.perf_counter() - t0
 
 
-class _Devices:
-    """One worker thread per backend (one per GPU, or the single CPU backend). Each quantizes
-    whole groups; outputs are written strictly in plan order."""
+def _device_bytes(g) -> int | float:
+    """GPU memory a lane holds while it quantizes group `g` (shardquant/backend.py DeviceMemory): a
+    group that reads its own members (two_pass, on_device, streamed) takes the whole GPU, so that
+    such groups never run two at once and the plan's memory bound (plan.Plan.peak_bytes, one such
+    group) holds; a cast none (NumPy on the host); any other its members' bytes."""
+    if g.two_pass or g.on_device or g.streamed:
+        return float("inf")
+    return 0 if g.cast is not None else g.source_bytes
 
-    def __init__(self, backends: list, work):
+
+class _Devices:
+    """One worker thread per lane (a GPU's lanes, shardquant/backend.py DEVICE_LANES; the one CPU
+    backend). Each quantizes whole groups; outputs are written strictly in plan order."""
+
+    def __init__(self, lanes: list, work, stop: threading.Event):
         self.free: queue.Queue = queue.Queue()
         self.tasks: queue.Queue = queue.Queue()
-        self.busy = 0.0  # seconds the devices spent on groups, outputs handed over included (trace)
+        self.stop = stop
+        self.busy = 0.0  # seconds the lanes spent on groups, outputs handed over included, summed (trace)
         self.put_wait = 0.0  # of which waiting for the writer side to take the outputs
+        self._lock = threading.Lock()
         self.threads = []
-        for b in backends:
-            self.free.put(b)
+        for lane in lanes:
+            self.free.put(lane)
             t = threading.Thread(target=self._loop, args=(work,), name="shardquant-device", daemon=True)
             t.start()
             self.threads.append(t)
+
+    def submit(self, g, data, job: _Job) -> None:
+        """Group `g` to the next free lane. Its device memory ticket is taken here, in plan order."""
+        lane = self.free.get()
+        self.tasks.put((lane, lane.ticket(), (g, data), job))
 
     def _loop(self, work) -> None:
         while True:
             task = self.tasks.get()
             if task is None:
                 return
-            backend, args, job = task
+            lane, ticket, args, job = task
+            g = args[0]
             t0 = time.perf_counter()
             try:
-                work(backend, *args, job)
+                with lane.hold(ticket, _device_bytes(g), self.stop):
+                    work(lane, *args, job)
                 job.put(_DONE)
-                self.busy += time.perf_counter() - t0
-                self.put_wait += job.waited
+                with self._lock:
+                    self.busy += time.perf_counter() - t0
+                    self.put_wait += job.waited
             except BaseException as e:  # handed to the writer side, which raises it
                 try:
                     job.put(e)
                 except _Aborted:
                     pass
             finally:
-                self.free.put(backend)
+                self.free.put(lane)
 
     def close(self) -> None:
         for _ in self.threads:
@@ -520,6 +540,9 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     bar = _bar(sum(u.source_bytes for u in units), progress)
     reader = _Reader(units, counter, backends[0].decodes)
     stop = threading.Event()
+    lanes = [lane for b in backends for lane in b.lanes()]
+    # one pool for the run: a per-expert cast is thousands of one- or two-member groups
+    cast_pool = ThreadPoolExecutor(CAST_THREADS * len(lanes), thread_name_prefix="shardquant-cast")
 
     def cast_group(g, data, job: _Job) -> None:
         """Members stored MXFP4 cast into the group's format code for code (decode.mxfp4_to_nvfp4): the
@@ -535,21 +558,24 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             scales[g.key] = (float(amax), float(decode.mx_cast_global_scale(amax)), 0)
         requantized = 0
 
-        def cast(i: int):  # NumPy byte work that releases the GIL: CAST_THREADS members at once
+        def cast(i: int):  # NumPy byte work that releases the GIL: CAST_THREADS members of a group at once
             codes = counter.read(g.members[i].parts[0]) if data is None else data[i].raws[0]
             return decode.mxfp4_to_nvfp4(codes, e8m0[i], gmax, g.members[i].name)
 
-        with ThreadPoolExecutor(CAST_THREADS, thread_name_prefix="shardquant-cast") as pool:
-            pending = deque(pool.submit(cast, i) for i in range(min(CAST_THREADS, len(g.members))))
+        pending = deque(cast_pool.submit(cast, i) for i in range(min(CAST_THREADS, len(g.members))))
+        try:
             for i, m in enumerate(g.members):
                 weight, scale, s2, n = pending.popleft().result()
                 if i + CAST_THREADS < len(g.members):
-                    pending.append(pool.submit(cast, i + CAST_THREADS))
+                    pending.append(cast_pool.submit(cast, i + CAST_THREADS))
                 e8m0[i] = None
                 if data is not None:
                     data[i] = None
                 requantized += n
                 put_member(g.format, m, weight, scale, s2, 0 if data is None else m.nbytes, job)
+        finally:  # a failed member: the ones still queued are not cast
+            for f in pending:
+                f.cancel()
         with lock:
             scales[g.key] = (float(amax), float(s2), requantized)
 
@@ -633,7 +659,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             del h, raw
             put_member(g.format, m, weight, scale, gs, 0 if two_pass or i in held_on_device else m.nbytes, job)
 
-    devices = _Devices(backends, quantize_group)
+    devices = _Devices(lanes, quantize_group, stop)
     pending: deque[_Job] = deque()
 
     def drain_one() -> None:
@@ -656,9 +682,9 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                     drain_one()
                 job = _Job(stop)
                 pending.append(job)
-                devices.tasks.put((devices.free.get(), (u.group, data), job))
+                devices.submit(u.group, data, job)
             data = None
-            while len(pending) > 2 * len(backends):
+            while len(pending) > 2 * len(lanes):
                 drain_one()
         while pending:
             drain_one()
@@ -680,6 +706,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         raise
     finally:
         devices.close()
+        cast_pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
     return counter.n, scales, sources, hasher.extra_bytes, counter.again
 

@@ -21,6 +21,7 @@ from .rules import (FLOAT_DTYPES, KEEP, KEEP_FORMAT, TE_WEIGHT, Decision, RuleSe
 from .source import Checkpoint, open_checkpoint, quantization_config, with_decoded
 from .st import OutTensor, TensorInfo
 from .text import show
+from .writer import HASH_BEHIND_BYTES
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
@@ -30,6 +31,11 @@ PREFETCH_BYTES = 512 * 2**20  # read-ahead allowed beyond the largest group
 READ_THREADS = 8
 SCALE_SEARCH = ("none", "mse")  # block scales by round to nearest, or the least squared error nearby
 MX_SOURCE = ("cast", "requantize")  # what becomes of MXFP4 source weights (make_plan mx_source)
+# Groups a GPU quantizes at once, each on its own thread and CUDA stream (shardquant/backend.py
+# CupyBackend.lanes): one group's uploads, host copies and synchronizations overlap the other's
+# kernels. Per-expert quantizers are small (6,000+ on a 30B MoE): one lane spends most of its time
+# waiting on them (docs/benchmarks/README.md, device lanes).
+DEVICE_LANES = 2
 CAST_THREADS = 4  # members of a lossless cast read and cast at once (shardquant/pipeline.py cast_group)
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
@@ -123,14 +129,17 @@ class Plan:
     @property
     def peak_bytes(self) -> int:
         """Bound on resident memory: the largest group held at once (or, for a group read twice or
-        held on the GPU, its largest member), the read-ahead, the write queue, one member's outputs, the source hasher's
-        out-of-order hold and a fixed overhead."""
+        held on the GPU, its largest member), the read-ahead, the write queue, one member's outputs
+        being written and one being made per device lane, the output written but not yet hashed
+        (shardquant/writer.py), the source hasher's out-of-order hold and a fixed overhead."""
         held = max((_held(u) for u in self.units), default=0)
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
         # a source stored quantized: each reader holds a weight's stored parts while it decodes them
         # (shardquant/encoding.py DecodedTensor; the decoded BF16 is what `held` counts)
         stored = max((getattr(t, "stored_bytes", 0) for t in self.checkpoint.tensors.values()), default=0)
-        return (held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + 2 * out + FIXED_OVERHEAD + HASH_HOLD_BYTES
+        lanes = DEVICE_LANES if self.device_memory is not None else 1
+        return (held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + HASH_BEHIND_BYTES + (1 + lanes) * out + FIXED_OVERHEAD
+                + HASH_HOLD_BYTES
                 + READ_THREADS * stored)
 
     def format_targets(self) -> dict[str, list[str]]:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import re
 import secrets
 import stat
+import threading
 from pathlib import Path
 
 from .errors import OutputError
@@ -66,6 +68,55 @@ def _writeback_starter():
 
 
 START_WRITEBACK = _writeback_starter()
+WRITEBACK_BYTES = 8 << 20  # written bytes handed to START_WRITEBACK at once: one call per tensor is a
+# system call per 4-byte global scale, and each may wait for the disk's queue
+HASH_BEHIND_BYTES = 128 << 20  # written bytes a file's hasher may still have to hash (_Hasher)
+HASH_BEHIND_MIN = 1 << 20  # a write this large starts the file's hashing thread
+
+
+class _Hasher:
+    """A file's SHA-256 over its bytes in write order, on a thread of its own once a write of
+    HASH_BEHIND_MIN bytes or more comes: the writer's write calls and the hash then run at once (each
+    about half of the writer thread's time per byte; docs/benchmarks/README.md, write-behind and
+    hash-behind), at most HASH_BEHIND_BYTES behind. Small files are hashed inline."""
+
+    def __init__(self, sha):
+        self.sha = sha
+        self.q: queue.Queue = queue.Queue()
+        self.cv = threading.Condition()
+        self.behind = 0
+        self.t: threading.Thread | None = None
+
+    def update(self, mv: memoryview) -> None:
+        if self.t is None and mv.nbytes < HASH_BEHIND_MIN:
+            self.sha.update(mv)
+            return
+        if self.t is None:
+            self.t = threading.Thread(target=self._work, name="shardquant-hash-output", daemon=True)
+            self.t.start()
+        with self.cv:
+            self.cv.wait_for(lambda: self.behind < HASH_BEHIND_BYTES)
+            self.behind += mv.nbytes
+        self.q.put(mv)  # the view keeps its buffer alive until hashed
+
+    def _work(self) -> None:
+        while (mv := self.q.get()) is not None:
+            self.sha.update(mv)
+            with self.cv:
+                self.behind -= mv.nbytes
+                self.cv.notify_all()
+
+    def result(self):
+        """The hash object, every byte written so far hashed."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.behind == 0)
+        return self.sha
+
+    def close(self) -> None:
+        if self.t is not None:
+            self.q.put(None)
+            self.t.join()
+            self.t = None
 
 
 def new_token() -> str:
@@ -267,7 +318,8 @@ class NewFile:
         self.od, self.name = od, name
         self.tmp = tmp_name(name, od.token)
         self.size = 0
-        self.sha = hashlib.sha256()
+        self.hash = _Hasher(hashlib.sha256())
+        self.started = 0  # bytes handed to START_WRITEBACK
         self.fd = -1
         self.checkpointed = 0  # bytes made durable by `checkpoint` (kept by `abort`)
         if resume is not None:  # an earlier run's temporary, its prefix checked (OutputDir.prefix)
@@ -293,21 +345,21 @@ class NewFile:
                 os.close(self.fd)
                 self.fd = -1
             raise self.od.fail(self.name, "cannot resume", e) from None
-        self.size, self.sha, self.checkpointed = size, sha, size
+        self.size, self.hash, self.checkpointed, self.started = size, _Hasher(sha), size, size
 
     def checkpoint(self) -> dict:
         """Make what is written so far durable; return the prefix's {"size", "sha256"}."""
+        self._start_writeback(0)
         try:
             _sys("fsync", self.name, os.fsync, self.fd)
         except OSError as e:
             raise self.od.fail(self.name, "write failed", e) from None
         self.checkpointed = self.size
-        return {"size": self.size, "sha256": self.sha.copy().hexdigest()}
+        return {"size": self.size, "sha256": self.hash.result().copy().hexdigest()}
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
-        self.sha.update(mv)
-        start = self.size
+        self.hash.update(mv)
         try:
             while mv:
                 k = _sys("write", self.name, os.write, self.fd, mv[: 1 << 30])
@@ -315,11 +367,17 @@ class NewFile:
                 self.size += k
         except OSError as e:
             raise self.od.fail(self.name, "write failed", e) from None
-        if START_WRITEBACK is not None and self.size > start:
-            START_WRITEBACK(self.fd, start, self.size - start)
+        self._start_writeback(WRITEBACK_BYTES)
+
+    def _start_writeback(self, at_least: int) -> None:
+        """Bytes written since the last call handed to the disk, once there are `at_least` of them."""
+        if START_WRITEBACK is not None and self.size - self.started >= max(at_least, 1):
+            START_WRITEBACK(self.fd, self.started, self.size - self.started)
+            self.started = self.size
 
     def commit(self, sync_dir: bool = True) -> dict:
         """fsync, close and rename into place; return {"sha256", "size"}."""
+        self._start_writeback(0)
         try:
             _sys("fsync", self.name, os.fsync, self.fd)
             fd, self.fd = self.fd, -1
@@ -329,11 +387,14 @@ class NewFile:
         self.od.rename(self.tmp, self.name)
         if sync_dir:
             self.od.sync()
-        return {"sha256": self.sha.hexdigest(), "size": self.size}
+        sha = self.hash.result().hexdigest()
+        self.hash.close()
+        return {"sha256": sha, "size": self.size}
 
     def abort(self, keep: bool = False) -> None:
         """Close and remove the temporary file (kept when `keep`: a checkpointed shard to resume);
         errors here never hide the one being raised."""
+        self.hash.close()
         if self.fd >= 0:
             try:
                 os.close(self.fd)

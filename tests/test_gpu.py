@@ -222,6 +222,31 @@ def test_whole_conversion_gpu_equals_cpu_byte_for_byte(tmp_path, fmt):
     assert_same_outputs(tmp_path / "cpu", tmp_path / "gpu")
 
 
+@pytest.mark.parametrize("source", ["bf16", "deepseek_v3", "kimi_k3"])
+def test_lanes_of_one_gpu_equal_cpu_per_expert(tmp_path, source):
+    """A GPU's lanes (plan.DEVICE_LANES: streams sharing one memory budget) quantize small groups at
+    once: the per-expert policy's many quantizers give the CPU's bytes, with bf16, block-FP8
+    (decoded on the GPU) and MXFP4 (cast on the host, one pool for the run) sources."""
+    from shardquant.backend import DEVICE_LANES
+    from shardquant.convert import convert
+    from shardquant.testing_sources import SOURCES
+
+    lanes = CupyBackend("cuda", 1 << 30).lanes()
+    assert len(lanes) == DEVICE_LANES >= 2 and len({id(b.dev.stream) for b in lanes}) == DEVICE_LANES
+    assert len({id(b.memory) for b in lanes}) == 1
+    if source == "bf16":
+        model = qwen3_moe(hidden=256, layers=2, experts=16, inter=128, heads=2, kv_heads=1, head_dim=128)
+        src = write_checkpoint(tmp_path / "src", model, shard_bytes=300_000)
+    else:
+        src = SOURCES[source]().write(tmp_path / "src")
+    a = convert(str(src), tmp_path / "cpu", "nvfp4", device="cpu", expert_policy="per-expert")
+    b = convert(str(src), tmp_path / "gpu", "nvfp4", device="cuda", expert_policy="per-expert")
+    assert b.backend == "cupy" and a.bytes_read == b.bytes_read  # a quantized source: its stored bytes
+    assert source != "bf16" or a.bytes_read == a.plan.source_bytes
+    assert sum(len(g.members) < 3 for g in b.plan.groups) > 16  # many small quantizers
+    assert_same_outputs(tmp_path / "cpu", tmp_path / "gpu")
+
+
 def test_group_larger_than_device_budget_still_matches(tmp_path):
     from shardquant.convert import convert
 

@@ -881,3 +881,43 @@ def test_property_nvfp4_matches_modelopt(case):
     elif s2_mode == "any":
         s2 = np.float32(s2 * np.float32(f))
     check_nvfp4(w, s2)
+
+
+def _threshold_definition(w: np.ndarray, d: np.float32, bounds: np.ndarray, strict: np.ndarray) -> np.ndarray:
+    """Whether fl(w / d) (IEEE fp32 division, correctly rounded) passes each bound: strictly, or at
+    equality for the bounds that round up: the definition code_thresholds states."""
+    q = np.float32(w) / np.float32(d)
+    return np.where(strict, q > bounds, q >= bounds)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(min_value=1, max_value=0x7F7FFFFF))
+def test_code_thresholds_are_the_first_passing_patterns(bits):
+    """formats/nvfp4.py code_thresholds (a window around fl(bound x d), one pass) equals the
+    bisection over every fp32 pattern (_bisect_thresholds), and each threshold t is the first
+    pattern that passes: t passes (or is inf), t - 1 fails; any s2 from the least subnormal to
+    the largest finite fp32."""
+    s2 = np.array([bits], np.uint32).view(np.float32)[0]
+    got = nvfp4.code_thresholds(s2).view(np.uint32).astype(np.int64)
+    d, bounds, strict = nvfp4._threshold_inputs(s2)
+    want = nvfp4._bisect_thresholds(np.broadcast_to(d[:, None], (128, 8)), np.broadcast_to(bounds, (128, 8)),
+                                    np.broadcast_to(strict, (128, 8)))
+    assert np.array_equal(got, want)
+    with np.errstate(all="ignore"):
+        for c in (0, 1, 37, 56, 100, 126, 127):
+            t = got[c]
+            passes = _threshold_definition(t.astype(np.uint32).view(np.float32), d[c], bounds, strict)
+            before = _threshold_definition(np.maximum(t - 1, 0).astype(np.uint32).view(np.float32), d[c], bounds,
+                                           strict)
+            assert np.all(passes | (t == 0x7F800000)) and not np.any(before & (t > 0)), c
+
+
+def test_code_thresholds_edge_scales():
+    """s2 at the edges: 1.0, the least normal and subnormal, the largest finite, values whose scaled
+    E4M3 scales overflow to inf or fall subnormal."""
+    for s2 in (1.0, 2.0**-126, 2.0**-149, 3.4028235e38, 1e30, 2.0**-140, 1 / 2688, 7.0e-46):
+        s2 = np.float32(s2)
+        d, bounds, strict = nvfp4._threshold_inputs(s2)
+        want = nvfp4._bisect_thresholds(np.broadcast_to(d[:, None], (128, 8)), np.broadcast_to(bounds, (128, 8)),
+                                        np.broadcast_to(strict, (128, 8)))
+        assert np.array_equal(nvfp4.code_thresholds(s2).view(np.uint32).astype(np.int64), want), s2

@@ -168,9 +168,10 @@ def test_group_larger_than_host_budget_is_read_once_onto_the_device(src, tmp_pat
 
 
 def test_every_output_byte_is_handed_to_the_disk_as_it_is_written(src, tmp_path, monkeypatch):
-    """Each write of a shard asks the disk to start writing that range (shardquant/writer.py
-    START_WRITEBACK: sync_file_range on Linux), so the checkpoint's fsync does not stall the writer and
-    the reads behind it: the ranges asked for, per file, tile it from byte 0 to its end."""
+    """A shard's writes ask the disk to start writing their range (shardquant/writer.py
+    START_WRITEBACK: sync_file_range on Linux, every WRITEBACK_BYTES, the rest before the fsync), so
+    the checkpoint's fsync does not stall the writer and the reads behind it: the ranges asked for,
+    per file, tile it from byte 0 to its end."""
     import os
     import sys
 
@@ -189,13 +190,180 @@ def test_every_output_byte_is_handed_to_the_disk_as_it_is_written(src, tmp_path,
         return 0
 
     monkeypatch.setattr(writer, "START_WRITEBACK", record)
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 3000)  # several ranges per shard
     out = tmp_path / "out"
     conv.convert(str(src), out, "nvfp4", device="cpu", max_shard_size=20_000)
     shards = sorted(out.glob("model-*.safetensors"))
-    assert len(shards) > 1
+    assert len(shards) > 1 and any(len(v) > 1 for v in asked.values())
     for p in shards:
         mine = [k for k in asked if k.startswith(f".{p.name}.")]
         assert len(mine) == 1, (p.name, sorted(asked))
         ranges = sorted(asked[mine[0]])
+        assert all(n >= 3000 for _, n in ranges[:-1])
         assert ranges[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
         assert ranges[-1][0] + ranges[-1][1] == p.stat().st_size
+
+
+@pytest.mark.parametrize("behind_min", [1, 1 << 40])
+def test_output_hash_behind_the_writes_is_the_files_hash(tmp_path, monkeypatch, behind_min):
+    """shardquant/writer.py _Hasher: a file's SHA-256, hashed on its own thread behind the writes (at
+    most HASH_BEHIND_BYTES behind) or inline, is the hash of the bytes on disk, at each checkpoint
+    (the prefix written so far) and at commit; nothing is left running."""
+    import hashlib
+    import threading
+
+    import numpy as np
+
+    from shardquant import writer
+
+    monkeypatch.setattr(writer, "HASH_BEHIND_MIN", behind_min)
+    monkeypatch.setattr(writer, "HASH_BEHIND_BYTES", 5000)
+    rng = np.random.default_rng(0)
+    od = writer.OutputDir.open(tmp_path / "out")
+    f = od.create("a.bin")
+    chunks = [rng.integers(0, 256, n, dtype=np.uint8) for n in (7, 4096, 3, 20_000, 1, 9000, 0, 12_345)]
+    for i, c in enumerate(chunks):
+        f.write(c.data)
+        if i == 4:
+            info = f.checkpoint()
+            assert info == {"size": sum(x.size for x in chunks[:5]),
+                            "sha256": hashlib.sha256(b"".join(x.tobytes() for x in chunks[:5])).hexdigest()}
+    got = f.commit()
+    data = (tmp_path / "out" / "a.bin").read_bytes()
+    assert data == b"".join(c.tobytes() for c in chunks)
+    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert not any(t.name == "shardquant-hash-output" for t in threading.enumerate())
+    od.close()
+
+
+def _holder(mem, ticket, nbytes, log, stop, release):
+    import threading
+
+    def run():
+        with mem.hold(ticket, nbytes, stop):
+            log.append(("in", ticket, mem.free))
+            release[ticket].wait(5)
+        log.append(("out", ticket))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _until(cond, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_device_memory_grants_in_ticket_order_within_the_budget():
+    """shardquant/backend.py DeviceMemory, shared by a GPU's lanes: grants go in ticket order (plan
+    order), never past the budget, and a group that takes the whole GPU runs alone."""
+    import threading
+
+    from shardquant.backend import DeviceMemory
+
+    mem, stop, log = DeviceMemory(100), threading.Event(), []
+    tickets = [mem.ticket() for _ in range(5)]
+    assert tickets == [0, 1, 2, 3, 4]
+    release = {t: threading.Event() for t in tickets}
+    entered = lambda t: any(e[:2] == ("in", t) for e in log)  # noqa: E731
+    # ticket 1 asks first but waits for ticket 0; 0 and 1 (60 + 30) fit together; 2 (20) does not
+    threads = [_holder(mem, 1, 30, log, stop, release)]
+    time.sleep(0.2)
+    assert log == []
+    threads += [_holder(mem, 0, 60, log, stop, release), _holder(mem, 2, 20, log, stop, release)]
+    assert _until(lambda: entered(0) and entered(1))
+    time.sleep(0.2)
+    assert not entered(2) and mem.free == 10
+    threads.append(_holder(mem, 3, float("inf"), log, stop, release))  # the whole GPU: waits for everyone
+    release[0].set()
+    assert _until(lambda: entered(2))
+    assert ("in", 2, 50) in log
+    time.sleep(0.2)
+    assert not entered(3)
+    release[1].set()
+    release[2].set()
+    assert _until(lambda: entered(3)) and ("in", 3, 0) in log  # alone, with the whole budget
+    threads.append(_holder(mem, 4, 1, log, stop, release))
+    time.sleep(0.2)
+    assert not entered(4)  # nothing beside a whole-GPU group
+    release[3].set()
+    release[4].set()
+    for t in threads:
+        t.join(10)
+    assert [e[1] for e in log if e[0] == "in"] == [0, 1, 2, 3, 4] and mem.free == 100 and mem.users == 0
+
+
+def test_device_memory_waits_end_when_the_run_stops():
+    import threading
+
+    from shardquant.backend import DeviceMemory
+
+    mem, stop = DeviceMemory(10), threading.Event()
+    mem.ticket()
+    late = mem.ticket()
+    stop.set()
+    with pytest.raises(InterruptedError):
+        with mem.hold(late, 1, stop):
+            pass
+
+
+class LaneBackend(NumpyBackend):
+    """A CPU stand-in for a GPU with several lanes sharing one DeviceMemory (shardquant/backend.py
+    CupyBackend.lanes): every lane records the bytes the ledger has handed out while it works."""
+
+    def __init__(self, budget: int, lanes: int, seen: list, seed: int = 0):
+        from shardquant.backend import DeviceMemory
+
+        self.device_budget, self.n, self.seen = budget, lanes, seen
+        self.memory = DeviceMemory(budget)
+        self.rng = random.Random(seed)
+
+    def lanes(self):
+        twins = [LaneBackend.__new__(LaneBackend) for _ in range(self.n - 1)]
+        for i, t in enumerate(twins):
+            t.device_budget, t.n, t.seen, t.memory, t.rng = self.device_budget, 1, self.seen, self.memory, random.Random(i + 1)
+        return [self] + twins
+
+    def ticket(self):
+        return self.memory.ticket()
+
+    def hold(self, ticket, nbytes, stop):
+        return self.memory.hold(ticket, nbytes, stop)
+
+    def amaxes(self, items):  # a group read ahead whole
+        self.whole_group = True
+        out = super().amaxes(items)
+        self.whole_group = False
+        time.sleep(self.rng.random() * 0.003)
+        self.seen.append(("group", self.memory.budget - self.memory.free, self.memory.users))
+        return out
+
+    def amax(self, x, dtype, name):  # alone: a member of a group held on the device (plan.Group.on_device)
+        if not getattr(self, "whole_group", False):
+            self.seen.append(("member", self.memory.budget - self.memory.free, self.memory.users))
+        return super().amax(x, dtype, name)
+
+
+@pytest.mark.parametrize("host, device", [(None, 1 << 30), (None, 60_000), (30_000, 1 << 30)])
+def test_lanes_of_one_device_write_the_same_bytes_within_its_memory(src, tmp_path, monkeypatch, host, device):
+    """Groups quantized up to three at once on one device's lanes come out byte-identical, with the
+    ledger's bytes in use never above the device budget (60 KB: one layer's shared expert group, 49 KB,
+    at a time); groups over the host budget held on the device (plan.Group.on_device) take it whole
+    and run alone."""
+    one = conv.convert(str(src), tmp_path / "one", "nvfp4", device="cpu")
+    seen: list = []
+    monkeypatch.setattr(conv, "get_backends", lambda *a: [LaneBackend(device, 3, seen)])
+    many = conv.convert(str(src), tmp_path / "many", "nvfp4", device="cpu", **({"memory_budget": host} if host else {}))
+    assert many.bytes_read == many.plan.source_bytes == one.bytes_read
+    assert any(g.on_device for g in many.plan.groups) == (host is not None)
+    assert seen and all(0 <= used <= device for _, used, _ in seen)
+    groups = [users for kind, _, users in seen if kind == "group"]
+    members = [users for kind, _, users in seen if kind == "member"]
+    assert bool(members) == (host is not None) and all(users == 1 for users in members)
+    assert max(groups) >= 2  # groups did run at once
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "many").iterdir())
+    for n in names:
+        assert filecmp.cmp(tmp_path / "one" / n, tmp_path / "many" / n, shallow=False), n

@@ -79,24 +79,61 @@ def code_thresholds(s2: np.float32) -> np.ndarray:
     _BOUNDS order, with _TIE_UP bounds passed at equality), and at which it is non-zero (column 7).
     So code(w) = #{i < 7 : |w| >= t_i}, plus 8 when w < 0 and |w| >= t_7, exactly the code of the
     correctly rounded quotient, with no division per element (the GPU kernel uses this table).
-    Found by bisection over fp32 bit patterns, each step one correctly rounded division."""
+
+    fl(w / d) never decreases as w grows, so the threshold is the first passing bit pattern. It lies
+    within a few units in the last place of fl(bound x d): each entry looks in a window around that
+    product (one correctly rounded division per candidate) and is accepted only when the window's
+    first pattern fails and a later one passes; any other entry (d zero, subnormal or infinite) is
+    found by bisection over all patterns (_bisect_thresholds, the definition). One table per
+    quantizer: the per-expert policy makes thousands, so it is computed in one pass, not 31."""
+    d, bounds, strict = _threshold_inputs(s2)
+    with np.errstate(all="ignore"):
+        # column 7 (non-zero): fl(w / d) > 0 from w / d > 2^-150, half the least subnormal
+        target = np.where(bounds == 0, 2.0**-150, bounds.astype(np.float64))
+        centre = (target[None, :] * d[:, None].astype(np.float64)).astype(np.float32)
+        start = centre.view(np.uint32).astype(np.int64) - _WINDOW // 2
+        cand = np.clip(start[..., None] + np.arange(_WINDOW), 0, 0x7F800000)
+        q = cand.astype(np.uint32).view(np.float32) / d[:, None, None]
+        ok = np.where(strict[None, :, None], q > bounds[None, :, None], q >= bounds[None, :, None])
+    first = ok.argmax(axis=2)
+    # the window's first pattern fails, so every lower one does: its first passing one is the threshold
+    found = ok.any(axis=2) & ~ok[..., 0]
+    out = np.take_along_axis(cand, first[..., None], axis=2)[..., 0]
+    # d NaN (E4M3 code 0x7F) or inf: no finite w passes (q is NaN or 0): inf, as bisection ends
+    out[~np.isfinite(d)] = 0x7F800000
+    found[~np.isfinite(d)] = True
+    if not found.all():  # any other entry the window missed: by the definition
+        r, c = np.nonzero(~found)
+        out[r, c] = _bisect_thresholds(d[r], bounds[c], strict[c])
+    return out.astype(np.uint32).view(np.float32)
+
+
+_WINDOW = 16  # candidate bit patterns around fl(bound x d) (code_thresholds)
+
+
+def _threshold_inputs(s2: np.float32):
     codes = np.arange(128, dtype=np.uint8)
     with np.errstate(over="ignore"):  # a huge s2 makes the largest scales inf: their thresholds are inf too
         d = scale_values(codes) * np.float32(s2)  # code 0 (scale 0) is never used: scales are >= 2^-9
     bounds = np.array(list(_BOUNDS) + [0.0], np.float32)
     strict = np.array([b not in _TIE_UP for b in _BOUNDS] + [True])
-    lo = np.zeros((128, 8), np.int64)  # invariant: pattern lo fails, hi passes (inf always passes)
-    hi = np.full((128, 8), 0x7F800000, np.int64)
-    dd = np.broadcast_to(d[:, None], (128, 8))
+    return d, bounds, strict
+
+
+def _bisect_thresholds(d: np.ndarray, bounds: np.ndarray, strict: np.ndarray) -> np.ndarray:
+    """code_thresholds by bisection over every fp32 bit pattern, each step one correctly rounded
+    division: the definition, as int64 patterns, one per (d, bound, strict) entry."""
+    lo = np.zeros(np.shape(d), np.int64)  # invariant: pattern lo fails, hi passes (inf always passes)
+    hi = np.full(np.shape(d), 0x7F800000, np.int64)
     with np.errstate(all="ignore"):
         while np.any(hi - lo > 1):
             mid = (lo + hi) // 2
-            q = mid.astype(np.uint32).view(np.float32) / dd
+            q = mid.astype(np.uint32).view(np.float32) / d
             ok = np.where(strict, q > bounds, q >= bounds)
             hi = np.where(ok, mid, hi)
             lo = np.where(ok, lo, mid)
     # pattern 0 (w == 0) never passes: fl(0/d) == 0 is below every bound and not > 0
-    return hi.astype(np.uint32).view(np.float32)
+    return hi
 
 
 def global_scale(amax: np.float32) -> np.float32:
