@@ -17,7 +17,7 @@ from . import formats
 from .encoding import Encoded
 from .errors import ShardquantError
 from .formats.base import tensor_amax
-from .plan import DEVICE_LANES
+from .plan import device_lanes
 
 
 class NumpyBackend:
@@ -56,7 +56,7 @@ AUTO_GPU_FRACTION = 0.8  # --gpu-memory auto: this much of the device's free mem
 
 
 class DeviceMemory:
-    """One GPU's memory budget shared by its lanes (plan.DEVICE_LANES). A lane holds min(bytes, budget)
+    """One GPU's memory budget shared by its lanes (plan.device_lanes). A lane holds min(bytes, budget)
     while it quantizes a group (its members kept on the device, shardquant/pipeline.py quantize_group).
     Grants go in ticket order, the order groups were handed out, so a later group never takes the
     memory an earlier one waits for: outputs are written in plan order, the earlier must finish first."""
@@ -113,11 +113,11 @@ class CupyBackend:
         self.memory = DeviceMemory(device_budget)
 
     def lanes(self) -> list:
-        """This backend and DEVICE_LANES - 1 twins on the same GPU: each its own stream, one memory budget."""
+        """This backend and plan.device_lanes() - 1 twins on the same GPU: each its own stream, one memory budget."""
         from .cuda import Device
 
         twins = []
-        for _ in range(DEVICE_LANES - 1):
+        for _ in range(device_lanes() - 1):
             twin = object.__new__(CupyBackend)
             twin.dev, twin.device_budget, twin.memory = Device(self.dev.index), self.device_budget, self.memory
             twins.append(twin)

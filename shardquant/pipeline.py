@@ -29,7 +29,14 @@ from .writer import NewFile, OutputDir
 CHECKPOINT_SECONDS = 2.0
 
 
-def warm_start(plan: Plan, nbytes: int = PREFETCH_BYTES) -> None:
+# Bytes the warm starts hint: what the disk can read while the GPU starts (0.9-1.2 s after the plan,
+# at 1-2 GB/s; docs/benchmarks/README.md fourth session: the first pipeline read came 1.6-1.9 s after
+# process start). Hints only: pages the kernel reads into its cache, nothing held by the process.
+WARM_START_BYTES = 2 << 30
+EARLY_WARM_START_BYTES = 1 << 30
+
+
+def warm_start(plan: Plan, nbytes: int = WARM_START_BYTES) -> None:
     """Ask the kernel to read ahead the first `nbytes` the pipeline will read (POSIX_FADV_WILLNEED,
     adjacent tensors as one range), on a daemon thread: the disk starts while the GPU does
     (shardquant/convert.py), and the first reads come from the page cache. Files of a hub source
@@ -55,7 +62,7 @@ def warm_start(plan: Plan, nbytes: int = PREFETCH_BYTES) -> None:
     _hint(ranges, ck.hub, "warm-start")
 
 
-def early_warm_start(src: str, nbytes: int = PREFETCH_BYTES // 2) -> None:
+def early_warm_start(src: str, nbytes: int = EARLY_WARM_START_BYTES) -> None:
     """Before the headers are read and the plan made: a local source's first shard (by name, the
     order shardquant/source.py scan reads and the plan's first units come from) read ahead from its
     start, header included, so the disk works while Python plans. warm_start then names the exact
@@ -468,7 +475,7 @@ def _device_bytes(g) -> int | float:
 
 
 class _Devices:
-    """One worker thread per lane (a GPU's lanes, shardquant/backend.py DEVICE_LANES; the one CPU
+    """One worker thread per lane (a GPU's lanes, plan.device_lanes; the one CPU
     backend). Each quantizes whole groups; outputs are written strictly in plan order."""
 
     def __init__(self, lanes: list, work, stop: threading.Event):
@@ -693,6 +700,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         sources = hasher.finish()
         trace.mark("pipeline", reader_wait_s=round(reader.waited, 3), writer_idle_s=round(writer.idle, 3),
                    writer_sync_s=round(shards.synced, 3),
+                   **{f"writer_{k}": round(v, 3) for k, v in od.times.items()},
                    device_busy_s=round(devices.busy, 3),
                    device_put_wait_s=round(devices.put_wait, 3), hash_busy_s=round(hasher.busy, 3),
                    hash_finish_s=round(time.perf_counter() - t_hash, 3), hash_extra_bytes=hasher.extra_bytes,

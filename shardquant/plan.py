@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -34,8 +35,20 @@ MX_SOURCE = ("cast", "requantize")  # what becomes of MXFP4 source weights (make
 # Groups a GPU quantizes at once, each on its own thread and CUDA stream (shardquant/backend.py
 # CupyBackend.lanes): one group's uploads, host copies and synchronizations overlap the other's
 # kernels. Per-expert quantizers are small (6,000+ on a 30B MoE): one lane spends most of its time
-# waiting on them (docs/benchmarks/README.md, device lanes).
+# waiting on them (docs/benchmarks/README.md, device lanes). SHARDQUANT_DEVICE_LANES sets another
+# number, as SHARDQUANT_THREADS does the CPU's threads (tools/bench.py --lanes compares them).
 DEVICE_LANES = 2
+
+
+def device_lanes() -> int:
+    raw = os.environ.get("SHARDQUANT_DEVICE_LANES", "").strip()
+    if not raw:
+        return DEVICE_LANES
+    if not raw.isdecimal() or int(raw) < 1:
+        raise ShardquantError(f"SHARDQUANT_DEVICE_LANES must be a whole number of at least 1, not {raw!r}")
+    return int(raw)
+
+
 CAST_THREADS = 4  # members of a lossless cast read and cast at once (shardquant/pipeline.py cast_group)
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
@@ -137,7 +150,7 @@ class Plan:
         # a source stored quantized: each reader holds a weight's stored parts while it decodes them
         # (shardquant/encoding.py DecodedTensor; the decoded BF16 is what `held` counts)
         stored = max((getattr(t, "stored_bytes", 0) for t in self.checkpoint.tensors.values()), default=0)
-        lanes = DEVICE_LANES if self.device_memory is not None else 1
+        lanes = device_lanes() if self.device_memory is not None else 1
         return (held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + HASH_BEHIND_BYTES + (1 + lanes) * out + FIXED_OVERHEAD
                 + HASH_HOLD_BYTES
                 + READ_THREADS * stored)

@@ -23,6 +23,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from pathlib import Path
 
 from .errors import OutputError
@@ -82,6 +83,7 @@ class _Hasher:
 
     def __init__(self, sha):
         self.sha = sha
+        self.waited = 0.0  # seconds the writer waited for the hash to catch up (trace)
         self.q: queue.Queue = queue.Queue()
         self.cv = threading.Condition()
         self.behind = 0
@@ -95,7 +97,10 @@ class _Hasher:
             self.t = threading.Thread(target=self._work, name="shardquant-hash-output", daemon=True)
             self.t.start()
         with self.cv:
-            self.cv.wait_for(lambda: self.behind < HASH_BEHIND_BYTES)
+            if self.behind >= HASH_BEHIND_BYTES:
+                t0 = time.perf_counter()
+                self.cv.wait_for(lambda: self.behind < HASH_BEHIND_BYTES)
+                self.waited += time.perf_counter() - t0
             self.behind += mv.nbytes
         self.q.put(mv)  # the view keeps its buffer alive until hashed
 
@@ -139,6 +144,9 @@ class OutputDir:
     def __init__(self, path: Path, fd: int, token: str, created: bool):
         self.path, self.fd, self.token, self.created = path, fd, token, created
         self.hint = RESUME_HINT
+        # seconds the files written here spent in write calls, in starting write-back, and waiting for
+        # their hash to catch up (shardquant/pipeline.py puts them in the trace)
+        self.times = {"write_s": 0.0, "writeback_s": 0.0, "hash_wait_s": 0.0}
 
     @classmethod
     def open(cls, path: Path) -> "OutputDir":
@@ -359,7 +367,9 @@ class NewFile:
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
+        waited = self.hash.waited
         self.hash.update(mv)
+        t0 = time.perf_counter()
         try:
             while mv:
                 k = _sys("write", self.name, os.write, self.fd, mv[: 1 << 30])
@@ -367,7 +377,12 @@ class NewFile:
                 self.size += k
         except OSError as e:
             raise self.od.fail(self.name, "write failed", e) from None
+        t1 = time.perf_counter()
         self._start_writeback(WRITEBACK_BYTES)
+        times = self.od.times
+        times["write_s"] += t1 - t0
+        times["writeback_s"] += time.perf_counter() - t1
+        times["hash_wait_s"] += self.hash.waited - waited
 
     def _start_writeback(self, at_least: int) -> None:
         """Bytes written since the last call handed to the disk, once there are `at_least` of them."""

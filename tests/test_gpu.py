@@ -223,14 +223,15 @@ def test_whole_conversion_gpu_equals_cpu_byte_for_byte(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("source", ["bf16", "deepseek_v3", "kimi_k3"])
-def test_lanes_of_one_gpu_equal_cpu_per_expert(tmp_path, source):
-    """A GPU's lanes (plan.DEVICE_LANES: streams sharing one memory budget) quantize small groups at
+def test_lanes_of_one_gpu_equal_cpu_per_expert(tmp_path, monkeypatch, source):
+    """A GPU's lanes (plan.device_lanes: streams sharing one memory budget) quantize small groups at
     once: the per-expert policy's many quantizers give the CPU's bytes, with bf16, block-FP8
     (decoded on the GPU) and MXFP4 (cast on the host, one pool for the run) sources."""
-    from shardquant.backend import DEVICE_LANES
+    from shardquant.plan import DEVICE_LANES
     from shardquant.convert import convert
     from shardquant.testing_sources import SOURCES
 
+    monkeypatch.delenv("SHARDQUANT_DEVICE_LANES", raising=False)
     lanes = CupyBackend("cuda", 1 << 30).lanes()
     assert len(lanes) == DEVICE_LANES >= 2 and len({id(b.dev.stream) for b in lanes}) == DEVICE_LANES
     assert len({id(b.memory) for b in lanes}) == 1

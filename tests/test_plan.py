@@ -538,7 +538,7 @@ def test_units_follow_source_order(tmp_path):
     assert Counter(u.group is None for u in p.units)[False] == len(p.groups)
 
 
-def test_full_size_deepseek_v3_reads_each_byte_once_on_a_gpu(tmp_path):
+def test_full_size_deepseek_v3_reads_each_byte_once_on_a_gpu(tmp_path, monkeypatch):
     """DeepSeek-V3's real shapes (shared/LAYOUTS.md; 1.3 TB of bf16 as sparse files: real headers,
     data as holes). Shared policy, default 8 GiB host budget: each layer's expert gate/up group
     (256 experts x 2 x 2048 x 7168 bf16 = 15 GB) is read twice on the CPU, and held on the GPU (read
@@ -547,6 +547,7 @@ def test_full_size_deepseek_v3_reads_each_byte_once_on_a_gpu(tmp_path):
 
     from shardquant.convert import prepare
 
+    monkeypatch.delenv("SHARDQUANT_DEVICE_LANES", raising=False)
     model = testing.deepseek_v3(hidden=7168, layers=61, dense_layers=3, experts=256, inter=2048,
                                 dense_inter=18432, vocab=129280, q_lora=1536, kv_lora=512, rope=64, nope=128,
                                 v_dim=128, heads=128, mtp=1)
@@ -563,9 +564,32 @@ def test_full_size_deepseek_v3_reads_each_byte_once_on_a_gpu(tmp_path):
     assert {g.key for g in gpu.groups if g.on_device} == {g.key for g in big}
     # held member by member: the host bound is the CPU plan's (the largest group under the budget,
     # here a layer's expert down_proj set, 7.5 GB, plus fixed overheads), not 15 GB more; only one
-    # member's outputs more per further device lane (plan.DEVICE_LANES)
+    # member's outputs more per further device lane (plan.device_lanes)
     from shardquant.plan import DEVICE_LANES
 
     out = max(cpu.member_out_bytes(m) for g in cpu.groups for m in g.members)
     assert gpu.peak_bytes == cpu.peak_bytes + (DEVICE_LANES - 1) * out
     assert cpu.peak_bytes < gpu.peak_bytes < cpu.memory_budget + 3 * 2**30
+
+
+def test_device_lanes_from_the_environment(tmp_path, monkeypatch):
+    """SHARDQUANT_DEVICE_LANES sets a GPU's lanes (plan.device_lanes): each lane adds one member's
+    outputs to a GPU plan's memory bound (not a CPU plan's); a value that is not a whole number of
+    at least 1 is a clear error naming the variable."""
+    from shardquant.errors import ShardquantError
+    from shardquant.plan import DEVICE_LANES, device_lanes
+
+    ck = ckpt(tmp_path, testing.qwen3_moe(hidden=64, experts=8, inter=32, vocab=64))
+    monkeypatch.delenv("SHARDQUANT_DEVICE_LANES", raising=False)
+    assert device_lanes() == DEVICE_LANES
+    gpu, cpu = plan(ck), plan(ck)
+    gpu.device_memory = 1 << 30
+    out = max(gpu.member_out_bytes(m) for g in gpu.groups for m in g.members)
+    two = gpu.peak_bytes
+    assert two == cpu.peak_bytes + (DEVICE_LANES - 1) * out
+    monkeypatch.setenv("SHARDQUANT_DEVICE_LANES", "5")
+    assert device_lanes() == 5 and gpu.peak_bytes == two + (5 - DEVICE_LANES) * out
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("SHARDQUANT_DEVICE_LANES", bad)
+        with pytest.raises(ShardquantError, match=f"SHARDQUANT_DEVICE_LANES must be a whole number of at least 1, not '{re.escape(bad)}'"):
+            device_lanes()

@@ -140,6 +140,13 @@ def test_trace_milestones_in_order(tmp_path):
     assert len({e["pid"] for e in lines}) == 1 and len(lines) == len(order)  # each once
     (waits,) = [e for e in lines if e["event"] == "pipeline"]  # where the pipeline waited, for tools/bench.py
     assert waits["units"] > 0 and waits["reader_wait_s"] >= 0 and waits["writer_idle_s"] >= 0
+    # the writer's own time (shardquant/writer.py OutputDir.times): every field tools/bench.py reports
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).parent.parent / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert set(bench.PIPELINE_FIELDS) <= set(waits) and waits["writer_write_s"] > 0
 
 
 def test_no_trace_without_the_variable(tmp_path, monkeypatch):

@@ -205,16 +205,18 @@ def verify_once(src: Path, out: Path, cold: bool, device: str = "auto") -> dict:
 
 
 def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, pythonpath: str | None = None,
-                 policy: str = "shared", scale_search: str = "none") -> dict:
+                 policy: str = "shared", scale_search: str = "none", env_extra: dict | None = None) -> dict:
     """One conversion in a fresh interpreter: its own timing, bytes read and peak RSS, and its
     milestones (shardquant/trace.py) in seconds after the interpreter was started. With
-    `pythonpath`, the shardquant package found there runs (an earlier release, for --vs)."""
+    `pythonpath`, the shardquant package found there runs (an earlier release, for --vs); with
+    `env_extra`, under those environment settings (--vs-env)."""
     shutil.rmtree(out, ignore_errors=True)
     if cold:
         drop_cache(sorted(src.glob("*.safetensors")))
     log = out.parent / "trace.jsonl"
     log.unlink(missing_ok=True)
-    env = dict(os.environ, SHARDQUANT_TRACE=str(log), **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    env = dict(os.environ, SHARDQUANT_TRACE=str(log), **({"PYTHONPATH": pythonpath} if pythonpath else {}),
+               **(env_extra or {}))
     spawned = time.time()
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), fmt, device, policy, scale_search],
@@ -231,8 +233,9 @@ def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, python
 
 
 # the pipeline's own accounts (shardquant/pipeline.py run, trace mark "pipeline")
-PIPELINE_FIELDS = ("reader_wait_s", "writer_idle_s", "writer_sync_s", "device_busy_s", "device_put_wait_s",
-                   "hash_busy_s", "hash_finish_s", "hash_extra_bytes")
+PIPELINE_FIELDS = ("reader_wait_s", "writer_idle_s", "writer_sync_s", "writer_write_s", "writer_writeback_s",
+                   "writer_hash_wait_s", "device_busy_s", "device_put_wait_s", "hash_busy_s", "hash_finish_s",
+                   "hash_extra_bytes")
 
 
 def read_trace(path: Path) -> dict[str, float]:
@@ -280,7 +283,7 @@ def summarize(args, size: float, fmt: str, policy: str, rows: list[dict], result
         res["verify_wall_gb_s"] = rows[0]["vread_bytes"] / vmed["verify_wall"] / 1e9
         res["verify_read_gb_s"] = rows[0]["vread_bytes"] / vmed["vread_s"] / 1e9
         res["verify_over_read"] = vmed["vread_s"] / vmed["verify_s"]
-    if args.vs:  # pairwise ratios (this / --vs), each pair run back to back
+    if args.vs or args.vs_env:  # pairwise ratios (this / --vs, --vs-env), each pair run back to back
         for k in ("ratio_seconds", "ratio_wall", "vs_seconds", "vs_wall"):
             res[k] = statistics.median(r[k] for r in rows)
     if args.scale_search != "none":  # medians of each, and searched over RTN (ratio of the medians)
@@ -318,10 +321,16 @@ def main() -> None:
     ap.add_argument("--vs", metavar="PYTHONPATH", default=None,
                     help="also run the shardquant package found under this path (e.g. an earlier release "
                          "unpacked with `git archive`), alternating with this one; report the time ratio")
+    ap.add_argument("--vs-env", metavar="KEY=VALUE", action="append", default=[],
+                    help="run the --vs baseline (this package when --vs is not given) with this environment "
+                         "setting, e.g. SHARDQUANT_DEVICE_LANES=1 (repeatable)")
     ap.add_argument("--scale-search", default="none", choices=("none", "mse"),
                     help="also convert with this --scale-search, alternating with round to nearest on the same "
                          "files; report both medians and their ratio (issue 12: mse at most 1.5x RTN on an H200)")
     args = ap.parse_args()
+    vs_env = dict(kv.split("=", 1) for kv in args.vs_env if "=" in kv)
+    if len(vs_env) != len(args.vs_env):
+        ap.error("--vs-env takes KEY=VALUE")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.device != "cpu":  # compiled kernels are cached across runs (shardquant/cuda): a fresh machine
@@ -346,8 +355,9 @@ def main() -> None:
                     if args.baselines == "all" or both is None:
                         both = read_and_write(src, work, info["output_bytes"], args.cold)
                     info["both_s"] = both
-                    if args.vs:
-                        base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs, policy)
+                    if args.vs or vs_env:
+                        base = convert_once(src, work / "out", fmt, args.device, args.cold, args.vs, policy,
+                                            env_extra=vs_env)
                         info["vs_seconds"], info["vs_wall"] = base["seconds"], base["wall"]
                         info["ratio_seconds"], info["ratio_wall"] = info["seconds"] / base["seconds"], info["wall"] / base["wall"]
                     if args.scale_search != "none":  # the same conversion with searched scales, right after RTN's
