@@ -72,12 +72,13 @@ START_WRITEBACK = _writeback_starter()
 WRITEBACK_BYTES = 8 << 20  # written bytes handed to START_WRITEBACK at once: one call per tensor is a
 # system call per 4-byte global scale, and each may wait for the disk's queue
 HASH_BEHIND_BYTES = 128 << 20  # written bytes a file's hasher may still have to hash (_Hasher)
-HASH_BEHIND_MIN = 1 << 20  # a write this large starts the file's hashing thread
+HASH_BEHIND_MIN = 1 << 20  # a file this large so far has its hashing thread (a shard's expert outputs
+# are each below 1 MiB on a 30B MoE: the file's size decides, not the write's)
 
 
 class _Hasher:
-    """A file's SHA-256 over its bytes in write order, on a thread of its own once a write of
-    HASH_BEHIND_MIN bytes or more comes: the writer's write calls and the hash then run at once (each
+    """A file's SHA-256 over its bytes in write order, on a thread of its own once the file has
+    HASH_BEHIND_MIN bytes or more: the writer's write calls and the hash then run at once (each
     about half of the writer thread's time per byte; docs/benchmarks/README.md, write-behind and
     hash-behind), at most HASH_BEHIND_BYTES behind. Small files are hashed inline."""
 
@@ -87,10 +88,12 @@ class _Hasher:
         self.q: queue.Queue = queue.Queue()
         self.cv = threading.Condition()
         self.behind = 0
+        self.seen = 0  # bytes handed in
         self.t: threading.Thread | None = None
 
     def update(self, mv: memoryview) -> None:
-        if self.t is None and mv.nbytes < HASH_BEHIND_MIN:
+        self.seen += mv.nbytes
+        if self.t is None and self.seen < HASH_BEHIND_MIN:
             self.sha.update(mv)
             return
         if self.t is None:

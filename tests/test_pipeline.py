@@ -204,11 +204,12 @@ def test_every_output_byte_is_handed_to_the_disk_as_it_is_written(src, tmp_path,
         assert ranges[-1][0] + ranges[-1][1] == p.stat().st_size
 
 
-@pytest.mark.parametrize("behind_min", [1, 1 << 40])
+@pytest.mark.parametrize("behind_min", [1, 5000, 1 << 40])
 def test_output_hash_behind_the_writes_is_the_files_hash(tmp_path, monkeypatch, behind_min):
     """shardquant/writer.py _Hasher: a file's SHA-256, hashed on its own thread behind the writes (at
-    most HASH_BEHIND_BYTES behind) or inline, is the hash of the bytes on disk, at each checkpoint
-    (the prefix written so far) and at commit; nothing is left running."""
+    most HASH_BEHIND_BYTES behind) from its first byte, from its 5000th (small writes before, inline)
+    or never, is the hash of the bytes on disk, at each checkpoint (the prefix written so far) and at
+    commit; nothing is left running."""
     import hashlib
     import threading
 
