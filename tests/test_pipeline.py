@@ -368,3 +368,38 @@ def test_lanes_of_one_device_write_the_same_bytes_within_its_memory(src, tmp_pat
     assert names == sorted(p.name for p in (tmp_path / "many").iterdir())
     for n in names:
         assert filecmp.cmp(tmp_path / "one" / n, tmp_path / "many" / n, shallow=False), n
+
+
+def test_error_on_one_lane_ends_cleanly_while_another_waits_for_memory(tmp_path, monkeypatch):
+    """A NaN in one group while the other lanes wait for the device's memory (a 60 KB budget: one
+    shared expert group at a time): the run ends with the NaN's error naming the tensor, promptly,
+    no lane left waiting, the output not mistaken for a finished one."""
+    import threading
+
+    model = qwen3_moe(hidden=64, layers=3, experts=6, inter=32)
+    bad = "model.layers.1.mlp.experts.2.down_proj.weight"
+
+    def data(spec, rng):
+        raw = random_data(spec, rng)
+        if spec[0] == bad:
+            raw[1, 1] = 0x7F80  # bf16 +Inf
+        return raw
+
+    src = write_checkpoint(tmp_path / "src", model, shard_bytes=60_000, data=data)
+    monkeypatch.setattr(conv, "get_backends", lambda *a: [LaneBackend(60_000, 3, [])])
+    t0 = time.perf_counter()
+    with pytest.raises(NumericError, match=bad.replace(".", r"\.")):
+        conv.convert(str(src), tmp_path / "out", "nvfp4", device="cpu")
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    time.sleep(0.5)  # a lane still waiting gives up within its 0.1 s poll of the stop event
+    assert not [t for t in threading.enumerate() if t.name in ("shardquant-device", "shardquant-hash-output")
+                and t.is_alive() and _waiting_for_memory(t)]
+
+
+def _waiting_for_memory(t) -> bool:
+    import sys
+    import traceback
+
+    frame = sys._current_frames().get(t.ident)
+    return frame is not None and any(f.name == "hold" for f in traceback.extract_stack(frame))
