@@ -372,7 +372,9 @@ def main() -> None:
                     rows_of[policy].append({"read_s": rt, "read_bytes": nread, "write_s": wt, **info})
                     print(f"# {size:g} {args.encoding} {fmt} {policy} run {len(rows_of[policy])}: in run "
                           f"{info['seconds']:.2f} s, whole process {info['wall']:.2f} s, read+write at once "
-                          f"{both:.2f} s", file=sys.stderr, flush=True)
+                          f"{both:.2f} s" + (f"; baseline (--vs, --vs-env) in run {info['vs_seconds']:.2f} s, whole "
+                                             f"process {info['vs_wall']:.2f} s" if "vs_seconds" in info else ""),
+                          file=sys.stderr, flush=True)
             for policy in policies:
                 summarize(args, size, fmt, policy, rows_of[policy], results)
         if not args.keep:
