@@ -20,7 +20,7 @@ from .journal import SHARD_METADATA, Journal
 from .encoding import Encoded, f32_to_bf16
 from .errors import NumericError
 from .provenance import SourceHasher
-from .plan import CAST_THREADS, PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
+from .plan import CAST_THREADS, JOB_BYTES, PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
 from .st import encode_header, read_raw
 from .writer import NewFile, OutputDir
 
@@ -434,34 +434,42 @@ _DONE = object()
 
 class _Job:
     """One unit's outputs, in plan order, handed from the device that computes them to the
-    writer. Bounded, so a device that runs ahead waits instead of piling outputs up."""
+    writer. Bounded by bytes (JOB_BYTES, or one output of any size), so a device that runs ahead
+    waits instead of piling outputs up: plan.Plan.peak_bytes counts JOB_BYTES per job in flight."""
 
     def __init__(self, stop: threading.Event, items: list | None = None):
-        self.q: queue.Queue = queue.Queue(maxsize=16)
+        self.q: queue.Queue = queue.Queue()  # (item, its bytes counted against JOB_BYTES)
+        self.cv = threading.Condition()
+        self.queued = 0
         self.stop = stop
         self.waited = 0.0  # seconds the device waited for the writer side to take its outputs (trace)
-        for it in items or ():
-            self.q.put(it)
+        for it in items or ():  # a kept tensor: its bytes are the read budget's until written
+            self.q.put((it, 0))
 
     def put(self, item) -> None:
         if self.stop.is_set():  # the run is failing or interrupted: a device stops at its next output
             raise _Aborted()
-        try:
-            self.q.put_nowait(item)
-            return
-        except queue.Full:
-            pass
-        t0 = time.perf_counter()
-        try:
-            while True:
+        n = item[1].nbytes if isinstance(item, tuple) else 0
+        with self.cv:
+            if self.queued and self.queued + n > JOB_BYTES:
+                t0 = time.perf_counter()
                 try:
-                    self.q.put(item, timeout=0.1)
-                    return
-                except queue.Full:
-                    if self.stop.is_set():
-                        raise _Aborted() from None
-        finally:
-            self.waited += time.perf_counter() - t0
+                    while self.queued and self.queued + n > JOB_BYTES:
+                        if self.stop.is_set():
+                            raise _Aborted()
+                        self.cv.wait(0.1)
+                finally:
+                    self.waited += time.perf_counter() - t0
+            self.queued += n
+        self.q.put((item, n))
+
+    def get(self):
+        item, n = self.q.get()
+        if n:
+            with self.cv:
+                self.queued -= n
+                self.cv.notify_all()
+        return item
 
 
 def _device_bytes(g) -> int | float:
@@ -671,7 +679,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
 
     def drain_one() -> None:
         job = pending.popleft()
-        while (item := job.q.get()) is not _DONE:
+        while (item := job.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
             name, arr, release, done = item

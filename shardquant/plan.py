@@ -51,6 +51,7 @@ def device_lanes() -> int:
 
 CAST_THREADS = 4  # members of a lossless cast read and cast at once (shardquant/pipeline.py cast_group)
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
+JOB_BYTES = 64 * 2**20  # outputs of one group waiting for the groups before it (shardquant/pipeline.py _Job)
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
 # Source tensors read ahead of a file's hash cursor, held until the gap before them is read
 # (shardquant/provenance.py); past this, the file's rest is hashed by a second read at the end.
@@ -143,16 +144,18 @@ class Plan:
     def peak_bytes(self) -> int:
         """Bound on resident memory: the largest group held at once (or, for a group read twice or
         held on the GPU, its largest member), the read-ahead, the write queue, one member's outputs
-        being written and one being made per device lane, the output written but not yet hashed
-        (shardquant/writer.py), the source hasher's out-of-order hold and a fixed overhead."""
+        being written and one being made per device lane, the outputs of the groups in flight (two per
+        lane, each at most JOB_BYTES or one output) waiting for the ones before them, the output written
+        but not yet hashed (shardquant/writer.py), the source hasher's out-of-order hold and a fixed
+        overhead."""
         held = max((_held(u) for u in self.units), default=0)
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
         # a source stored quantized: each reader holds a weight's stored parts while it decodes them
         # (shardquant/encoding.py DecodedTensor; the decoded BF16 is what `held` counts)
         stored = max((getattr(t, "stored_bytes", 0) for t in self.checkpoint.tensors.values()), default=0)
         lanes = device_lanes() if self.device_memory is not None else 1
-        return (held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + HASH_BEHIND_BYTES + (1 + lanes) * out + FIXED_OVERHEAD
-                + HASH_HOLD_BYTES
+        return (held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + HASH_BEHIND_BYTES + (1 + lanes) * out
+                + 2 * lanes * max(JOB_BYTES, out) + FIXED_OVERHEAD + HASH_HOLD_BYTES
                 + READ_THREADS * stored)
 
     def format_targets(self) -> dict[str, list[str]]:

@@ -403,3 +403,38 @@ def _waiting_for_memory(t) -> bool:
 
     frame = sys._current_frames().get(t.ident)
     return frame is not None and any(f.name == "hold" for f in traceback.extract_stack(frame))
+
+
+def test_a_groups_waiting_outputs_are_bounded_by_bytes(monkeypatch):
+    """shardquant/pipeline.py _Job: a lane's outputs wait for the writer side up to JOB_BYTES (or one
+    output of any size, so a large tensor still passes alone); the next put waits until enough is
+    taken, and ends with the run (the stop event) instead of waiting for ever."""
+    import threading
+
+    import numpy as np
+
+    from shardquant import pipeline
+
+    monkeypatch.setattr(pipeline, "JOB_BYTES", 1000)
+    stop = threading.Event()
+    job = pipeline._Job(stop)
+    big = ("w", np.zeros(5000, np.uint8), 0, 0)
+    job.put(big)  # alone: passes whatever its size
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (job.put(("s", np.zeros(10, np.uint8), 0, 0)), done.set()), daemon=True)
+    t.start()
+    time.sleep(0.3)
+    assert not done.is_set() and job.queued == 5000  # 5000 + 10 > 1000: waits
+    assert job.get() is big
+    assert _until(done.is_set) and job.queued == 10
+    for i in range(99):  # small ones up to the bound pass at once
+        job.put(("s", np.zeros(10, np.uint8), 0, 0))
+    assert job.queued == 1000
+    job.put(pipeline._DONE)  # markers and errors carry no bytes: never wait
+    stopped = []
+    t = threading.Thread(target=lambda: stopped.append(pytest.raises(pipeline._Aborted, job.put, big)), daemon=True)
+    t.start()
+    time.sleep(0.2)
+    stop.set()
+    t.join(5)
+    assert stopped and job.waited > 0

@@ -12,7 +12,7 @@ from shardquant import formats
 
 from shardquant import testing
 from shardquant.errors import PlanError, RuleError
-from shardquant.plan import FIXED_OVERHEAD, HASH_HOLD_BYTES, PREFETCH_BYTES, WRITE_AHEAD_BYTES, make_plan, module_name
+from shardquant.plan import FIXED_OVERHEAD, HASH_HOLD_BYTES, JOB_BYTES, PREFETCH_BYTES, WRITE_AHEAD_BYTES, make_plan, module_name
 from shardquant.writer import HASH_BEHIND_BYTES
 from shardquant.rules import QUANTIZE, Rule, RuleSet
 from shardquant.source import scan
@@ -514,9 +514,10 @@ def test_memory_budget_smaller_than_a_group(tmp_path):
     assert sum("exceeds the memory budget: read twice" in w for w in small.warnings) == 6
     # nvfp4 outputs of the largest member, q_proj [64, 64]: 64*32 + 64*4 + 4 bytes
     out = 64 * 32 + 64 * 4 + 4
-    # on the CPU (one lane): one member's outputs being written, one being made; the output not yet
-    # hashed (shardquant/writer.py)
-    fixed = PREFETCH_BYTES + WRITE_AHEAD_BYTES + HASH_BEHIND_BYTES + 2 * out + FIXED_OVERHEAD + HASH_HOLD_BYTES
+    # on the CPU (one lane): one member's outputs being written, one being made, two groups' outputs
+    # waiting (shardquant/pipeline.py _Job); the output not yet hashed (shardquant/writer.py)
+    fixed = (PREFETCH_BYTES + WRITE_AHEAD_BYTES + HASH_BEHIND_BYTES + 2 * out + 2 * JOB_BYTES + FIXED_OVERHEAD
+             + HASH_HOLD_BYTES)
     assert big.peak_bytes == 2 * 8 * 32 * 64 * 2 + fixed  # the whole gate_up group
     # two-pass groups hold one member at a time; the largest then is q_proj, o_proj or the embedding (8192 B)
     assert small.peak_bytes == 8192 + fixed
@@ -564,18 +565,18 @@ def test_full_size_deepseek_v3_reads_each_byte_once_on_a_gpu(tmp_path, monkeypat
     assert {g.key for g in gpu.groups if g.on_device} == {g.key for g in big}
     # held member by member: the host bound is the CPU plan's (the largest group under the budget,
     # here a layer's expert down_proj set, 7.5 GB, plus fixed overheads), not 15 GB more; only one
-    # member's outputs more per further device lane (plan.device_lanes)
+    # member's outputs more, and two groups' waiting outputs, per further device lane (plan.device_lanes)
     from shardquant.plan import DEVICE_LANES
 
     out = max(cpu.member_out_bytes(m) for g in cpu.groups for m in g.members)
-    assert gpu.peak_bytes == cpu.peak_bytes + (DEVICE_LANES - 1) * out
+    assert gpu.peak_bytes == cpu.peak_bytes + (DEVICE_LANES - 1) * (out + 2 * max(JOB_BYTES, out))
     assert cpu.peak_bytes < gpu.peak_bytes < cpu.memory_budget + 3 * 2**30
 
 
 def test_device_lanes_from_the_environment(tmp_path, monkeypatch):
     """SHARDQUANT_DEVICE_LANES sets a GPU's lanes (plan.device_lanes): each lane adds one member's
-    outputs to a GPU plan's memory bound (not a CPU plan's); a value that is not a whole number of
-    at least 1 is a clear error naming the variable."""
+    outputs and two groups' waiting outputs to a GPU plan's memory bound (not a CPU plan's); a value
+    that is not a whole number of at least 1 is a clear error naming the variable."""
     from shardquant.errors import ShardquantError
     from shardquant.plan import DEVICE_LANES, device_lanes
 
@@ -585,10 +586,11 @@ def test_device_lanes_from_the_environment(tmp_path, monkeypatch):
     gpu, cpu = plan(ck), plan(ck)
     gpu.device_memory = 1 << 30
     out = max(gpu.member_out_bytes(m) for g in gpu.groups for m in g.members)
+    lane = out + 2 * max(JOB_BYTES, out)
     two = gpu.peak_bytes
-    assert two == cpu.peak_bytes + (DEVICE_LANES - 1) * out
+    assert two == cpu.peak_bytes + (DEVICE_LANES - 1) * lane
     monkeypatch.setenv("SHARDQUANT_DEVICE_LANES", "5")
-    assert device_lanes() == 5 and gpu.peak_bytes == two + (5 - DEVICE_LANES) * out
+    assert device_lanes() == 5 and gpu.peak_bytes == two + (5 - DEVICE_LANES) * lane
     for bad in ("0", "two", "-1", "1.5"):
         monkeypatch.setenv("SHARDQUANT_DEVICE_LANES", bad)
         with pytest.raises(ShardquantError, match=f"SHARDQUANT_DEVICE_LANES must be a whole number of at least 1, not '{re.escape(bad)}'"):
