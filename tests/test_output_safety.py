@@ -337,8 +337,13 @@ def count_calls(src, tmp_path, monkeypatch) -> int:
     return seen["n"]
 
 
-def test_write_failure_at_sampled_calls_is_clean_and_resumes(src, clean, tmp_path, monkeypatch):
-    """A bounded sample of the sweep in tools/fault_sweep.py: failure at the N-th system call."""
+@pytest.mark.parametrize("hash_behind", [False, True])
+def test_write_failure_at_sampled_calls_is_clean_and_resumes(src, clean, tmp_path, monkeypatch, hash_behind):
+    """A bounded sample of the sweep in tools/fault_sweep.py: failure at the N-th system call; also
+    with every file hashed on its own thread from its first byte (shardquant/writer.py _Hasher: this
+    fixture's files are below HASH_BEHIND_MIN)."""
+    if hash_behind:
+        monkeypatch.setattr(writer, "HASH_BEHIND_MIN", 1)
     total = count_calls(src, tmp_path, monkeypatch)
     assert total > 50
     rng = random.Random(9)
@@ -351,6 +356,7 @@ def test_write_failure_at_sampled_calls_is_clean_and_resumes(src, clean, tmp_pat
             run(src, out)
         msg = str(e.value)
         assert "\n" not in msg and os.strerror(err) in msg and str(out) in msg, (seen["hit"], msg)
+        assert not [t for t in threading.enumerate() if t.name == "shardquant-hash-output"], n  # none left running
         monkeypatch.setattr(writer, "FAULT", None)
         assert not (out / INDEX).exists() or seen["hit"][1] in (INDEX, ".", JOURNAL_NAME, LOCK_NAME), seen
         run(src, out)  # no --force
