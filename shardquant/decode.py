@@ -15,6 +15,8 @@ comes from (the layouts, ModelOpt's cast and transformers' gpt-oss code); commen
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .errors import NumericError
@@ -192,6 +194,22 @@ def nvfp4_global_scale_for_mx(e8m0_arrays: list[np.ndarray], name: str = "weight
     return np.float32(np.ldexp(np.float32(1), m)), m
 
 
+@functools.lru_cache(maxsize=64)
+def _cast_table(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per source E8M0 byte b, for the global exponent m: the E4M3 code of 2^(b - 127 - m) (ONE_E4M3
+    where that is out of range) twice, one per 16-element half, in a uint16, so one gather gives a
+    weight's scales; and whether it is in range. Hand-written rather than arithmetic per block: the
+    cast is the whole work of an MXFP4 source (docs/benchmarks/README.md), and a group's members
+    share m, so the table is made once per group."""
+    d = np.arange(256) - (E8M0_BIAS + m)
+    fit = (d >= E4M3_KMIN) & (d <= E4M3_KMAX)
+    code = np.where(fit, POW2_E4M3[np.clip(d, E4M3_KMIN, E4M3_KMAX) - E4M3_KMIN], ONE_E4M3).astype(np.uint16)
+    pair = code * np.uint16(0x0101)
+    pair.setflags(write=False)
+    fit.setflags(write=False)
+    return pair, fit
+
+
 def mxfp4_to_nvfp4(packed: np.ndarray, e8m0: np.ndarray, group_e8m0_max: int | None = None,
                    name: str = "weight") -> tuple[np.ndarray, np.ndarray, np.float32, int]:
     """Cast one MXFP4 weight (packed E2M1 uint8 [out, in/2], low nibble first; E8M0 bytes [out, in/32])
@@ -229,13 +247,8 @@ def mxfp4_to_nvfp4(packed: np.ndarray, e8m0: np.ndarray, group_e8m0_max: int | N
                          "the group's maximum must cover every member")
     m = mx_global_exponent(gmax)
     s2 = np.float32(np.ldexp(np.float32(1), m))
-    # Per source byte b: the E4M3 code of 2^(b - 127 - m), ONE_E4M3 where that is out of range, twice
-    # (one per 16-element half) in a uint16, so one gather gives the scales. Hand-written rather than
-    # arithmetic per block: the cast is the whole work of an MXFP4 source (docs/benchmarks/README.md).
-    d = np.arange(256) - (E8M0_BIAS + m)
-    fit = (d >= E4M3_KMIN) & (d <= E4M3_KMAX)
-    code = np.where(fit, POW2_E4M3[np.clip(d, E4M3_KMIN, E4M3_KMAX) - E4M3_KMIN], ONE_E4M3).astype(np.uint16)
-    scales = (code * 0x0101)[e8m0].view(np.uint8).reshape(rows, nb * (MX_BLOCK // NV_BLOCK))
+    pair, fit = _cast_table(m)
+    scales = pair[e8m0].view(np.uint8).reshape(rows, nb * (MX_BLOCK // NV_BLOCK))
     if not e8m0.size or fit[int(e8m0.min())]:  # every byte between the least and the largest fits
         return np.ascontiguousarray(packed), scales, s2, 0
     fits = fit[e8m0]

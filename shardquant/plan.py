@@ -36,7 +36,7 @@ MX_SOURCE = ("cast", "requantize")  # what becomes of MXFP4 source weights (make
 # CupyBackend.lanes): one group's uploads, host copies and synchronizations overlap the other's
 # kernels. Per-expert quantizers are small (6,000+ on a 30B MoE): one lane spends most of its time
 # waiting on them (docs/benchmarks/README.md, device lanes). SHARDQUANT_DEVICE_LANES sets another
-# number, as SHARDQUANT_THREADS does the CPU's threads (tools/bench.py --lanes compares them).
+# number, as SHARDQUANT_THREADS does the CPU's threads (tools/bench.py --vs-env compares two).
 DEVICE_LANES = 2
 
 
