@@ -126,6 +126,7 @@ def convert(
     od = OutputDir.open(out)
     try:
         with Lock(od) as lock:
+            trace.mark("locked")
             return _convert_locked(plan, od, lock, backends, force, verify, progress, on_start)
     finally:
         od.close()
@@ -137,6 +138,7 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
     from .pipeline import run
 
     claim = claim_output(od, plan, force, lock.previous_tokens)
+    trace.mark("claimed")
     plan.warnings += claim.warnings
     name, where = backends[0].name, describe(backends)
     if claim.complete:

@@ -497,6 +497,14 @@ class View:
             return self.ck.config.get(key[len("model."):])
         raise KeyError(key)
 
+    def _signatures(self, keys: tuple[str, ...]) -> list[tuple]:
+        """Each quantized module's values of these predicate keys, as memo keys; made once per set
+        of keys (a table's rules ask few distinct sets, of thousands of modules)."""
+        cache = self.__dict__.setdefault("_sigs", {})
+        if keys not in cache:
+            cache[keys] = [tuple(_hashable(_module_value(self, m, k)) for k in keys) for m in self.quantized]
+        return cache[keys]
+
     def select(self, rule: Rule) -> list[Mod] | None:
         """The quantized modules a rule applies to, or None when it does not apply."""
         if rule.flavor != "any" and rule.flavor != self.flavor:
@@ -515,9 +523,9 @@ class View:
                 chosen.update((m.name, m) for m in self.quantized)
                 continue
             memo: dict[tuple, bool] = {}  # modules alike in every predicate value are decided once
+            keys = tuple(mk)
             hit = []
-            for m in self.quantized:
-                sig = tuple(_hashable(_module_value(self, m, k)) for k in mk)
+            for m, sig in zip(self.quantized, self._signatures(keys)):
                 if sig not in memo:
                     memo[sig] = all(_matches(v, _module_value(self, m, k)) for k, v in mk.items())
                 if memo[sig]:
@@ -613,10 +621,36 @@ def _no_match(mod: Mod, entries: tuple[str, ...]) -> str | None:
     return None
 
 
+# A checkpoint has thousands of modules and an exclude list tens of entries; most modules match
+# none. Each entry list is compiled once into one regex that finds whether any entry could match, so
+# only a module that some entry matches is searched entry by entry for the first (the engine's order).
+
+@functools.lru_cache(maxsize=64)
+def _any_fnmatch(entries: tuple[str, ...]) -> re.Pattern:
+    """Matches (re.match) a name that some entry fnmatches (fnmatch.fnmatchcase's own translation)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(e)})" for e in entries) or r"(?!)")
+
+
+@functools.lru_cache(maxsize=64)
+def _any_substring(entries: tuple[str, ...]) -> re.Pattern:
+    """Finds (re.search) a name that holds some non-empty entry as a substring."""
+    return re.compile("|".join(re.escape(e) for e in entries if e) or r"(?!)")
+
+
+@functools.lru_cache(maxsize=64)
+def _entry_set(entries: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(entries)
+
+
 def _substring_fnmatch(mod: Mod, entries: tuple[str, ...]) -> str | None:
     """Exact (the shard's own name, or the engine's fused/MoE layer name), then substring of the
     engine's layer name (also without `language_model.`), then an fnmatch wildcard."""
     plain = mod.prefix.replace("language_model.", "")
+    exact = _entry_set(entries)
+    if not ((not mod.moe_layer and mod.name in exact) or mod.prefix in exact
+            or _any_substring(entries).search(mod.prefix) or _any_substring(entries).search(plain)
+            or _any_fnmatch(entries).match(mod.prefix)):
+        return None
     for e in entries:
         if (not mod.moe_layer and e == mod.name) or e == mod.prefix:
             return e
@@ -660,6 +694,9 @@ def _exact_re_suffix(mod: Mod, entries: tuple[str, ...]) -> str | None:
 
 
 def _fnmatch(mod: Mod, entries: tuple[str, ...]) -> str | None:
+    if not (mod.name in _entry_set(entries) or _any_fnmatch(entries).match(mod.name)
+            or _any_fnmatch(entries).match(mod.prefix)):
+        return None
     for e in entries:
         if e == mod.name or fnmatch.fnmatchcase(mod.name, e) or fnmatch.fnmatchcase(mod.prefix, e):
             return e
@@ -875,39 +912,51 @@ def check_module_spec(view: View, mods: list[Mod], p: dict) -> list[tuple[str, s
     (`a|b`: either name) present with a dtype, a shape (expressions over out, in, group, b0, b1) or a
     number of elements; `optional` roles are checked only when present."""
     out = []
+    memo: dict[tuple, list[str]] = {}  # modules alike in everything checked (most experts) are checked once
+    roles = [role.split("|") for role in p.get("tensors", {})]
     for m in mods:
-        bad = []
-        for k, want in p.get("scheme", {}).items():
-            if not _matches(want, m.scheme.get(k)):
-                bad.append(f"{k} is {_short(m.scheme.get(k))}, not {_short(want)}")
         env = _env(view, m)
-        for dim, by in p.get("divisible", {}).items():
-            have, div = env.get(dim), _value(by, env)
-            if have is not None and div and Fraction(have) % div:
-                bad.append(f"{dim} {have} is not a multiple of {div}")
-        for role, spec in p.get("tensors", {}).items():
-            names = role.split("|")
-            t = next((m.tensor(r) for r in names if m.tensor(r) is not None), None)
-            if t is None:
-                if not spec.get("optional"):
-                    bad.append(f"no {' or '.join(names)}")
-                continue
-            dts = _dtypes(spec.get("dtype"), view)
-            if dts is not None and t.dtype not in dts:
-                bad.append(f"{t.name.rsplit('.', 1)[-1]} is {t.dtype}, not {' or '.join(dts)}")
-            if "numel" in spec and t.numel != spec["numel"]:
-                bad.append(f"{t.name.rsplit('.', 1)[-1]} {list(t.shape)} has {t.numel} elements, not {spec['numel']}")
-            if "shape" in spec:
-                want = [_value(x, env) for x in spec["shape"]]
-                if None not in want:
-                    ok = all(w.denominator == 1 for w in want) and tuple(int(w) for w in want) == t.shape
-                    if not ok:
-                        shown = [int(w) if w.denominator == 1 else float(w) for w in want]
-                        bad.append(f"{t.name.rsplit('.', 1)[-1]} {list(t.shape)}, not {shown} "
-                                   f"({', '.join(map(str, spec['shape']))})")
-        if bad:
-            out.append((m.name, "; ".join(bad)))
+        found = [next((m.tensor(r) for r in names if m.tensor(r) is not None), None) for names in roles]
+        sig = (tuple(_hashable(m.scheme.get(k)) for k in p.get("scheme", {})), tuple(env.items()),
+               tuple(None if t is None else (t.name.rsplit(".", 1)[-1], t.dtype, t.shape, t.numel) for t in found))
+        if sig not in memo:
+            memo[sig] = _module_spec_problems(view, m, p, env, found)
+        if memo[sig]:
+            out.append((m.name, "; ".join(memo[sig])))
     return out
+
+
+def _module_spec_problems(view: View, m: Mod, p: dict, env: dict, found: list) -> list[str]:
+    """check_module_spec's findings on one module: `env` its shape variables, `found` the tensor
+    filling each role of p["tensors"] (None: absent)."""
+    bad = []
+    for k, want in p.get("scheme", {}).items():
+        if not _matches(want, m.scheme.get(k)):
+            bad.append(f"{k} is {_short(m.scheme.get(k))}, not {_short(want)}")
+    for dim, by in p.get("divisible", {}).items():
+        have, div = env.get(dim), _value(by, env)
+        if have is not None and div and Fraction(have) % div:
+            bad.append(f"{dim} {have} is not a multiple of {div}")
+    for (role, spec), t in zip(p.get("tensors", {}).items(), found):
+        names = role.split("|")
+        if t is None:
+            if not spec.get("optional"):
+                bad.append(f"no {' or '.join(names)}")
+            continue
+        dts = _dtypes(spec.get("dtype"), view)
+        if dts is not None and t.dtype not in dts:
+            bad.append(f"{t.name.rsplit('.', 1)[-1]} is {t.dtype}, not {' or '.join(dts)}")
+        if "numel" in spec and t.numel != spec["numel"]:
+            bad.append(f"{t.name.rsplit('.', 1)[-1]} {list(t.shape)} has {t.numel} elements, not {spec['numel']}")
+        if "shape" in spec:
+            want = [_value(x, env) for x in spec["shape"]]
+            if None not in want:
+                ok = all(w.denominator == 1 for w in want) and tuple(int(w) for w in want) == t.shape
+                if not ok:
+                    shown = [int(w) if w.denominator == 1 else float(w) for w in want]
+                    bad.append(f"{t.name.rsplit('.', 1)[-1]} {list(t.shape)}, not {shown} "
+                               f"({', '.join(map(str, spec['shape']))})")
+    return bad
 
 
 def _fused_sets_of(view: View, mods: list[Mod]) -> dict[str, list[Mod]]:

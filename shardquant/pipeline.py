@@ -100,6 +100,7 @@ def _hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
             for fd in fds.values():
                 if fd >= 0:
                     os.close(fd)
+            trace.mark(f"{mark}-asked")  # the hint's system calls returned (they may wait for the disk)
 
     threading.Thread(target=hint, name="shardquant-warm-start", daemon=True).start()
 
@@ -165,6 +166,7 @@ class _Reader:
             self.cv.notify_all()
 
     def _work(self) -> None:
+        trace.mark("reader-start")
         # READ_THREADS reads in flight: a disk serves several outstanding requests faster than one.
         pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shardquant-read")
         try:

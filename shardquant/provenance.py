@@ -104,12 +104,13 @@ class SourceHasher:
         spans: dict[Path, list[tuple[int, int]]] = {}
         for t in ck.stored_tensors.values():
             spans.setdefault(t.file, []).append((t.offset, t.nbytes))
+        shard_set = set(ck.shards)  # a set: a checkpoint of hundreds of shards has thousands of spans
         for p in source_files(ck):
             if p.name in skip_files:
                 self.results[p.name] = dict(skip_files[p.name])
                 continue
             sp = sorted(spans.get(p, []))
-            self.files[p] = _File(p, sp, {o for o, _ in sp if (p.name, o) in unread or p not in ck.shards})
+            self.files[p] = _File(p, sp, {o for o, _ in sp if p not in shard_set or (p.name, o) in unread})
         # consecutive shards go to different threads: the conversion reads them roughly in turn
         shards = [f for f in self.files.values() if f.spans]
         others = [f for f in self.files.values() if not f.spans]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 
 from shardquant import engines, formats, testing
@@ -452,6 +454,19 @@ def test_every_rule_has_a_case_that_violates_exactly_it(qualified, tmp_path):
         assert not mine and verdict.served
 
 
+def test_module_checks_name_each_odd_expert_among_alike_ones(tmp_path):
+    """Modules alike in everything a check reads are judged once (shardquant/engines.py
+    check_module_spec, View.select): an expert unlike its siblings in one scale's shape, or in a
+    second role's dtype, is still found, by name, and its alike siblings are not."""
+    ck = make("mo-nvfp4a16", moe=True)
+    ck.set(f"{E1}.down_proj.weight_scale", shape=(128, 4))
+    ck.set(f"{L0}.mlp.experts.0.up_proj.weight_scale_2", dtype="BF16")
+    found = [f for f in findings(ck.write(tmp_path / "odd"), "vllm") if f.rule.id == "modelopt-nvfp4-shapes"]
+    assert sorted(f.name for f in found) == [f"{L0}.mlp.experts.0.up_proj", f"{E1}.down_proj"], [f.what for f in found]
+    assert "weight_scale [128, 4]" in next(f.what for f in found if f.name.startswith(E1))
+    assert "weight_scale_2 is BF16" in next(f.what for f in found if f.name.endswith("experts.0.up_proj"))
+
+
 def test_cases_name_only_rules_of_the_table():
     assert set(CASES) == {tuple(q.split(":", 1)) for q in RULE_IDS}
 
@@ -538,6 +553,49 @@ def _mod(name: str, moe_layer: str | None = None, prefix: str | None = None) -> 
 def test_exclude_matching_per_engine(mode, module, prefix, entry, want):
     mod = _mod(module, moe_layer=module.rsplit(".", 2)[0] if ".experts." in module else None, prefix=prefix)
     assert (engines.MATCHERS[mode](mod, (entry,)) == entry) is want
+
+
+def _first_substring_fnmatch(mod, entries):
+    """The substring-fnmatch rule as docs/formats.md states it, entry by entry (the reference for
+    the compiled search in shardquant/engines.py)."""
+    import fnmatch
+    plain = mod.prefix.replace("language_model.", "")
+    for e in entries:
+        if (not mod.moe_layer and e == mod.name) or e == mod.prefix:
+            return e
+    for e in entries:
+        if e and (e in mod.prefix or e in plain) or fnmatch.fnmatchcase(mod.prefix, e):
+            return e
+    return None
+
+
+def _first_fnmatch(mod, entries):
+    import fnmatch
+    return next((e for e in entries if e == mod.name or fnmatch.fnmatchcase(mod.name, e)
+                 or fnmatch.fnmatchcase(mod.prefix, e)), None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([
+    "lm_head", "model.layers.3.mlp.gate", "model.layers.*.self_attn.o_proj", "layers.0.mlp.down_proj", "",
+    "model.layers.1[0].mlp.gate", "*experts.1*", "model.layers.?.mlp.experts.2.up_proj", "o_proj", "re:.*gate$",
+    "model.layers.3.mlp.experts", "[!m]*", "model.layers.10.mlp.gate", "model.layers.0.mlp.down_proj",
+    "mm.layers.0"]),
+    max_size=6, unique=True),
+    st.sampled_from(["model.layers.3.mlp.gate_proj", "model.layers.3.mlp.experts.1.up_proj",
+                     "model.layers.7.self_attn.o_proj", "model.language_model.layers.0.mlp.down_proj",
+                     "model.layers.10.mlp.gate", "lm_head", "model.layers.1[0].mlp.gate",
+                     "mm.language_model.layers.0.mlp.down_proj"]),
+    st.sampled_from([None, "gate_up_proj"]))
+def test_exclude_matching_finds_the_first_entry_of_many(entries, module, fused):
+    """Many entries at once: the compiled any-entry search returns what checking each entry in
+    order returns (which entry, or none), wildcards, brackets, substrings and empty entries included."""
+    moe = module.rsplit(".", 2)[0] if ".experts." in module else None
+    prefix = module.rsplit(".", 1)[0] + "." + fused if fused and not moe else None
+    mod = _mod(module, moe_layer=moe, prefix=prefix)
+    entries = tuple(entries)
+    assert engines.MATCHERS["substring-fnmatch"](mod, entries) == _first_substring_fnmatch(mod, entries)
+    assert engines.MATCHERS["fnmatch"](mod, entries) == _first_fnmatch(mod, entries)
 
 
 def test_compressed_tensors_groups_resolve_by_name_regex_then_class(tmp_path):

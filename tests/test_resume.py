@@ -278,3 +278,21 @@ def test_cli_says_resumed_and_complete(src, tmp_path):
     assert CliRunner().invoke(main, args + ["-q"]).exit_code == 0
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "already complete" in r.output and "nothing written" in r.output
+
+
+def test_recipe_once_per_plan_and_each_plan_its_own(src):
+    """The recipe (what decides the output bytes) is made once per plan and asked again from it;
+    another plan gets its own: the same choices give the same recipe, another policy or shard size
+    another one (shardquant/journal.py recipe)."""
+    from shardquant.journal import recipe
+
+    a = conv.prepare(str(src), "nvfp4", max_shard_size=40_000)
+    first = recipe(a)
+    assert recipe(a) == first
+    assert recipe(conv.prepare(str(src), "nvfp4", max_shard_size=40_000)) == first
+    others = {recipe(conv.prepare(str(src), "nvfp4", max_shard_size=40_000, expert_policy="per-expert")),
+              recipe(conv.prepare(str(src), "nvfp4", max_shard_size=80_000)),
+              recipe(conv.prepare(str(src), "fp8", max_shard_size=40_000))}
+    assert first not in others and len(others) == 3
+    plans = [conv.prepare(str(src), "nvfp4", max_shard_size=40_000 + 1000 * i) for i in range(12)]  # past the cache
+    assert len({recipe(p) for p in plans}) == 12 and recipe(a) == first

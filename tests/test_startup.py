@@ -131,12 +131,16 @@ def test_trace_milestones_in_order(tmp_path):
     assert r.returncode == 0, r.stderr
     marks = trace.read(str(log))
     marks.pop("warm-start", None)  # only while the device is still starting when the plan is made
+    marks.pop("warm-start-asked", None)
     assert marks.pop("early-warm-start")["t"] >= marks["convert"]["t"]  # a hint on its own thread, before the plan
-    order = ["python-ready", "convert", "planned", "first-read", "pipeline", "finished"]
+    assert marks.pop("early-warm-start-asked")["t"] >= marks["convert"]["t"]  # its system calls returned
+    order = ["python-ready", "convert", "planned", "locked", "claimed", "reader-start", "first-read", "pipeline",
+             "finished"]
     assert list(marks) == order
     assert all(marks[a]["t"] <= marks[b]["t"] for a, b in zip(order, order[1:]))
     lines = [json.loads(x) for x in log.read_text().splitlines()]
-    lines = [e for e in lines if e["event"] not in ("warm-start", "early-warm-start")]
+    lines = [e for e in lines if e["event"] not in ("warm-start", "early-warm-start", "warm-start-asked",
+                                                    "early-warm-start-asked")]
     assert len({e["pid"] for e in lines}) == 1 and len(lines) == len(order)  # each once
     (waits,) = [e for e in lines if e["event"] == "pipeline"]  # where the pipeline waited, for tools/bench.py
     assert waits["units"] > 0 and waits["reader_wait_s"] >= 0 and waits["writer_idle_s"] >= 0
