@@ -256,7 +256,9 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     }
     index_bytes = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
     files[INDEX_NAME] = {"sha256": hashlib.sha256(index_bytes).hexdigest(), "size": len(index_bytes)}
+    trace.mark("configs-written")
     files[card.CARD_NAME] = _write_card(plan, od, scales, backend, sources)
+    trace.mark("card-written")
     keep = set(files) | {manifest.MANIFEST_NAME, JOURNAL_NAME}
     for stale in sorted(set(journal.files) - keep):
         od.remove(stale)  # written by an earlier conversion into this directory (its own record says so)

@@ -135,7 +135,7 @@ def test_trace_milestones_in_order(tmp_path):
     assert marks.pop("early-warm-start")["t"] >= marks["convert"]["t"]  # a hint on its own thread, before the plan
     assert marks.pop("early-warm-start-asked")["t"] >= marks["convert"]["t"]  # its system calls returned
     order = ["python-ready", "convert", "planned", "locked", "claimed", "reader-start", "first-read", "pipeline",
-             "finished"]
+             "configs-written", "card-written", "finished"]
     assert list(marks) == order
     assert all(marks[a]["t"] <= marks[b]["t"] for a, b in zip(order, order[1:]))
     lines = [json.loads(x) for x in log.read_text().splitlines()]
