@@ -143,14 +143,46 @@ def engine_verdicts(root: Path, tensors: dict) -> list:
     finished shards' headers (the index is written after the card)."""
     from . import engines
 
-    ordered = {t.name: t for t in sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))}
-    ck = engines.Checkpoint.read(Path(root), ordered)
-    out = []
-    for e in engines.tables().values():
-        lite = dataclasses.replace(e, rules=tuple(r for r in e.rules if r.check not in DATA_CHECKS))
-        view, found = engines.evaluate(lite, ck)
-        out.append(engines.Verdict(e, view.flavor, found, False))
-    return out
+    return Judging(engines.Checkpoint.read(Path(root), _ordered(tensors))).verdicts()
+
+
+def _ordered(tensors: dict) -> dict:
+    return {t.name: t for t in sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))}
+
+
+class Judging:
+    """engine_verdicts in two steps. Made (on a thread, while the shards are written: shardquant/convert.py)
+    from the configs and the headers the output will have: every rule that reads only those is judged
+    here. verdicts(), once the shards are finished: the rules that read values from them (fused sets'
+    scalars), then each engine's verdict, its findings in its table's order. A checkpoint of ~20k
+    tensors takes most of a second to judge; this way little of it is left for the end of a conversion."""
+
+    def __init__(self, ck) -> None:
+        from . import engines
+
+        self.parts = []
+        for e in engines.tables().values():
+            lite = dataclasses.replace(e, rules=tuple(r for r in e.rules if r.check not in DATA_CHECKS))
+            view = engines.View(lite, ck)
+            self.parts.append((e, view, [None if engines.CHECKS[r.check].values else engines.judge(view, r)
+                                         for r in lite.rules]))
+
+    @classmethod
+    def planned(cls, root: Path, configs: dict, tensors: dict) -> Judging:
+        """From the output's planned files: `configs` {file name: its JSON document}, `tensors` the headers."""
+        from . import engines
+
+        return cls(engines.Checkpoint.of(Path(root), configs.get("config.json"), configs.get("hf_quant_config.json"),
+                                         _ordered(tensors)))
+
+    def verdicts(self) -> list:
+        from . import engines
+
+        out = []
+        for e, view, found in self.parts:
+            got = [f for r, fs in zip(view.engine.rules, found) for f in (engines.judge(view, r) if fs is None else fs)]
+            out.append(engines.Verdict(e, view.flavor, got, False))
+        return out
 
 
 def _serve_lines(engine: str, flavor: str) -> list[str]:

@@ -94,6 +94,7 @@ def convert(
     plan = planned(lambda: budget_of(starting.result()))
     if not dry_run and not starting.done():
         warm_start(plan)  # the disk reads ahead while the GPU starts
+        recipe(plan)  # and the output's recipe is made (shardquant/journal.py: once per plan, asked at the claim)
     backends = starting.result()
     budget = budget_of(backends)
     if plan.device_memory is None:
@@ -152,12 +153,14 @@ def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force
     # a hub source: exactly the files the plan reads, downloading in the background from here; the
     # pipeline waits for each file before reading it (shardquant/hub.py Downloads)
     gate = start_fetch(plan.checkpoint, _read_order(plan), progress)
+    # the card's engine verdicts, judged from the planned configs and headers while the shards are written
+    judging = in_background(lambda: _judge_planned(plan, od.path), name="shardquant-card")
     try:
         read, scales, sources, extra, again = run(plan, od, backends, progress, claim.journal, claim.done,
                                                   claim.partial, gate)
         if gate is not None:
             gate.wait_all()  # the copied files (and any a resumed run had hashed already)
-        _finish(plan, od, claim.journal, scales, sources, name)
+        _finish(plan, od, claim.journal, scales, sources, name, judging)
         trace.mark("finished")
     finally:
         if gate is not None:
@@ -230,7 +233,58 @@ def finish_names(plan: Plan) -> list[str]:
     return names + [card.CARD_NAME, manifest.MANIFEST_NAME, INDEX_NAME]  # the model card, with or without a source README
 
 
-def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: dict, backend: str) -> None:
+def _configs(plan: Plan) -> dict[str, dict]:
+    """The JSON documents the output's config files hold: config.json (the source's, its
+    quantization_config replaced) and the flavor's own files (hf_quant_config.json)."""
+    out = {}
+    ck: Checkpoint = plan.checkpoint
+    if ck.config is not None:
+        cfg = dict(ck.config)
+        if isinstance(cfg.get("text_config"), dict) and "quantization_config" in cfg["text_config"]:
+            cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if k != "quantization_config"}
+        cfg["quantization_config"] = flavors.quantization_config(plan.flavor, plan.format, plan.exclude_modules,
+                                                                plan.format_targets())
+        out["config.json"] = cfg
+    out.update(flavors.config_files(plan.flavor, plan.format, plan.exclude_modules))
+    # as a reader of the files gets them (JSON has no tuples; keys are strings)
+    return {name: json.loads(json.dumps(doc)) for name, doc in out.items()}
+
+
+def _judge_planned(plan: Plan, root: Path) -> tuple[card.Judging, dict[str, bytes]]:
+    """The card's engine verdicts as far as the configs and headers decide them (shardquant/card.py
+    Judging), from the output's planned files: the config documents, and the shards' headers as the
+    writer will write them (encode_header of the plan's shards: shardquant/pipeline.py _Shards),
+    parsed as a reader parses them. Also each shard's header bytes, to check the written files against."""
+    from .journal import SHARD_METADATA
+    from .st import encode_header, parse_header
+
+    tensors, headers = {}, {}
+    for fname, ts in plan.shards:
+        raw = headers[fname] = encode_header(ts, SHARD_METADATA)
+        tensors.update(parse_header(root / fname, raw[8:], len(raw) - 8, len(raw) + sum(t.nbytes for t in ts)))
+    configs = _configs(plan)
+    for p in plan.checkpoint.extra_files:  # a source's own hf_quant_config.json is copied unless the flavor writes one
+        if p.name == "hf_quant_config.json" and p.name not in configs:
+            from .engines import load_json
+
+            configs[p.name] = load_json(p)
+    return card.Judging.planned(root, configs, tensors), headers
+
+
+def _as_planned(root: Path, headers: dict[str, bytes]) -> bool:
+    """Do the written shards start with the planned header bytes?"""
+    for fname, want in headers.items():
+        try:
+            with open(root / fname, "rb") as f:
+                if f.read(len(want)) != want:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
+def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: dict, backend: str,
+            judging=None) -> None:
     """Copied files, configs, the manifest (with every other file's size and SHA-256), then the
     index, whose presence marks a finished output; files of an earlier conversion that this one
     does not write are removed, and last the journal."""
@@ -241,15 +295,8 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     for p in ck.extra_files:
         if p.name not in ("config.json", card.CARD_NAME):  # the source's README.md goes into the card
             files[p.name] = _copy(p, od)
-    if ck.config is not None:
-        cfg = dict(ck.config)
-        if isinstance(cfg.get("text_config"), dict) and "quantization_config" in cfg["text_config"]:
-            cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if k != "quantization_config"}
-        cfg["quantization_config"] = flavors.quantization_config(plan.flavor, plan.format, plan.exclude_modules,
-                                                                plan.format_targets())
-        files["config.json"] = od.write_file("config.json", (json.dumps(cfg, indent=2) + "\n").encode())
-    for name, obj in flavors.config_files(plan.flavor, plan.format, plan.exclude_modules).items():
-        files[name] = od.write_file(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    for name, obj in _configs(plan).items():  # config.json keeps the source's key order
+        files[name] = od.write_file(name, (json.dumps(obj, indent=2, sort_keys=name != "config.json") + "\n").encode())
     index = {
         "metadata": {"total_size": plan.output_bytes},
         "weight_map": {t.name: fname for fname, ts in plan.shards for t in ts},
@@ -257,7 +304,7 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     index_bytes = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
     files[INDEX_NAME] = {"sha256": hashlib.sha256(index_bytes).hexdigest(), "size": len(index_bytes)}
     trace.mark("configs-written")
-    files[card.CARD_NAME] = _write_card(plan, od, scales, backend, sources)
+    files[card.CARD_NAME] = _write_card(plan, od, scales, backend, sources, judging)
     trace.mark("card-written")
     keep = set(files) | {manifest.MANIFEST_NAME, JOURNAL_NAME}
     for stale in sorted(set(journal.files) - keep):
@@ -269,11 +316,12 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     od.sync()
 
 
-def _write_card(plan: Plan, od: OutputDir, scales: dict, backend: str, sources: dict) -> dict:
+def _write_card(plan: Plan, od: OutputDir, scales: dict, backend: str, sources: dict, judging=None) -> dict:
     """README.md: the model card (shardquant/card.py), from the manifest's records (without its files
     table, which will list the card) and the engine verdicts on the shards and configs written so far.
     No verify results even with --verify, which runs after the index is written: the card's bytes are
-    the same with and without it (it says how to run verify)."""
+    the same with and without it (it says how to run verify). `judging`: the future of _judge_planned,
+    used where every shard holds the planned header (else the headers are read from the files)."""
     from .st import read_header
 
     src = next((p for p in plan.checkpoint.extra_files if p.name == card.CARD_NAME), None)
@@ -285,8 +333,12 @@ def _write_card(plan: Plan, od: OutputDir, scales: dict, backend: str, sources: 
         except OSError as e:
             raise SourceError(f"{src}: cannot read ({e.strerror or e})") from None
     doc = manifest.build(plan, scales, backend, {}, sources, recipe=recipe(plan))
-    tensors = {t.name: t for fname, _ in plan.shards for t in read_header(od.path / fname).values()}
-    verdicts = card.engine_verdicts(od.path, tensors)
+    judged, headers = judging.result() if judging is not None else (None, {})
+    if judged is not None and _as_planned(od.path, headers):
+        verdicts = judged.verdicts()
+    else:
+        tensors = {t.name: t for fname, _ in plan.shards for t in read_header(od.path / fname).values()}
+        verdicts = card.engine_verdicts(od.path, tensors)
     return od.write_file(card.CARD_NAME, card.model_card(plan, doc, None, text, verdicts).encode())
 
 

@@ -193,7 +193,8 @@ def _expressions(params: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # the checkpoint, as every engine sees it
 
-def _load_json(path: Path) -> object:
+def load_json(path: Path) -> object:
+    """A config file's JSON document as an engine gets it; None where it cannot be read or parsed."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError, UnicodeError):
@@ -222,13 +223,20 @@ class Checkpoint:
 
     @classmethod
     def read(cls, root: Path, tensors: dict[str, TensorInfo] | None = None) -> Checkpoint:
-        from .verify import modules, read_tensors  # verify imports this module inside verify()
+        from .verify import read_tensors  # verify imports this module inside verify()
 
-        cfg = _load_json(root / "config.json")
-        hf = _load_json(root / "hf_quant_config.json") if (root / "hf_quant_config.json").exists() else None
+        cfg = load_json(root / "config.json")
+        hf = load_json(root / "hf_quant_config.json") if (root / "hf_quant_config.json").exists() else None
         if tensors is None:
             tensors = read_tensors(root, [], [])  # unreadable files: the contract check says so
-        return cls(root, cfg if isinstance(cfg, dict) else {}, hf if isinstance(hf, dict) else None, tensors,
+        return cls.of(root, cfg, hf, tensors)
+
+    @classmethod
+    def of(cls, root: Path, config: object, hf: object, tensors: dict[str, TensorInfo]) -> Checkpoint:
+        """From config.json's and hf_quant_config.json's parsed contents (None: absent) and the headers."""
+        from .verify import modules
+
+        return cls(root, config if isinstance(config, dict) else {}, hf if isinstance(hf, dict) else None, tensors,
                    modules(tensors))
 
     @property
@@ -729,14 +737,15 @@ MATCHERS = {"substring-fnmatch": _substring_fnmatch, "regex-parts": _regex_parts
 class Check:
     fn: object
     params: tuple[str, ...]
+    values: bool = False  # reads tensor values from the shards, not only headers and configs
 
 
 CHECKS: dict[str, Check] = {}
 
 
-def _register(*params: str):
+def _register(*params: str, values: bool = False):
     def register(fn):
-        CHECKS[fn.__name__.removeprefix("check_")] = Check(fn, params)
+        CHECKS[fn.__name__.removeprefix("check_")] = Check(fn, params, values)
         return fn
     return register
 
@@ -964,7 +973,7 @@ def _fused_sets_of(view: View, mods: list[Mod]) -> dict[str, list[Mod]]:
     return {k: view.fused_sets[k] for k in keys if k in view.fused_sets}
 
 
-@_register("roles")
+@_register("roles", values=True)
 def check_fused_equal_values(view: View, mods: list[Mod], p: dict) -> list[tuple[str, str]]:
     """The members of each fused set (q/k/v, gate/up, an expert's w1/w3) hold equal values in each
     of the roles (global scales, input scales): bitwise equal fp32."""
@@ -1150,7 +1159,7 @@ def check_applicable(view: View, mods: list[Mod], p: dict) -> list[tuple[str, st
              f"{view.flavor} checkpoint" + (f", {'; '.join(what)}" if what else ""))]
 
 
-@_register("roles", "lo", "hi")
+@_register("roles", "lo", "hi", values=True)
 def check_scale_bytes(view: View, mods: list[Mod], p: dict) -> list[tuple[str, str]]:
     """E8M0 scale bytes in [lo, hi] (0 decodes to 0 in some engines, 255 is NaN)."""
     out = []
@@ -1306,17 +1315,19 @@ class Result:
         return {"engines": {"strict": self.strict, "verdicts": [v.to_dict() for v in self.verdicts]}}
 
 
+def judge(view: View, rule: Rule) -> list[Finding]:
+    """One rule of the view's engine against its checkpoint: [] where it finds nothing or does not apply."""
+    mods = view.select(rule)
+    if mods is None:
+        return []
+    hits = CHECKS[rule.check].fn(view, mods, rule.params)
+    return [Finding(rule, view.engine.label, name, what) for name, what in hits[:_MAX_FINDINGS]]
+
+
 def evaluate(engine: Engine, ck: Checkpoint) -> tuple[View, list[Finding]]:
     """Every rule of one engine's table against the checkpoint."""
     view = View(engine, ck)
-    found: list[Finding] = []
-    for rule in engine.rules:
-        mods = view.select(rule)
-        if mods is None:
-            continue
-        hits = CHECKS[rule.check].fn(view, mods, rule.params)
-        found += [Finding(rule, engine.label, name, what) for name, what in hits[:_MAX_FINDINGS]]
-    return view, found
+    return view, [f for rule in engine.rules for f in judge(view, rule)]
 
 
 def check(path: str | Path, engines: list[str] | tuple[str, ...] | None = None,

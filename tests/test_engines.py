@@ -755,6 +755,51 @@ def test_our_outputs_against_each_engine(ours, fmt, flavor, model):
     assert {v.engine.name: v.served for v in rep.engines.verdicts} == {e: e not in want for e in ENGINES}
 
 
+def _verdicts(vs) -> list:
+    return [(v.engine.name, v.flavor, v.status, [(f.rule.qualified, f.name, f.what) for f in v.findings]) for v in vs]
+
+
+@pytest.mark.parametrize("model", ["qwen3_moe", "llama"])
+@pytest.mark.parametrize("fmt,flavor", testing.served())
+def test_card_verdicts_judged_while_writing_equal_the_finished_files(ours, fmt, flavor, model):
+    """The card's engine verdicts are judged from the planned configs and headers while the shards
+    are written (shardquant/convert.py _judge_planned, card.Judging): the same verdicts, finding for
+    finding, as judging the finished files; the planned header bytes are the files' own."""
+    from shardquant import card
+    from shardquant.convert import _as_planned, _judge_planned, prepare
+    from shardquant.st import read_header
+
+    out = ours(fmt, flavor, model)
+    plan = prepare(str(out.parent / f"src-{model}-{bool(formats.declared(fmt).block)}"), fmt, flavor=flavor)
+    judged, headers = _judge_planned(plan, out)
+    assert _as_planned(out, headers) and not _as_planned(out, {n: h[:-1] + b"!" for n, h in headers.items()})
+    tensors = {t.name: t for f in sorted(out.glob("*.safetensors")) for t in read_header(f).values()}
+    assert _verdicts(judged.verdicts()) == _verdicts(card.engine_verdicts(out, tensors))
+
+
+def test_card_verdicts_read_the_values_from_the_finished_shards(ours, tmp_path):
+    """The rules that read values (fused sets' global scales) are judged from the written files, at
+    the end: a shard whose gate and up scales differ is found both ways."""
+    from shardquant import card
+    from shardquant.convert import _judge_planned, prepare
+    from shardquant.st import read_header
+
+    src = ours("nvfp4", "modelopt", "qwen3_moe")
+    out = tmp_path / "o"
+    shutil.copytree(src, out)
+    block = bool(formats.declared("nvfp4").block)
+    plan = prepare(str(src.parent / f"src-qwen3_moe-{block}"), "nvfp4", flavor="modelopt")
+    judged, _ = _judge_planned(plan, out)
+    tensors = {t.name: t for f in sorted(out.glob("*.safetensors")) for t in read_header(f).values()}
+    t = tensors["model.layers.0.mlp.experts.1.up_proj.weight_scale_2"]
+    with open(t.file, "r+b") as f:
+        f.seek(t.offset)
+        f.write(np.float32(123.0).tobytes())
+    got = _verdicts(judged.verdicts())
+    assert got == _verdicts(card.engine_verdicts(out, tensors))
+    assert any("weight_scale_2 differs" in what for _, _, _, fs in got for _, _, what in fs)
+
+
 def test_default_output_summarises_every_engine(ours):
     out = ours("fp8", CT, "qwen3_moe")
     r = CliRunner().invoke(main, ["verify", str(out)])
