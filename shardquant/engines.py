@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import HeaderError
 from .report import Violation
-from .st import TensorInfo, read_raw
+from .st import STORAGE, TensorInfo, read_raw
 
 if TYPE_CHECKING:
     from .verify import Module
@@ -220,6 +220,24 @@ class Checkpoint:
             except (HeaderError, OSError, ValueError):
                 self.values[t.name] = None
         return self.values[t.name]
+
+    def prefetch(self, ts) -> None:
+        """Read ahead what scalar() would read of the tensors `ts`, one open per file (a MoE checkpoint
+        has thousands of such scalars); scalar() reads any left, and says what failed."""
+        by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
+        for t in ts:
+            if t is not None and t.dtype == "F32" and t.numel <= 4096 and t.name not in self.values:
+                by_file[t.file].append(t)
+        for path, group in by_file.items():
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    for t in sorted(group, key=lambda t: t.offset):
+                        f.seek(t.offset)
+                        b = f.read(t.nbytes)
+                        if len(b) == t.nbytes:
+                            self.values[t.name] = np.frombuffer(b, dtype=STORAGE[t.dtype]).copy()
+            except OSError:
+                continue
 
     @classmethod
     def read(cls, root: Path, tensors: dict[str, TensorInfo] | None = None) -> Checkpoint:
@@ -978,7 +996,9 @@ def check_fused_equal_values(view: View, mods: list[Mod], p: dict) -> list[tuple
     """The members of each fused set (q/k/v, gate/up, an expert's w1/w3) hold equal values in each
     of the roles (global scales, input scales): bitwise equal fp32."""
     out = []
-    for key, members in sorted(_fused_sets_of(view, mods).items()):
+    sets = sorted(_fused_sets_of(view, mods).items())
+    view.ck.prefetch(m.tensor(role) for _, members in sets for m in members for role in p["roles"])
+    for key, members in sets:
         for role in p["roles"]:
             vals = {m.proj: view.ck.scalar(m.tensor(role)) for m in members}
             got = {k: v for k, v in vals.items() if v is not None and v.size}

@@ -955,3 +955,21 @@ def test_modelopt_reference_checkpoint():
     rep = verify(MODELOPT, engines=["vllm", "sglang", "trtllm"])
     assert rep.ok, rep.violations  # the SGLang finding is a caveat (SM100+ non-Marlin MoE backends only)
     assert not verify(MODELOPT, engines=["transformers"]).ok
+
+
+def test_prefetched_scalars_equal_each_read(ours):
+    """Checkpoint.prefetch reads the small fp32 tensors a rule will ask for, one open per file: the
+    values scalar() then returns equal reading each tensor on its own; a tensor too large or not
+    fp32 is left to scalar(), which says None."""
+    from shardquant.st import read_header, read_raw
+
+    out = ours("nvfp4", "modelopt", "qwen3_moe")
+    tensors = {t.name: t for f in sorted(out.glob("*.safetensors")) for t in read_header(f).values()}
+    ck = engines.Checkpoint.read(out, tensors)
+    ck.prefetch(tensors.values())
+    small = [t for t in tensors.values() if t.dtype == "F32" and t.numel <= 4096]
+    assert small and set(ck.values) == {t.name for t in small}
+    for t in small:
+        assert ck.scalar(t).tobytes() == read_raw(t).reshape(-1).tobytes() and ck.scalar(t).dtype == np.float32
+    big = next(t for t in tensors.values() if t.dtype != "F32")
+    assert ck.scalar(big) is None and big.name not in ck.values
