@@ -53,6 +53,9 @@ CAST_THREADS = 4  # members of a lossless cast read and cast at once (shardquant
 WRITE_AHEAD_BYTES = 256 * 2**20  # finished outputs queued for the writer thread
 JOB_BYTES = 64 * 2**20  # outputs of one group waiting for the groups before it (shardquant/pipeline.py _Job)
 FIXED_OVERHEAD = 512 * 2**20  # interpreter, libraries (a CUDA context), lookup tables, temporaries
+# The model card's engine verdicts, judged while the shards are written (shardquant/card.py Judging): each
+# engine's view of every module, per output tensor (2.1 KiB measured, 6,684 source and 19,876 output tensors)
+CARD_BYTES_PER_TENSOR = 3 << 10
 # Source tensors read ahead of a file's hash cursor, held until the gap before them is read
 # (shardquant/provenance.py); past this, the file's rest is hashed by a second read at the end.
 HASH_HOLD_BYTES = 1 << 30
@@ -147,7 +150,8 @@ class Plan:
         being written and one being made per device lane, the outputs of the groups in flight (two per
         lane, each at most JOB_BYTES or one output) waiting for the ones before them, the output written
         but not yet hashed (shardquant/writer.py), the source hasher's out-of-order hold and a fixed
-        overhead."""
+        overhead; and, the one term that grows with the model, the card's verdicts judged meanwhile
+        (CARD_BYTES_PER_TENSOR per output tensor)."""
         held = max((_held(u) for u in self.units), default=0)
         out = max((self.member_out_bytes(m) for g in self.groups for m in g.members), default=0)
         # a source stored quantized: each reader holds a weight's stored parts while it decodes them
@@ -156,7 +160,7 @@ class Plan:
         lanes = device_lanes() if self.device_memory is not None else 1
         return (held + PREFETCH_BYTES + WRITE_AHEAD_BYTES + HASH_BEHIND_BYTES + (1 + lanes) * out
                 + 2 * lanes * max(JOB_BYTES, out) + FIXED_OVERHEAD + HASH_HOLD_BYTES
-                + READ_THREADS * stored)
+                + READ_THREADS * stored + CARD_BYTES_PER_TENSOR * len(self.out_tensors))
 
     def format_targets(self) -> dict[str, list[str]]:
         """Mixed precision: format -> `re:` patterns naming exactly the modules that take it (module

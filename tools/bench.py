@@ -394,13 +394,16 @@ def main() -> None:
               + f" | {r['bytes_read_over_source']:.3f} | "
               f"{r['peak_rss_mib']:.0f} | {r['peak_bound_mib']:.0f} |")
     # warm start: the disk is asked to read ahead while the GPU starts (shardquant/pipeline.py warm_start)
+    # the trace's milestones between (shardquant/convert.py): output claimed; the pipeline's end; the card written
     print("\n| size GB | format | policy | python ready s | disk reads from (warm start) s | plan and device ready s | "
-          "first pipeline read s | finished s | after finish s | whole process s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "output claimed s | first pipeline read s | pipeline done s | card written s | finished s | after finish s | "
+          "whole process s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         hints = [r[k] for k in ("at_early_warm_start", "at_warm_start") if k in r]  # the first read-ahead asked
         at = [r.get("at_python_ready"), min(hints, default=None)] + [
-            r.get(k) for k in ("at_planned", "at_first_read", "at_finished", "after_finish_s")]
+            r.get(k) for k in ("at_planned", "at_claimed", "at_first_read", "at_pipeline", "at_card_written",
+                               "at_finished", "after_finish_s")]
         print(f"| {r['size_gb']:g} {r['encoding']} | {r['format']} | {r['policy']} | "
               + " | ".join("-" if v is None else f"{v:.2f}" for v in at)
               + f" | {r['source_gb'] / r['wall_gb_s']:.2f} |")
