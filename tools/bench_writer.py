@@ -3,7 +3,7 @@ on one shard of a per-expert conversion's outputs: each member an NVFP4 weight, 
 global scale, Qwen3-30B-A3B's expert shape [768, 2048] by default (every tensor below 1 MiB).
 
     python tools/bench_writer.py --dir /dev/shm --members 1000       # the writer's own CPU cost
-    farm-bench -n 5 -- python tools/bench_writer.py --vs 'env PYTHONPATH=/tmp/old python tools/bench_writer.py'
+    /usr/bin/time -v python tools/bench_writer.py    # whole process; alternate with an older tree's run
 
 Prints one line: seconds and GB/s from the first write to the committed file (hash included).
 """
