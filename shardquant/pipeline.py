@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -494,6 +494,7 @@ class _Devices:
         self.stop = stop
         self.busy = 0.0  # seconds the lanes spent on groups, outputs handed over included, summed (trace)
         self.put_wait = 0.0  # of which waiting for the writer side to take the outputs
+        self.hold_wait = 0.0  # of which waiting for the device memory the group needs (backend.DeviceMemory)
         self._lock = threading.Lock()
         self.threads = []
         for lane in lanes:
@@ -517,7 +518,10 @@ class _Devices:
             t0 = time.perf_counter()
             try:
                 with lane.hold(ticket, _device_bytes(g), self.stop):
+                    held = time.perf_counter()
                     work(lane, *args, job)
+                with self._lock:
+                    self.hold_wait += held - t0
                 job.put(_DONE)
                 with self._lock:
                     self.busy += time.perf_counter() - t0
@@ -608,9 +612,20 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             last = j == len(outs) - 1
             job.put((name, arr, owed if last else 0, m.nbytes if last else 0))
 
+    phases: dict[str, float] = defaultdict(float)  # lane seconds per step of a group, summed (trace)
+
+    def spent(name: str, t0: float) -> float:
+        t = time.perf_counter()
+        with lock:
+            phases[name] += t - t0
+        return t
+
     def quantize_group(backend, g, data, job: _Job) -> None:
+        t0 = time.perf_counter()
         if g.cast is not None:
-            return cast_group(g, data, job)
+            cast_group(g, data, job)
+            spent("cast", t0)
+            return
         fmt = formats.get(g.format)  # mixed precision: each quantizer its own format
         two_pass = data is None  # the reader did not read it: members are read here, one at a time
         held_on_device: set[int] = set()  # members whose read budget went back after the amax
@@ -659,10 +674,12 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                     held_on_device.add(i)
             if early:
                 reader.release(early)
+        t1 = spent("load_amax", t0)  # members uploaded (decoded), the group's amax
         gs = fmt.global_scale(np.float32(amax))
         with lock:
             scales[g.key] = (float(amax), float(gs))
         q = backend.quantizer(g.format, gs, plan.scale_search)
+        t1 = spent("quantizer", t1)  # the quantizer of that global scale (NVFP4: its code-threshold table)
         again = _MemberReads(counter, [m for i, m in enumerate(g.members) if data[i] is None and handles[i] is None],
                              backend.decodes)
         first_read_here = two_pass and g.amax_from_scales and not g.on_device  # the amax pass read no member
@@ -674,7 +691,9 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             weight, scale = q.quantize(h, m.dtype, m.name)  # synchronizes: raw's copy is done
             handles[i] = data[i] = None  # release each member once quantized
             del h, raw
+            t1 = spent("quantize", t1)  # (a second read, an upload again,) the codes and scales to the host
             put_member(g.format, m, weight, scale, gs, 0 if two_pass or i in held_on_device else m.nbytes, job)
+            t1 = spent("put", t1)  # handed to the writer side (waiting where its job is full)
 
     devices = _Devices(lanes, quantize_group, stop)
     pending: deque[_Job] = deque()
@@ -712,7 +731,9 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
                    writer_sync_s=round(shards.synced, 3),
                    **{f"writer_{k}": round(v, 3) for k, v in od.times.items()},
                    device_busy_s=round(devices.busy, 3),
-                   device_put_wait_s=round(devices.put_wait, 3), hash_busy_s=round(hasher.busy, 3),
+                   device_put_wait_s=round(devices.put_wait, 3), device_hold_wait_s=round(devices.hold_wait, 3),
+                   **{f"lane_{k}_s": round(phases.get(k, 0.0), 3)
+                      for k in ("load_amax", "quantizer", "quantize", "put", "cast")}, hash_busy_s=round(hasher.busy, 3),
                    hash_finish_s=round(time.perf_counter() - t_hash, 3), hash_extra_bytes=hasher.extra_bytes,
                    units=len(units))
     except BaseException:

@@ -234,8 +234,9 @@ def convert_once(src: Path, out: Path, fmt: str, device: str, cold: bool, python
 
 # the pipeline's own accounts (shardquant/pipeline.py run, trace mark "pipeline")
 PIPELINE_FIELDS = ("reader_wait_s", "writer_idle_s", "writer_sync_s", "writer_write_s", "writer_writeback_s",
-                   "writer_hash_wait_s", "device_busy_s", "device_put_wait_s", "hash_busy_s", "hash_finish_s",
-                   "hash_extra_bytes")
+                   "writer_hash_wait_s", "device_busy_s", "device_put_wait_s", "device_hold_wait_s",
+                   "lane_load_amax_s", "lane_quantizer_s", "lane_quantize_s", "lane_put_s", "lane_cast_s",
+                   "hash_busy_s", "hash_finish_s", "hash_extra_bytes")
 
 
 def read_trace(path: Path) -> dict[str, float]:
