@@ -128,6 +128,11 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def convert(src, output, device, devices, gpu_memory, force, dry_run, verify_output, quiet, **kw) -> None:
     """Convert checkpoint SRC (a directory or an org/name hub repo)."""
+    if not dry_run:  # before the imports below: the disk reads the first shard, the GPU starts
+        from .startup import early_warm_start, gpu_start
+
+        early_warm_start(src, ahead=True)
+        gpu_start(device, devices)
     from .convert import convert as run
 
     shown: set[str] = set()  # warnings printed at the start are not printed again at the end

@@ -77,7 +77,8 @@ def convert(
     # exceeds --memory-budget (shardquant/plan.py make_plan).
     # the backends and the pipeline are imported here, not at the top: `plan` needs neither (start-up)
     from .backend import NumpyBackend, describe, gpu_searches
-    from .pipeline import early_warm_start, warm_start
+    from .pipeline import warm_start
+    from .startup import early_warm_start
 
     opts = Options.of(options, fmt, **choices)  # a misspelt choice is a TypeError before anything starts
     trace.mark("convert")

@@ -22,18 +22,12 @@ from .errors import NumericError
 from .provenance import SourceHasher
 from .plan import CAST_THREADS, JOB_BYTES, PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
 from .st import encode_header, read_raw
+from .startup import WARM_START_BYTES, hint
 from .writer import NewFile, OutputDir
 
 # A shard being written is made durable and recorded this often: an interrupted conversion loses at
 # most this much writing, plus the quantizer straddling the checkpoint (README, "Resume").
 CHECKPOINT_SECONDS = 2.0
-
-
-# Bytes the warm starts hint: what the disk can read while the GPU starts (0.9-1.2 s after the plan,
-# at 1-2 GB/s; docs/benchmarks/README.md fourth session: the first pipeline read came 1.6-1.9 s after
-# process start). Hints only: pages the kernel reads into its cache, nothing held by the process.
-WARM_START_BYTES = 2 << 30
-EARLY_WARM_START_BYTES = 1 << 30
 
 
 def warm_start(plan: Plan, nbytes: int = WARM_START_BYTES) -> None:
@@ -59,50 +53,8 @@ def warm_start(plan: Plan, nbytes: int = WARM_START_BYTES) -> None:
             left -= m.nbytes
         if left <= 0:
             break
-    _hint(ranges, ck.hub, "warm-start")
+    hint(ranges, ck.hub, "warm-start")
 
-
-def early_warm_start(src: str, nbytes: int = EARLY_WARM_START_BYTES) -> None:
-    """Before the headers are read and the plan made: a local source's first shard (by name, the
-    order shardquant/source.py scan reads and the plan's first units come from) read ahead from its
-    start, header included, so the disk works while Python plans. warm_start then names the exact
-    ranges; a hint for bytes already cached costs nothing."""
-    root = Path(src).expanduser()
-    if not hasattr(os, "posix_fadvise") or not root.is_dir():
-        return
-    try:
-        first = min((p for p in root.iterdir() if p.name.endswith(".safetensors")), default=None)
-    except OSError:
-        return
-    if first is not None:
-        _hint([(first, 0, nbytes)], None, "early-warm-start")
-
-
-def _hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
-    """POSIX_FADV_WILLNEED over `ranges` on a daemon thread; files of a hub source not yet downloaded
-    whole are left alone. A hint is only a hint: a failure is ignored."""
-
-    def hint() -> None:
-        trace.mark(mark)
-        fds: dict[Path, int] = {}
-        try:
-            for path, off, n in ranges:
-                if path not in fds:
-                    if hub is not None and (not path.is_file() or path.stat().st_size != hub.sizes.get(path.name)):
-                        fds[path] = -1  # not downloaded yet
-                    else:
-                        fds[path] = os.open(path, os.O_RDONLY)
-                if fds[path] >= 0:
-                    os.posix_fadvise(fds[path], off, n, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            for fd in fds.values():
-                if fd >= 0:
-                    os.close(fd)
-            trace.mark(f"{mark}-asked")  # the hint's system calls returned (they may wait for the disk)
-
-    threading.Thread(target=hint, name="shardquant-warm-start", daemon=True).start()
 
 
 class _Counter:

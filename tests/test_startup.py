@@ -132,8 +132,10 @@ def test_trace_milestones_in_order(tmp_path):
     marks = trace.read(str(log))
     marks.pop("warm-start", None)  # only while the device is still starting when the plan is made
     marks.pop("warm-start-asked", None)
-    assert marks.pop("early-warm-start")["t"] >= marks["convert"]["t"]  # a hint on its own thread, before the plan
-    assert marks.pop("early-warm-start-asked")["t"] >= marks["convert"]["t"]  # its system calls returned
+    # a hint on its own thread, asked by the CLI before its imports (shardquant/startup.py), before the plan
+    early = marks.pop("early-warm-start")["t"]
+    assert marks["python-ready"]["t"] <= early <= marks["planned"]["t"]
+    assert marks.pop("early-warm-start-asked")["t"] >= early  # its system calls returned
     order = ["python-ready", "convert", "planned", "locked", "claimed", "reader-start", "first-read", "pipeline",
              "configs-written", "card-written", "finished"]
     assert list(marks) == order
@@ -262,20 +264,51 @@ def _join_hints():
 
 
 def test_early_warm_start_reads_ahead_the_first_shard_before_the_plan(tmp_path, monkeypatch):
-    """Before the headers are parsed (shardquant/pipeline.py early_warm_start): the first shard by
+    """Before the headers are parsed (shardquant/startup.py early_warm_start): the first shard by
     name, from its first byte, which is where scan and the plan's first unit begin; nothing for a
-    source that is not a local directory."""
-    from shardquant import pipeline
+    source that is not a local directory. Asked ahead by the CLI, the conversion's own ask that
+    follows is skipped, once."""
+    from shardquant import startup
 
     src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(), shard_bytes=16 * 1024)
     hints = _record_hints(monkeypatch)
-    pipeline.early_warm_start("org/not-a-directory")
-    pipeline.early_warm_start(str(src), 4096)
+    startup.early_warm_start("org/not-a-directory")
+    startup.early_warm_start(str(src), 4096)
     _join_hints()
     first = sorted(src.glob("*.safetensors"))[0]
     assert hints == [(first, 0, 4096, os.POSIX_FADV_WILLNEED)]
+    startup.early_warm_start(str(src), 4096, ahead=True)  # the CLI, before its imports
+    startup.early_warm_start(str(src), 4096)  # convert() right after: skipped
+    _join_hints()
+    assert len(hints) == 2
+    startup.early_warm_start(str(src), 4096)  # a later conversion of the same source: hinted again
+    _join_hints()
+    assert hints == 3 * [(first, 0, 4096, os.POSIX_FADV_WILLNEED)]
     plan = conv.prepare(str(src), "nvfp4")
     assert plan.units[0].group.members[0].file == first if plan.units[0].group else plan.units[0].kept.file == first
+
+
+@pytest.mark.parametrize("device,devices,want", [
+    ("cpu", None, []), ("auto", None, [0]), ("cuda", None, [0]), ("cuda:2", None, [2]), ("cuda", "0,2", [0, 2]),
+    ("auto", "all", [0, 1, 2]), ("cuda:7", None, []), ("cuda", "x", []), ("cuda", "1,9", [1]),
+])
+def test_gpu_start_starts_each_named_gpu_ahead(monkeypatch, device, devices, want):
+    """The CLI starts cupy, each named GPU's context and its kernels on a thread before its own imports
+    (shardquant/startup.py gpu_start, cuda.prestart): the GPUs --device / --devices name, none for the
+    CPU; a bad or out-of-range name starts nothing and raises nothing (the backend reports it)."""
+    import threading
+
+    from shardquant import cuda, startup
+
+    started = []
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(cuda, "prestart", started.append)
+    startup.gpu_start(device, devices)
+    for t in threading.enumerate():
+        if t.name == "shardquant-gpu-start":
+            t.join(10)
+    assert started == want
 
 
 def test_warm_start_of_a_quantized_source_hints_its_stored_parts(tmp_path, monkeypatch):

@@ -184,6 +184,16 @@ def _start_module(device: int) -> concurrent.futures.Future:
     return fut
 
 
+def prestart(index: int) -> None:
+    """Device `index`'s CUDA context created and its kernels loading, before any Device is made
+    (shardquant/startup.py gpu_start, ahead of the conversion's own imports)."""
+    import cupy
+
+    with cupy.cuda.Device(index):
+        cupy.cuda.runtime.memGetInfo()  # the first runtime call on a device creates its context
+    _start_module(index)
+
+
 def _module(device: int) -> _Module:
     return _start_module(device).result()
 

@@ -1,0 +1,101 @@
+"""What a conversion starts before its heavy imports (numpy, the plan, cupy: most of a second): the
+disk reading the first shard ahead, and for a GPU conversion cupy, the CUDA context and the kernels,
+on daemon threads. This module imports only the standard library. The CLI (shardquant/cli.py convert)
+calls it first; shardquant/convert.py convert() asks for the read-ahead too (skipped where the CLI
+just asked) and starts the GPU itself, so the library API starts the same work a little later."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from . import trace
+
+# Bytes the warm starts hint: what the disk can read while the GPU starts (0.9-1.2 s after the plan,
+# at 1-2 GB/s; docs/benchmarks/README.md fourth session: the first pipeline read came 1.6-1.9 s after
+# process start). Hints only: pages the kernel reads into its cache, nothing held by the process.
+WARM_START_BYTES = 2 << 30
+EARLY_WARM_START_BYTES = 1 << 30
+
+_ahead: set[str] = set()  # sources the CLI hinted before its imports; convert() then does not again
+_lock = threading.Lock()
+
+
+def early_warm_start(src: str, nbytes: int = EARLY_WARM_START_BYTES, ahead: bool = False) -> None:
+    """Before the headers are read and the plan made: a local source's first shard (by name, the
+    order shardquant/source.py scan reads and the plan's first units come from) read ahead from its
+    start, header included, so the disk works while Python plans. warm_start then names the exact
+    ranges. `ahead`: asked by the CLI before its imports; the conversion's own call that follows is
+    then skipped once."""
+    root = Path(src).expanduser()
+    if not hasattr(os, "posix_fadvise") or not root.is_dir():
+        return
+    key = str(root.resolve())
+    with _lock:
+        if ahead:
+            _ahead.add(key)
+        elif key in _ahead:
+            _ahead.discard(key)
+            return
+    try:
+        first = min((p for p in root.iterdir() if p.name.endswith(".safetensors")), default=None)
+    except OSError:
+        return
+    if first is not None:
+        hint([(first, 0, nbytes)], None, "early-warm-start")
+
+
+def hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
+    """POSIX_FADV_WILLNEED over `ranges` on a daemon thread; files of a hub source not yet downloaded
+    whole are left alone. A hint is only a hint: a failure is ignored."""
+
+    def work() -> None:
+        trace.mark(mark)
+        fds: dict[Path, int] = {}
+        try:
+            for path, off, n in ranges:
+                if path not in fds:
+                    if hub is not None and (not path.is_file() or path.stat().st_size != hub.sizes.get(path.name)):
+                        fds[path] = -1  # not downloaded yet
+                    else:
+                        fds[path] = os.open(path, os.O_RDONLY)
+                if fds[path] >= 0:
+                    os.posix_fadvise(fds[path], off, n, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            for fd in fds.values():
+                if fd >= 0:
+                    os.close(fd)
+            trace.mark(f"{mark}-asked")  # the hint's system calls returned (they may wait for the disk)
+
+    threading.Thread(target=work, name="shardquant-warm-start", daemon=True).start()
+
+
+def gpu_start(device: str, devices: str | None = None) -> None:
+    """For a conversion on the GPU (--device auto, cuda or cuda:N; --devices LIST or all): cupy
+    imported, each named GPU's CUDA context created and its kernels loading (shardquant/cuda prestart),
+    on a daemon thread, while the caller imports the rest. Whatever fails here is left for the
+    backend (shardquant/backend.py get_backends) to meet and report."""
+    if device == "cpu":
+        return
+
+    def work() -> None:
+        try:
+            from . import cuda
+
+            if not cuda.available():
+                return
+            if devices:
+                ids = range(cuda.device_count()) if devices == "all" else [int(x) for x in devices.split(",") if x.strip()]
+            else:
+                ids = [int(device.split(":", 1)[1]) if ":" in device else 0]
+            for i in ids:
+                if 0 <= i < cuda.device_count():
+                    cuda.prestart(i)
+            trace.mark("gpu-started")
+        except Exception:  # the backend meets the same problem and says it
+            pass
+
+    threading.Thread(target=work, name="shardquant-gpu-start", daemon=True).start()
