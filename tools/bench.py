@@ -165,6 +165,12 @@ CHILD = """
 import json, resource, sys
 from shardquant import trace
 trace.mark("python-ready")
+try:  # as `shardquant convert` does before its imports (shardquant/cli.py); --vs: a release without it
+    from shardquant.startup import early_warm_start, gpu_start
+    early_warm_start(sys.argv[1], ahead=True)
+    gpu_start(sys.argv[4])
+except ImportError:
+    pass
 from shardquant.convert import convert
 searched = {"scale_search": sys.argv[6]} if sys.argv[6] != "none" else {}  # --vs: a release without it
 r = convert(sys.argv[1], sys.argv[2], sys.argv[3], device=sys.argv[4], expert_policy=sys.argv[5], **searched)
