@@ -16,8 +16,14 @@ class _Registry(Mapping):
     """name -> the format's module, imported when first asked for: the names alone (the CLI's choices,
     `shardquant --help`) import no module of a format and so not NumPy (shardquant/cli.py start-up)."""
 
+    def __init__(self) -> None:
+        self._loaded: dict[str, ModuleType] = {}  # asked for per group and per member: import_module once
+
     def __getitem__(self, name: str) -> ModuleType:
-        return importlib.import_module(f".{_MODULES[name]}", __name__)
+        mod = self._loaded.get(name)
+        if mod is None:
+            mod = self._loaded[name] = importlib.import_module(f".{_MODULES[name]}", __name__)
+        return mod
 
     def __iter__(self) -> Iterator[str]:
         return iter(_MODULES)
