@@ -341,13 +341,15 @@ class _Writer:
         self.t = threading.Thread(target=self._work, name="shardquant-writer", daemon=True)
         self.t.start()
 
-    def put(self, name: str, data: np.ndarray) -> None:
+    def put(self, outs: list[tuple[str, np.ndarray]]) -> None:
+        """One member's (or kept tensor's) outputs, in plan order."""
+        n = sum(a.nbytes for _, a in outs)
         with self.cv:
             self.cv.wait_for(lambda: self.error is not None or self.pending < self.WRITE_AHEAD)
             if self.error is not None:
                 raise self.error
-            self.pending += data.nbytes
-        self.q.put((name, data))
+            self.pending += n
+        self.q.put((outs, n))
 
     def _work(self) -> None:
         while True:
@@ -356,14 +358,15 @@ class _Writer:
             self.idle += time.perf_counter() - t0
             if item is None:
                 return
-            name, data = item
+            outs, n = item
             try:
-                if self.error is None:
-                    self.shards.write(name, data)
+                for name, data in outs:
+                    if self.error is None:
+                        self.shards.write(name, data)
             except BaseException as e:
                 self.error = e
             with self.cv:
-                self.pending -= data.nbytes
+                self.pending -= n
                 self.cv.notify_all()
 
     def close(self) -> None:
@@ -388,7 +391,7 @@ _DONE = object()
 
 class _Job:
     """One unit's outputs, in plan order, handed from the device that computes them to the
-    writer. Bounded by bytes (JOB_BYTES, or one output of any size), so a device that runs ahead
+    writer. Bounded by bytes (JOB_BYTES, or one member's outputs of any size), so a device that runs ahead
     waits instead of piling outputs up: plan.Plan.peak_bytes counts JOB_BYTES per job in flight."""
 
     def __init__(self, stop: threading.Event, items: list | None = None):
@@ -401,9 +404,11 @@ class _Job:
             self.q.put((it, 0))
 
     def put(self, item) -> None:
+        """`item`: ([(name, array), ...] of one member or kept tensor, read bytes it gives back, bytes it
+        counts done), or _DONE, or an error."""
         if self.stop.is_set():  # the run is failing or interrupted: a device stops at its next output
             raise _Aborted()
-        n = item[1].nbytes if isinstance(item, tuple) else 0
+        n = sum(a.nbytes for _, a in item[0]) if isinstance(item, tuple) else 0
         with self.cv:
             if self.queued and self.queued + n > JOB_BYTES:
                 t0 = time.perf_counter()
@@ -553,16 +558,14 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
             scales[g.key] = (float(amax), float(s2), requantized)
 
     def put_member(fmt: str, m, weight, scale, gs, owed: int, job: _Job) -> None:
-        """A member's outputs to the writer: weight, block scales, and the group's one scale where the
-        format writes it (FP8's weight_scale, NVFP4's global scale). The last output gives back `owed`
-        bytes of the read budget and counts the member done."""
+        """A member's outputs to the writer, as one item: weight, block scales, and the group's one scale
+        where the format writes it (FP8's weight_scale, NVFP4's global scale); once written they give back
+        `owed` bytes of the read budget and count the member done."""
         names = plan.outputs[m.name]
         outs = [(names["weight"], weight)] + ([(names["scale"], scale)] if scale is not None else [])
         if formats.declared(fmt).quantizer_scale:
             outs.append((names.get("global_scale", names["scale"]), flavors.FLAVORS[plan.flavor].scalar(fmt, gs, m.shape)))
-        for j, (name, arr) in enumerate(outs):
-            last = j == len(outs) - 1
-            job.put((name, arr, owed if last else 0, m.nbytes if last else 0))
+        job.put((outs, owed, m.nbytes))  # one item: the queues' cost is paid per member, not per tensor
 
     phases: dict[str, float] = defaultdict(float)  # lane seconds per step of a group, summed (trace)
 
@@ -655,8 +658,8 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
         while (item := job.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
-            name, arr, release, done = item
-            writer.put(name, arr)
+            outs, release, done = item
+            writer.put(outs)
             if release:
                 reader.release(release)
             bar.update(done)
@@ -664,7 +667,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     try:
         for u, data in reader:
             if u.kept is not None:
-                pending.append(_Job(stop, [(u.kept.name, data[0], u.kept.nbytes, u.kept.nbytes), _DONE]))
+                pending.append(_Job(stop, [([(u.kept.name, data[0])], u.kept.nbytes, u.kept.nbytes), _DONE]))
             else:
                 while devices.free.empty() and pending:
                     drain_one()

@@ -148,7 +148,7 @@ class Plan:
         """Bound on resident memory: the largest group held at once (or, for a group read twice or
         held on the GPU, its largest member), the read-ahead, the write queue, one member's outputs
         being written and one being made per device lane, the outputs of the groups in flight (two per
-        lane, each at most JOB_BYTES or one output) waiting for the ones before them, the output written
+        lane, each at most JOB_BYTES or one member's outputs) waiting for the ones before them, the output written
         but not yet hashed (shardquant/writer.py), the source hasher's out-of-order hold and a fixed
         overhead; and, the one term that grows with the model, the card's verdicts judged meanwhile
         (CARD_BYTES_PER_TENSOR per output tensor)."""

@@ -418,17 +418,17 @@ def test_a_groups_waiting_outputs_are_bounded_by_bytes(monkeypatch):
     monkeypatch.setattr(pipeline, "JOB_BYTES", 1000)
     stop = threading.Event()
     job = pipeline._Job(stop)
-    big = ("w", np.zeros(5000, np.uint8), 0, 0)
+    big = ([("w", np.zeros(5000, np.uint8))], 0, 0)
     job.put(big)  # alone: passes whatever its size
     done = threading.Event()
-    t = threading.Thread(target=lambda: (job.put(("s", np.zeros(10, np.uint8), 0, 0)), done.set()), daemon=True)
+    t = threading.Thread(target=lambda: (job.put(([("s", np.zeros(10, np.uint8))], 0, 0)), done.set()), daemon=True)
     t.start()
     time.sleep(0.3)
     assert not done.is_set() and job.queued == 5000  # 5000 + 10 > 1000: waits
     assert job.get() is big
     assert _until(done.is_set) and job.queued == 10
     for i in range(99):  # small ones up to the bound pass at once
-        job.put(("s", np.zeros(10, np.uint8), 0, 0))
+        job.put(([("s", np.zeros(10, np.uint8))], 0, 0))
     assert job.queued == 1000
     job.put(pipeline._DONE)  # markers and errors carry no bytes: never wait
     stopped = []
