@@ -305,19 +305,20 @@ def _finish(plan: Plan, od: OutputDir, journal: Journal, scales: dict, sources: 
     index_bytes = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
     files[INDEX_NAME] = {"sha256": hashlib.sha256(index_bytes).hexdigest(), "size": len(index_bytes)}
     trace.mark("configs-written")
-    files[card.CARD_NAME] = _write_card(plan, od, scales, backend, sources, judging)
+    doc = manifest.build(plan, scales, backend, {}, sources, recipe=recipe(plan))  # the card's, without files
+    files[card.CARD_NAME] = _write_card(plan, od, doc, judging)
     trace.mark("card-written")
     keep = set(files) | {manifest.MANIFEST_NAME, JOURNAL_NAME}
     for stale in sorted(set(journal.files) - keep):
         od.remove(stale)  # written by an earlier conversion into this directory (its own record says so)
-    doc = manifest.build(plan, scales, backend, files, sources, recipe=recipe(plan))
+    doc = manifest.with_files(doc, files)
     od.write_file(manifest.MANIFEST_NAME, manifest.dumps(doc).encode(), )
     od.write_file(INDEX_NAME, index_bytes)
     od.remove(JOURNAL_NAME)
     od.sync()
 
 
-def _write_card(plan: Plan, od: OutputDir, scales: dict, backend: str, sources: dict, judging=None) -> dict:
+def _write_card(plan: Plan, od: OutputDir, doc: dict, judging=None) -> dict:
     """README.md: the model card (shardquant/card.py), from the manifest's records (without its files
     table, which will list the card) and the engine verdicts on the shards and configs written so far.
     No verify results even with --verify, which runs after the index is written: the card's bytes are
@@ -333,7 +334,6 @@ def _write_card(plan: Plan, od: OutputDir, scales: dict, backend: str, sources: 
                 text = f.read(16 * card.MAX_SOURCE_README).decode("utf-8", errors="replace")  # the card cuts it
         except OSError as e:
             raise SourceError(f"{src}: cannot read ({e.strerror or e})") from None
-    doc = manifest.build(plan, scales, backend, {}, sources, recipe=recipe(plan))
     judged, headers = judging.result() if judging is not None else (None, {})
     if judged is not None and _as_planned(od.path, headers):
         verdicts = judged.verdicts()

@@ -226,3 +226,17 @@ def test_source_card_of_front_matter_only_and_long_card(src):
     text = card.model_card(plan, doc, None, long)
     assert text.count("x" * 1000) and "*(cut: the original is longer)*" in text
     assert len(text.encode()) < card.MAX_SOURCE_README + 20_000
+
+
+def test_manifest_with_files_equals_building_it_with_them(src):
+    """shardquant/convert.py _finish builds the manifest once, for the card without its files table,
+    then adds the table (manifest.with_files): the same document as building it with the table."""
+    plan = prepare(str(src), "nvfp4")
+    scales = {g.key: (1.5, 0.25) for g in plan.groups}
+    sources = {"model.safetensors": {"sha256": "0" * 64, "size": 3, "checked_against_hub": False}}
+    files = {"config.json": {"sha256": "1" * 64, "size": 2}, "README.md": {"sha256": "2" * 64, "size": 1}}
+    bare = manifest.build(plan, scales, "numpy", {}, sources, recipe="r")
+    full = manifest.build(plan, scales, "numpy", files, sources, recipe="r")
+    assert bare["files"] == {} and full["files"] != {}
+    assert manifest.with_files(bare, files) == full
+    assert manifest.dumps(manifest.with_files(bare, files)) == manifest.dumps(full)
