@@ -334,7 +334,10 @@ def _write_card(plan: Plan, od: OutputDir, doc: dict, judging=None) -> dict:
                 text = f.read(16 * card.MAX_SOURCE_README).decode("utf-8", errors="replace")  # the card cuts it
         except OSError as e:
             raise SourceError(f"{src}: cannot read ({e.strerror or e})") from None
-    judged, headers = judging.result() if judging is not None else (None, {})
+    try:  # judged while the shards were written; tests/test_engines.py holds it equal to the files' verdicts
+        judged, headers = judging.result() if judging is not None else (None, {})
+    except Exception:  # whatever went wrong there, the files themselves are judged below
+        judged, headers = None, {}
     if judged is not None and _as_planned(od.path, headers):
         verdicts = judged.verdicts()
     else:

@@ -240,3 +240,20 @@ def test_manifest_with_files_equals_building_it_with_them(src):
     assert bare["files"] == {} and full["files"] != {}
     assert manifest.with_files(bare, files) == full
     assert manifest.dumps(manifest.with_files(bare, files)) == manifest.dumps(full)
+
+
+def test_card_judged_from_the_files_when_the_planned_judging_failed(src, tmp_path, monkeypatch):
+    """The card's verdicts judged during the run (shardquant/convert.py _judge_planned) failing for
+    any reason: the finished files are judged instead, and the card is the same."""
+    import shardquant.convert as conv
+
+    good = tmp_path / "good"
+    convert(str(src), good, "nvfp4", device="cpu")
+
+    def broken(plan, root):
+        raise RuntimeError("planned judging broke")
+
+    monkeypatch.setattr(conv, "_judge_planned", broken)
+    other = tmp_path / "other"
+    convert(str(src), other, "nvfp4", device="cpu")
+    assert (other / card.CARD_NAME).read_bytes() == (good / card.CARD_NAME).read_bytes()
