@@ -256,6 +256,7 @@ def _judge_planned(plan: Plan, root: Path) -> tuple[card.Judging, dict[str, byte
     Judging), from the output's planned files: the config documents, and the shards' headers as the
     writer will write them (encode_header of the plan's shards: shardquant/pipeline.py _Shards),
     parsed as a reader parses them. Also each shard's header bytes, to check the written files against."""
+    from .engines import load_json
     from .journal import SHARD_METADATA
     from .st import encode_header, parse_header
 
@@ -266,8 +267,6 @@ def _judge_planned(plan: Plan, root: Path) -> tuple[card.Judging, dict[str, byte
     configs = _configs(plan)
     for p in plan.checkpoint.extra_files:  # a source's own hf_quant_config.json is copied unless the flavor writes one
         if p.name == "hf_quant_config.json" and p.name not in configs:
-            from .engines import load_json
-
             configs[p.name] = load_json(p)
     return card.Judging.planned(root, configs, tensors), headers
 

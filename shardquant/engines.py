@@ -315,6 +315,7 @@ class View:
         self.block = self._block()
         self.mods = self._mods()
         self.quantized = [m for m in self.mods.values() if m.quantized]
+        self._sigs: dict[tuple[str, ...], list[tuple]] = {}  # _signatures
 
     # -- config
     def _config(self) -> tuple[str | None, dict]:
@@ -526,10 +527,9 @@ class View:
     def _signatures(self, keys: tuple[str, ...]) -> list[tuple]:
         """Each quantized module's values of these predicate keys, as memo keys; made once per set
         of keys (a table's rules ask few distinct sets, of thousands of modules)."""
-        cache = self.__dict__.setdefault("_sigs", {})
-        if keys not in cache:
-            cache[keys] = [tuple(_hashable(_module_value(self, m, k)) for k in keys) for m in self.quantized]
-        return cache[keys]
+        if keys not in self._sigs:
+            self._sigs[keys] = [tuple(_hashable(_module_value(self, m, k)) for k in keys) for m in self.quantized]
+        return self._sigs[keys]
 
     def select(self, rule: Rule) -> list[Mod] | None:
         """The quantized modules a rule applies to, or None when it does not apply."""

@@ -30,25 +30,16 @@ MAX_JOURNAL_BYTES = 256 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-# recipe() of the plans asked for last, by id (the plan kept, so an id is not reused while it is here):
-# a conversion asks at its claim, for its card and for its manifest, and the shard layout of a
-# checkpoint of ~20k tensors takes ~0.15 s to encode (shardquant/st.py encode_header)
-_recipes: dict[int, tuple[Plan, str]] = {}
-
-
 def recipe(plan: Plan) -> str:
     """What decides the output bytes and can be known without reading weights: tool version,
     format, flavor, policy, the shard layout (names, dtypes, shapes, order), the source config, and
     each source file's name and size (and, from a hub cache, its content hash). Made once per plan:
-    a plan is not changed once made (shardquant/plan.py)."""
-    hit = _recipes.get(id(plan))
-    if hit is not None and hit[0] is plan:
-        return hit[1]
-    value = _recipe(plan)
-    if len(_recipes) >= 8:
-        _recipes.pop(next(iter(_recipes)), None)
-    _recipes[id(plan)] = (plan, value)
-    return value
+    a plan is not changed once made (shardquant/plan.py), and a conversion asks at its claim, for its
+    card and for its manifest: the shard layout of ~20k tensors takes ~0.15 s to encode."""
+    kept = vars(plan)  # beside the plan's fields, not one of them (a plan's equality is its fields')
+    if "_recipe" not in kept:
+        kept["_recipe"] = _recipe(plan)
+    return kept["_recipe"]
 
 
 def _recipe(plan: Plan) -> str:

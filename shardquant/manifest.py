@@ -59,13 +59,12 @@ def build(plan: Plan, scales: dict[str, tuple[float, float]], backend: str,
             "path": None if ck.repo else str(ck.root),
             "repo": ck.repo,
             "revision": ck.revision,
-            "files": {k: dict(v) for k, v in sorted(source_files.items())},
+            "files": _files(source_files),
         },
         "files": _files(files),
         "tensors": tensors,
         "tool": {"name": "shardquant", "version": __version__, **({"recipe": recipe} if recipe else {})},
     }
-
 
 
 def _files(files: dict[str, dict]) -> dict[str, dict]:
@@ -76,6 +75,7 @@ def with_files(doc: dict, files: dict[str, dict]) -> dict:
     """build()'s document with another files table (the card is made from it without one, the
     manifest with one: shardquant/convert.py _finish builds it once)."""
     return {**doc, "files": _files(files)}
+
 
 def dumps(obj: dict) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"

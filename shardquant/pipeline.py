@@ -477,12 +477,11 @@ class _Devices:
                 with lane.hold(ticket, _device_bytes(g), self.stop):
                     held = time.perf_counter()
                     work(lane, *args, job)
-                with self._lock:
-                    self.hold_wait += held - t0
                 job.put(_DONE)
                 with self._lock:
                     self.busy += time.perf_counter() - t0
                     self.put_wait += job.waited
+                    self.hold_wait += held - t0
             except BaseException as e:  # handed to the writer side, which raises it
                 try:
                     job.put(e)
