@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .plan import Options, Plan, prepare
 from .source import INDEX_NAME, Checkpoint, check_fetch, start_fetch
 from .journal import JOURNAL_NAME, Journal, recipe
 from .lock import LOCK_NAME, Lock
-from .output import claim_output
+from .output import Claim, claim_output
 from .writer import OutputDir
 
 # Device bytes a quantizer may keep resident between amax and quantize; None: AUTO_GPU_FRACTION of the
@@ -76,7 +77,7 @@ def convert(
     # headers are read and the plan is made; the plan asks for the GPU's budget only if a quantizer
     # exceeds --memory-budget (shardquant/plan.py make_plan).
     # the backends and the pipeline are imported here, not at the top: `plan` needs neither (start-up)
-    from .backend import NumpyBackend, describe, gpu_searches
+    from .backend import NumpyBackend, describe
     from .pipeline import warm_start
     from .startup import early_warm_start
 
@@ -93,54 +94,109 @@ def convert(
         return prepare(src, options=opts, device_memory=device_memory)
 
     plan = planned(lambda: budget_of(starting.result()))
-    if not dry_run and not starting.done():
-        warm_start(plan)  # the disk reads ahead while the GPU starts
-        recipe(plan)  # and the output's recipe is made (shardquant/journal.py: once per plan, asked at the claim)
-    backends = starting.result()
-    budget = budget_of(backends)
-    if plan.device_memory is None:
-        plan.device_memory = budget  # no decision depended on it (make_plan)
-    trace.mark("planned")
     out = Path(output).expanduser()
-    no_kernel = [f"--format {f}" for f in plan.formats if not formats.declared(f).kernel]
-    no_kernel += [f"--scale-search {opts.scale_search} for --format {f}" for f in plan.formats
-                  if opts.scale_search != "none" and opts.scale_search not in gpu_searches(f)]
-    if budget is not None and no_kernel:
-        if device != "auto" or devices:
-            raise ShardquantError(f"{no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")
-        backends, budget = [NumpyBackend()], None
-        plan = planned(None)
-        plan.warnings.append(f"{no_kernel[0]} has no GPU kernel yet: converting on the CPU")
-    if budget is not None:
-        for g in plan.groups:
-            if not g.two_pass and not g.on_device and g.cast is None and g.source_bytes > budget:
-                plan.warnings.append(
-                    f"quantizer {g.key} ({g.source_bytes / 1e9:.1f} GB) exceeds --gpu-memory: members past "
-                    "the budget are uploaded again from host memory for the second pass")
-    if getattr(backends[0], "fallback", None):
-        plan.warnings.append(f"--device auto: converting on the CPU: {backends[0].fallback}")
-    if dry_run:
-        return Result(plan, None, 0.0, 0, backends[0].name, device=describe(backends))
-    _check_apart(out, plan.checkpoint)
-    check_fetch(plan.checkpoint)  # a hub source: room in the hub cache for what is left to download
-    # A hub source is downloaded while it is converted, and only once the output is ours: opened,
-    # locked and claimed first, so a refused output is found before anything is fetched.
-    od = OutputDir.open(out)
+    no_kernel = _no_kernel(plan, opts)
+    held = _Held()
     try:
-        with Lock(od) as lock:
-            trace.mark("locked")
-            return _convert_locked(plan, od, lock, backends, force, verify, progress, on_start)
+        with ExitStack() as stack:
+            if not dry_run and not starting.done():
+                if not no_kernel:
+                    # The plan is final whatever device starts (it is made again only for a format without a
+                    # GPU kernel, below): the output is claimed now, while the GPU starts, and then the disk
+                    # reads ahead. In that order: the claim's fsyncs would wait behind every read the hint
+                    # queued (shardquant/startup.py hint; docs/benchmarks/README.md "claimed before the hint").
+                    held.claim(stack, out, plan, force)
+                if not held.claimed or not held.claimed[1].complete:
+                    warm_start(plan)  # the disk reads ahead while the GPU starts
+                recipe(plan)  # made once per plan (shardquant/journal.py), asked at the claim
+            try:
+                backends = starting.result()
+            except BaseException:
+                held.abandon()
+                raise
+            budget = budget_of(backends)
+            if plan.device_memory is None:
+                plan.device_memory = budget  # no decision depended on it (make_plan)
+            trace.mark("planned")
+            if budget is not None and no_kernel:
+                if device != "auto" or devices:
+                    raise ShardquantError(f"{no_kernel[0]} has no GPU kernel yet; use --device cpu (or auto)")
+                backends, budget = [NumpyBackend()], None
+                plan = planned(None)
+                plan.warnings.append(f"{no_kernel[0]} has no GPU kernel yet: converting on the CPU")
+            if budget is not None:
+                for g in plan.groups:
+                    if not g.two_pass and not g.on_device and g.cast is None and g.source_bytes > budget:
+                        plan.warnings.append(
+                            f"quantizer {g.key} ({g.source_bytes / 1e9:.1f} GB) exceeds --gpu-memory: members past "
+                            "the budget are uploaded again from host memory for the second pass")
+            if getattr(backends[0], "fallback", None):
+                plan.warnings.append(f"--device auto: converting on the CPU: {backends[0].fallback}")
+            if dry_run:
+                return Result(plan, None, 0.0, 0, backends[0].name, device=describe(backends))
+            # A hub source is downloaded while it is converted, and only once the output is ours: opened,
+            # locked and claimed first, so a refused output is found before anything is fetched.
+            od, claim = held.claimed or held.claim(stack, out, plan, force)
+            return _convert_locked(plan, od, claim, backends, verify, progress, on_start)
     finally:
-        od.close()
+        held.remove_directory()
 
 
-def _convert_locked(plan: Plan, od: OutputDir, lock: Lock, backends: list, force: bool, verify: bool,
-                    progress: bool, on_start=None) -> Result:
+def _no_kernel(plan: Plan, opts: Options) -> list[str]:
+    """What of the plan has no GPU kernel: "--format F" or "--scale-search S for --format F"."""
+    from .backend import gpu_searches
+
+    out = [f"--format {f}" for f in plan.formats if not formats.declared(f).kernel]
+    return out + [f"--scale-search {opts.scale_search} for --format {f}" for f in plan.formats
+                  if opts.scale_search != "none" and opts.scale_search not in gpu_searches(f)]
+
+
+class _Held:
+    """The output as this conversion holds it: opened, locked (until the stack it was claimed on
+    closes) and claimed (shardquant/output.py claim_output)."""
+
+    def __init__(self) -> None:
+        self.claimed: tuple[OutputDir, Claim] | None = None
+        self._abandoned = False
+
+    def claim(self, stack: ExitStack, out: Path, plan: Plan, force: bool) -> tuple[OutputDir, Claim]:
+        _check_apart(out, plan.checkpoint)
+        check_fetch(plan.checkpoint)  # a hub source: room in the hub cache for what is left to download
+        od = OutputDir.open(out)
+        stack.callback(od.close)
+        lock = stack.enter_context(Lock(od))  # released before the directory is closed
+        trace.mark("locked")
+        claim = claim_output(od, plan, force, lock.previous_tokens)
+        trace.mark("claimed")
+        self.claimed = od, claim
+        return self.claimed
+
+    def abandon(self) -> None:
+        """The device failed to start after the claim: a fresh start's journal, the one file written,
+        is removed (and the directory, once unlocked, if this run created it); an unfinished or
+        replaced conversion keeps its journal, and the next run resumes it."""
+        if self.claimed is None:
+            return
+        od, claim = self.claimed
+        j = claim.journal
+        if j is not None and not j.files and j.runs == [od.token] and not claim.done and not claim.partial:
+            od.remove(JOURNAL_NAME)
+            od.sync()
+            self._abandoned = True
+
+    def remove_directory(self) -> None:
+        if self._abandoned and self.claimed[0].created:
+            try:
+                os.rmdir(self.claimed[0].path)  # only if empty: nothing but what this run wrote was there
+            except OSError:
+                pass
+
+
+def _convert_locked(plan: Plan, od: OutputDir, claim: Claim, backends: list, verify: bool, progress: bool,
+                    on_start=None) -> Result:
     from .backend import describe
     from .pipeline import run
 
-    claim = claim_output(od, plan, force, lock.previous_tokens)
-    trace.mark("claimed")
     plan.warnings += claim.warnings
     name, where = backends[0].name, describe(backends)
     if claim.complete:

@@ -46,13 +46,33 @@ def early_warm_start(src: str, nbytes: int = EARLY_WARM_START_BYTES, ahead: bool
         hint([(first, 0, nbytes)], None, "early-warm-start")
 
 
+def read_window(path: Path) -> int:
+    """The most bytes one POSIX_FADV_WILLNEED call reads on the disk holding `path`. Linux reads at
+    most the larger of the device's read-ahead window and its largest request per call
+    (queue/read_ahead_kb, queue/max_sectors_kb) and drops the rest of a longer range without a word:
+    a 2 GiB hint read 8 MiB (docs/benchmarks/README.md "the warm start read 8 MiB"). Where the device
+    cannot be found (overlay and network filesystems, another system), 1 MiB."""
+    try:
+        dev = os.stat(path).st_dev
+        base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        queue = base / "queue" if (base / "queue").is_dir() else base.resolve().parent / "queue"  # a partition's disk
+        kb = max(int((queue / "read_ahead_kb").read_text()), int((queue / "max_sectors_kb").read_text()))
+    except (OSError, ValueError):
+        return 1 << 20
+    return min(max(kb << 10, 128 << 10), 64 << 20)
+
+
 def hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
-    """POSIX_FADV_WILLNEED over `ranges` on a daemon thread; files of a hub source not yet downloaded
-    whole are left alone. A hint is only a hint: a failure is ignored."""
+    """POSIX_FADV_WILLNEED over `ranges` on a daemon thread, each asked in steps of its disk's
+    read_window; files of a hub source not yet downloaded whole are left alone. A hint is only a hint:
+    a failure is ignored. Each call returns once its reads are queued: the thread keeps the disk's
+    queue full until the last range is asked, and a write that must reach the disk meanwhile (an
+    fsync) waits behind those reads: shardquant/convert.py claims the output before the bulk hint."""
 
     def work() -> None:
         trace.mark(mark)
         fds: dict[Path, int] = {}
+        steps: dict[Path, int] = {}
         try:
             for path, off, n in ranges:
                 if path not in fds:
@@ -60,8 +80,10 @@ def hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
                         fds[path] = -1  # not downloaded yet
                     else:
                         fds[path] = os.open(path, os.O_RDONLY)
+                        steps[path] = read_window(path)
                 if fds[path] >= 0:
-                    os.posix_fadvise(fds[path], off, n, os.POSIX_FADV_WILLNEED)
+                    for at in range(off, off + n, steps[path]):
+                        os.posix_fadvise(fds[path], at, min(steps[path], off + n - at), os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:

@@ -130,13 +130,15 @@ def test_trace_milestones_in_order(tmp_path):
                         "--format", "nvfp4", "--device", "cpu", "-q"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     marks = trace.read(str(log))
-    marks.pop("warm-start", None)  # only while the device is still starting when the plan is made
+    # only while the device is still starting when the plan is made; then the output is claimed first
+    still_starting = marks.pop("warm-start", None) is not None
     marks.pop("warm-start-asked", None)
     # a hint on its own thread, asked by the CLI before its imports (shardquant/startup.py), before the plan
     early = marks.pop("early-warm-start")["t"]
     assert marks["python-ready"]["t"] <= early <= marks["planned"]["t"]
     assert marks.pop("early-warm-start-asked")["t"] >= early  # its system calls returned
-    order = ["python-ready", "convert", "planned", "locked", "claimed", "reader-start", "first-read", "pipeline",
+    settled = ["locked", "claimed", "planned"] if still_starting else ["planned", "locked", "claimed"]
+    order = ["python-ready", "convert", *settled, "reader-start", "first-read", "pipeline",
              "configs-written", "card-written", "finished"]
     assert list(marks) == order
     assert all(marks[a]["t"] <= marks[b]["t"] for a, b in zip(order, order[1:]))
@@ -328,3 +330,122 @@ def test_warm_start_of_a_quantized_source_hints_its_stored_parts(tmp_path, monke
     assert sum(h[2] for h in hints) == sum(p.nbytes for p in parts)
     assert all(any(h[0] == p.file and h[1] <= p.offset and p.offset + p.nbytes <= h[1] + h[2] for h in hints)
                for p in parts)
+
+
+def test_a_long_range_is_hinted_in_steps_of_the_read_window(tmp_path, monkeypatch):
+    """Linux reads at most one read window per WILLNEED call and drops the rest of a longer range
+    (shardquant/startup.py read_window): a range is asked in window-sized steps that cover it exactly."""
+    from shardquant import startup
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(bytes(10_000))
+    hints = _record_hints(monkeypatch)
+    monkeypatch.setattr(startup, "read_window", lambda path: 4096)
+    startup.hint([(f, 100, 9_000), (f, 9_500, 10)], None, "warm-start")
+    _join_hints()
+    assert [(h[1], h[2]) for h in hints] == [(100, 4096), (4196, 4096), (8292, 808), (9_500, 10)]
+
+
+def test_the_read_window_is_the_disks_or_a_mebibyte(tmp_path):
+    """The larger of the disk's read-ahead window and largest request, from its queue in sysfs (a
+    partition: its disk's); 1 MiB where there is no block device behind the file."""
+    from shardquant.startup import read_window
+
+    assert read_window(Path("/proc/self/status")) == 1 << 20  # procfs: no disk
+    assert read_window(tmp_path / "missing") == 1 << 20
+    f = tmp_path / "x"
+    f.write_bytes(b"x")
+    dev = os.stat(f).st_dev
+    base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    queue = base / "queue" if (base / "queue").is_dir() else base.resolve().parent / "queue"
+    try:
+        kb = max(int((queue / n).read_text()) for n in ("read_ahead_kb", "max_sectors_kb"))
+    except OSError:
+        assert read_window(f) == 1 << 20
+    else:
+        assert read_window(f) == min(max(kb << 10, 128 << 10), 64 << 20)
+
+
+def _slow_start(monkeypatch, events: list, fail: bool):
+    """A GPU start that ends after the plan: with an error, or with the CPU backend."""
+    import threading
+
+    from shardquant import pipeline
+    from shardquant.backend import NumpyBackend
+    from shardquant.errors import ShardquantError
+
+    go = threading.Event()
+    real_claim, real_warm = conv.claim_output, pipeline.warm_start
+
+    def backends(*a, **k):
+        go.wait(10)  # until the output is claimed, or the plan is done
+        events.append("device")
+        if fail:
+            raise ShardquantError("no CUDA device visible to cupy")
+        return [NumpyBackend()]
+
+    def claim(*a, **k):
+        events.append("claim")
+        return real_claim(*a, **k)
+
+    def warm(plan, *a):
+        events.append("warm-start")
+        go.set()
+        real_warm(plan, *a)
+
+    monkeypatch.setattr(conv, "get_backends", backends)
+    monkeypatch.setattr(conv, "claim_output", claim)
+    monkeypatch.setattr(pipeline, "warm_start", warm)
+
+
+def test_the_output_is_claimed_before_the_warm_start_while_the_gpu_starts(tmp_path, monkeypatch):
+    """The claim's fsyncs would wait behind the reads a warm start queues: with the device still
+    starting after the plan, the output is claimed first, then the disk reads ahead, then the device
+    is waited for; the output is the one a conversion claimed after the device writes."""
+    src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(), shard_bytes=16 * 1024)
+    events: list[str] = []
+    _slow_start(monkeypatch, events, fail=False)
+    conv.convert(str(src), tmp_path / "early", "nvfp4", device="cuda")
+    assert events == ["claim", "warm-start", "device"]
+    monkeypatch.undo()
+    conv.convert(str(src), tmp_path / "late", "nvfp4", device="cpu")
+    for p in sorted((tmp_path / "late").iterdir()):
+        if p.name != "shardquant_manifest.json" and p.suffix == ".safetensors":
+            assert (tmp_path / "early" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+@pytest.mark.parametrize("before", ["nothing", "empty directory", "unfinished conversion"])
+def test_a_gpu_that_fails_after_the_claim_leaves_the_output_as_it_was(tmp_path, monkeypatch, before):
+    """The device fails to start after the output was claimed: a fresh claim is undone (its journal
+    removed, the directory too if this run made it); an unfinished conversion keeps its journal and
+    its finished shards, for the next run to resume."""
+    from shardquant.errors import ShardquantError
+    from shardquant.journal import JOURNAL_NAME
+
+    src = testing.write_checkpoint(tmp_path / "src", testing.qwen3_moe(), shard_bytes=16 * 1024)
+    out = tmp_path / "out"
+    if before == "empty directory":
+        out.mkdir()
+    elif before == "unfinished conversion":  # stopped after its shards, before its finish
+        with monkeypatch.context() as m:
+            m.setattr(conv, "_finish", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                conv.convert(str(src), out, "nvfp4", device="cpu")
+        assert (out / JOURNAL_NAME).is_file() and list(out.glob("*.safetensors"))
+    had = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+    events: list[str] = []
+    _slow_start(monkeypatch, events, fail=True)
+    with pytest.raises(ShardquantError, match="no CUDA device"):
+        conv.convert(str(src), out, "nvfp4", device="cuda")
+    assert events[:2] == ["claim", "warm-start"]
+    if before == "nothing":
+        assert not out.exists()
+    elif before == "empty directory":
+        assert out.is_dir() and list(out.iterdir()) == []
+    else:  # as it was but for the journal, which names one more run
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != JOURNAL_NAME} == \
+            {n: b for n, b in had.items() if n != JOURNAL_NAME}
+        assert (out / JOURNAL_NAME).is_file()
+        monkeypatch.undo()
+        conv.convert(str(src), out, "nvfp4", device="cpu")  # and the next run finishes it
+        assert (out / "model.safetensors.index.json").is_file()
