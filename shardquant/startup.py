@@ -62,6 +62,14 @@ def read_window(path: Path) -> int:
     return min(max(kb << 10, 128 << 10), 64 << 20)
 
 
+def in_steps(ranges: list[tuple[Path, int, int]]):
+    """Each range cut into pieces of at most its file's read_window, in order."""
+    windows: dict[Path, int] = {}
+    for path, off, n in ranges:
+        w = windows.get(path) or windows.setdefault(path, read_window(path))
+        yield from ((path, at, min(w, off + n - at)) for at in range(off, off + n, w))
+
+
 def hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
     """POSIX_FADV_WILLNEED over `ranges` on a daemon thread, each asked in steps of its disk's
     read_window; files of a hub source not yet downloaded whole are left alone. A hint is only a hint:
@@ -72,18 +80,15 @@ def hint(ranges: list[tuple[Path, int, int]], hub, mark: str) -> None:
     def work() -> None:
         trace.mark(mark)
         fds: dict[Path, int] = {}
-        steps: dict[Path, int] = {}
         try:
-            for path, off, n in ranges:
+            for path, off, n in in_steps(ranges):
                 if path not in fds:
                     if hub is not None and (not path.is_file() or path.stat().st_size != hub.sizes.get(path.name)):
                         fds[path] = -1  # not downloaded yet
                     else:
                         fds[path] = os.open(path, os.O_RDONLY)
-                        steps[path] = read_window(path)
                 if fds[path] >= 0:
-                    for at in range(off, off + n, steps[path]):
-                        os.posix_fadvise(fds[path], at, min(steps[path], off + n - at), os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(fds[path], off, n, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:

@@ -47,8 +47,7 @@ def planned_ranges(plan) -> list[tuple[Path, int, int]]:
 
 
 def one(plan, ranges, variant: str, out: Path) -> tuple[float, float, float]:
-    asked = ranges if variant == "whole" else [
-        (f, at, min(w, o + n - at)) for f, o, n in ranges for w in [startup.read_window(f)] for at in range(o, o + n, w)]
+    asked = ranges if variant == "whole" else list(startup.in_steps(ranges))
     shutil.rmtree(out, ignore_errors=True)
     drop_cache(sorted({f for f, _, _ in ranges}))
     marks: dict[str, float] = {}
