@@ -36,6 +36,33 @@ def lane_work(backend, fmt: str, group, data) -> None:
         q.quantize(h, m.dtype, m.name)
 
 
+def pinned_copies(work):
+    """The same data in page-locked host memory (cupy's pinned pool): uploads become asynchronous DMA
+    instead of the driver's staged copies; and downloads into pinned buffers (Device.to_host patched)."""
+    import cupy as cp
+    from shardquant import cuda
+    from shardquant.encoding import Encoded
+
+    def pin(a: np.ndarray) -> np.ndarray:
+        out = np.frombuffer(cp.cuda.alloc_pinned_memory(max(1, a.nbytes)), a.dtype, a.size).reshape(a.shape)
+        out[...] = a
+        return out
+
+    def to_host(self, *xs):
+        with self.device, self.stream:
+            out = []
+            for x in xs:
+                h = np.frombuffer(cp.cuda.alloc_pinned_memory(max(1, x.nbytes)), x.dtype, x.size).reshape(x.shape)
+                x.get(stream=self.stream, out=h)
+                out.append(h)
+            self.stream.synchronize()
+        return out
+
+    cuda.Device.to_host = to_host
+    return [(g, [Encoded(r.info, tuple(pin(p) for p in r.raws)) if isinstance(r, Encoded) else pin(r) for r in data])
+            for g, data in work]
+
+
 def hog(stop: threading.Event) -> None:
     """Pure Python for ~1 ms, then sleep ~1 ms: holds the interpreter lock half the time."""
     while not stop.is_set():
@@ -53,6 +80,7 @@ def main() -> None:
     ap.add_argument("--policy", default="per-expert")
     ap.add_argument("--groups", type=int, default=600, help="quantizers to take, in plan order")
     ap.add_argument("--threads", default="1,2,3")
+    ap.add_argument("--pinned", action="store_true", help="read data and downloads in pinned host memory (GPU)")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval, seconds")
     a = ap.parse_args()
     if a.switch_interval:
@@ -73,12 +101,14 @@ def main() -> None:
         if len(work) == a.groups:
             break
     reader.close()
+    if a.pinned:
+        work = pinned_copies(work)
     members = sum(len(g.members) for g, _ in work)
     nbytes = sum(m.nbytes for g, _ in work for m in g.members)
     for g, data in work[:4]:  # warm: kernels loaded, the memory pool grown
         lane_work(lanes[0], a.format, g, data)
     print(f"# {a.src} {a.format} {a.policy} on {a.device}: {len(work)} quantizers, {members} members, "
-          f"{nbytes / 1e9:.2f} GB as the lanes get it; switch interval {sys.getswitchinterval() * 1e3:g} ms")
+          f"{nbytes / 1e9:.2f} GB as the lanes get it{', pinned' if a.pinned else ''}; switch interval {sys.getswitchinterval() * 1e3:g} ms")
     print("| threads | python hog | wall s | lane ms per quantizer | lane ms per member | MB/s |\n|---|---|---|---|---|---|")
     for hogging in (False, True):
         for n in (int(t) for t in a.threads.split(",")):
