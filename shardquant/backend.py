@@ -98,6 +98,17 @@ class DeviceMemory:
                 self.cond.notify_all()
 
 
+def pinned_host() -> bool:
+    """SHARDQUANT_PINNED_HOST=1: a quantizer's members read into, and its outputs copied back into,
+    page-locked host memory (cupy's pinned pool), so the copies to and from the GPU are DMA the lane
+    does not wait on, instead of the driver's copies through its own staging buffers. Under measurement
+    (docs/benchmarks/README.md); cupy's pool keeps freed buffers for reuse by later reads."""
+    raw = os.environ.get("SHARDQUANT_PINNED_HOST", "").strip()
+    if raw not in ("", "0", "1"):
+        raise ShardquantError(f"SHARDQUANT_PINNED_HOST must be 0 or 1, not {raw!r}")
+    return raw == "1"
+
+
 class CupyBackend:
     name = "cupy"
 
@@ -111,6 +122,9 @@ class CupyBackend:
             device_budget = int(free * AUTO_GPU_FRACTION)
         self.device_budget = device_budget
         self.memory = DeviceMemory(device_budget)
+        if pinned_host():
+            self.dev.pinned = True
+            self.host_empty = self.dev.pinned_empty  # the reader reads a quantizer's members into it
 
     def lanes(self) -> list:
         """This backend and plan.device_lanes() - 1 twins on the same GPU: each its own stream, one memory budget."""
@@ -120,6 +134,7 @@ class CupyBackend:
         for _ in range(device_lanes() - 1):
             twin = object.__new__(CupyBackend)
             twin.dev, twin.device_budget, twin.memory = Device(self.dev.index), self.device_budget, self.memory
+            twin.dev.pinned = self.dev.pinned
             twins.append(twin)
         return [self] + twins
 

@@ -69,19 +69,19 @@ class _Counter:
         self.hasher = hasher
         self._lock = threading.Lock()
 
-    def read(self, info, first: bool = True, defer: tuple[str, ...] = ()):
-        """A tensor's raw storage. A weight the source stores quantized: its parts read, then decoded
-        here, or, where its kind is in `defer` (the backend's own decodes), handed over as they are
-        (shardquant/encoding.py Encoded)."""
+    def read(self, info, first: bool = True, defer: tuple[str, ...] = (), empty=np.empty):
+        """A tensor's raw storage, in an array made by `empty` (st.read_raw). A weight the source stores
+        quantized: its parts read, then decoded here, or, where its kind is in `defer` (the backend's
+        own decodes), handed over as they are (shardquant/encoding.py Encoded)."""
         parts = getattr(info, "parts", None)
         if parts:
-            raws = [self.read(p, first) for p in parts]
+            raws = [self.read(p, first, empty=empty if info.encoding.kind in defer else np.empty) for p in parts]
             return Encoded(info, tuple(raws)) if info.encoding.kind in defer else info.decode(raws)
         if self.gate is not None:
             self.gate.wait(info.file)
         if not self.n:
             trace.mark("first-read")
-        raw = read_raw(info)
+        raw = read_raw(info, empty)
         with self._lock:
             self.n += info.nbytes
             self.again += 0 if first else info.nbytes
@@ -95,8 +95,9 @@ class _Reader:
     arithmetic runs. Bytes held (read and not yet released by the consumer) stay within the
     largest unit plus PREFETCH_BYTES. Two-pass groups are handed over without data."""
 
-    def __init__(self, units: list[Unit], counter: _Counter, defer: tuple[str, ...] = ()):
+    def __init__(self, units: list[Unit], counter: _Counter, defer: tuple[str, ...] = (), empty=np.empty):
         self.units, self.counter, self.defer = units, counter, defer  # defer: the backend decodes these kinds
+        self.empty = empty  # what a quantizer's members are read into (the backend's host_empty)
         self.budget = max((u.source_bytes for u in units if not _two(u)), default=0) + PREFETCH_BYTES
         self.held = 0
         self.waited = 0.0  # seconds the consumer waited for read data (shardquant/trace.py "pipeline")
@@ -142,7 +143,8 @@ class _Reader:
                         futures.append(pool.submit(_decode_when_read, m, [part_reads[id(p)] for p in parts]))
                     else:  # a cast group's members as stored (pipeline.run cast_group casts their codes)
                         defer = () if u.group is None else (u.group.cast,) if u.group.cast else self.defer
-                        futures.append(pool.submit(self.counter.read, m, True, defer))
+                        empty = self.empty if u.group is not None and not u.group.cast else np.empty  # to the device
+                        futures.append(pool.submit(self.counter.read, m, True, defer, empty))
                 self.q.put((u, futures))
         except BaseException as e:  # handed to the consumer, which raises it
             self.q.put((None, e))
@@ -515,7 +517,7 @@ def run(plan: Plan, od: OutputDir, backends: list, progress: bool, journal: Jour
     writer = _Writer(shards)
     counter = _Counter(hasher, gate)
     bar = _bar(sum(u.source_bytes for u in units), progress)
-    reader = _Reader(units, counter, backends[0].decodes)
+    reader = _Reader(units, counter, backends[0].decodes, getattr(backends[0], "host_empty", np.empty))
     stop = threading.Event()
     lanes = [lane for b in backends for lane in b.lanes()]
     # one pool for the run: a per-expert cast is thousands of one- or two-member groups

@@ -168,12 +168,13 @@ def _entry(path: Path, file_where: str, name: str, entry: object, base: int, siz
     return TensorInfo(name, dtype, tuple(shape), path, base + offs[0], nbytes)
 
 
-def read_raw(info: TensorInfo) -> np.ndarray:
-    """Read one tensor's bytes into a fresh array of its raw storage dtype, shaped. A tensor the
+def read_raw(info: TensorInfo, empty=np.empty) -> np.ndarray:
+    """Read one tensor's bytes into a fresh array of its raw storage dtype, shaped (made by `empty`,
+    as np.empty: shardquant/cuda Device.pinned_empty reads into page-locked memory). A tensor the
     source stores quantized (shardquant/encoding.py DecodedTensor): its parts, decoded."""
     if getattr(info, "parts", None):
         return info.decode([read_raw(p) for p in info.parts])
-    out = np.empty(info.shape, dtype=STORAGE[info.dtype])
+    out = empty(info.shape, dtype=STORAGE[info.dtype])
     buf = memoryview(out.reshape(-1).view(np.uint8))
     try:
         with open(info.file, "rb", buffering=0) as f:

@@ -248,6 +248,34 @@ def test_lanes_of_one_gpu_equal_cpu_per_expert(tmp_path, monkeypatch, source):
     assert_same_outputs(tmp_path / "cpu", tmp_path / "gpu")
 
 
+@pytest.mark.parametrize("source", ["bf16", "deepseek_v3", "kimi_k3"])
+@pytest.mark.parametrize("policy", ["shared", "per-expert"])
+def test_pinned_host_memory_gives_the_same_bytes(tmp_path, monkeypatch, source, policy):
+    """SHARDQUANT_PINNED_HOST=1 (shardquant/backend.py pinned_host): members read into page-locked
+    memory, uploaded asynchronously, outputs copied back into it; the bytes are the CPU's, and the
+    reader's buffers for the device are page-locked (a cast's and a kept tensor's are not)."""
+    from shardquant.convert import convert
+    from shardquant.testing_sources import SOURCES
+
+    if source == "bf16":
+        model = qwen3_moe(hidden=256, layers=2, experts=16, inter=128, heads=2, kv_heads=1, head_dim=128)
+        src = write_checkpoint(tmp_path / "src", model, shard_bytes=300_000)
+    else:
+        src = SOURCES[source]().write(tmp_path / "src")
+    a = convert(str(src), tmp_path / "cpu", "nvfp4", device="cpu", expert_policy=policy)
+    monkeypatch.setenv("SHARDQUANT_PINNED_HOST", "1")
+    import cupy as cp
+
+    from shardquant import cuda
+    made = []
+    real = cuda.Device.pinned_empty
+    monkeypatch.setattr(cuda.Device, "pinned_empty", lambda self, shape, dtype: made.append(shape) or real(self, shape, dtype))
+    b = convert(str(src), tmp_path / "gpu", "nvfp4", device="cuda", expert_policy=policy)
+    assert b.backend == "cupy" and a.bytes_read == b.bytes_read and made
+    assert cp.cuda.runtime.pointerGetAttributes(real(CupyBackend("cuda", 1 << 30).dev, (4,), np.uint8).ctypes.data).type == 1
+    assert_same_outputs(tmp_path / "cpu", tmp_path / "gpu")
+
+
 def test_group_larger_than_device_budget_still_matches(tmp_path):
     from shardquant.convert import convert
 

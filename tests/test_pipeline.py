@@ -438,3 +438,60 @@ def test_a_groups_waiting_outputs_are_bounded_by_bytes(monkeypatch):
     stop.set()
     t.join(5)
     assert stopped and job.waited > 0
+
+
+@pytest.mark.parametrize("source", ["bf16", "deepseek_v3", "kimi_k3"])
+def test_members_for_the_device_are_read_into_the_backends_host_memory(tmp_path, monkeypatch, source):
+    """A backend's host_empty (shardquant/backend.py: page-locked memory on the GPU) makes the arrays the
+    reader reads a quantizer's members into, and the stored parts of a weight the backend decodes
+    itself; nothing else (kept tensors, a cast's codes, parts decoded on the host) is read into it.
+    The output is the same bytes."""
+    import numpy as np
+
+    from shardquant.pipeline import _two
+    from shardquant.testing_sources import SOURCES
+
+    if source == "bf16":
+        src = write_checkpoint(tmp_path / "src", qwen3_moe(), shard_bytes=16 * 1024)
+    else:
+        src = SOURCES[source]().write(tmp_path / "src")
+    made = []
+
+    class Host(NumpyBackend):
+        decodes = ("block-fp8",)  # decoded at load (NumpyBackend.load), as the GPU does on the device
+
+        def host_empty(self, shape, dtype):
+            made.append((tuple(shape), np.dtype(dtype)))
+            return np.empty(shape, dtype)
+
+    plain = conv.convert(str(src), tmp_path / "plain", "nvfp4", device="cpu")
+    monkeypatch.setattr(conv, "get_backends", lambda *a: [Host()])
+    conv.convert(str(src), tmp_path / "host", "nvfp4", device="cpu")
+    want = []
+    for u in plain.plan.units:
+        if u.group is None or u.group.cast or _two(u):
+            continue
+        for m in u.group.members:
+            parts = getattr(m, "parts", None)
+            if not parts:
+                want.append(tuple(m.shape))
+            elif m.encoding.kind in Host.decodes:
+                want += [tuple(p.shape) for p in parts]
+    assert sorted(s for s, _ in made) == sorted(want) and want
+    assert (source == "kimi_k3") == any(u.group is not None and u.group.cast for u in plain.plan.units)
+    for p in sorted((tmp_path / "plain").iterdir()):
+        if p.suffix == ".safetensors":
+            assert filecmp.cmp(p, tmp_path / "host" / p.name, shallow=False), p.name
+
+
+@pytest.mark.parametrize("value,pinned", [("", False), ("0", False), ("1", True), ("yes", None)])
+def test_pinned_host_memory_is_asked_by_zero_or_one(monkeypatch, value, pinned):
+    from shardquant.backend import pinned_host
+    from shardquant.errors import ShardquantError
+
+    monkeypatch.setenv("SHARDQUANT_PINNED_HOST", value)
+    if pinned is None:
+        with pytest.raises(ShardquantError, match="SHARDQUANT_PINNED_HOST must be 0 or 1"):
+            pinned_host()
+    else:
+        assert pinned_host() is pinned

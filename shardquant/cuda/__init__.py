@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -218,6 +219,8 @@ def _grid(n: int) -> tuple[int]:
 class Device:
     """One GPU's kernels and stream. Arrays passed in are NumPy raw storage or CuPy arrays."""
 
+    pinned = False  # to_host copies into page-locked memory (shardquant/backend.py pinned_host)
+
     def __init__(self, index: int = 0):
         import cupy
 
@@ -425,11 +428,22 @@ class Device:
         return out
 
     def to_host(self, *xs) -> list[np.ndarray]:
-        """Device arrays back to NumPy, after everything queued on this device's stream."""
+        """Device arrays back to NumPy, after everything queued on this device's stream (into
+        page-locked memory where `pinned`)."""
         with self.device, self.stream:
-            out = [x.get(stream=self.stream) for x in xs]
+            if self.pinned:
+                out = [x.get(stream=self.stream, out=self.pinned_empty(x.shape, x.dtype)) for x in xs]
+            else:
+                out = [x.get(stream=self.stream) for x in xs]
             self.stream.synchronize()
         return out
+
+    def pinned_empty(self, shape, dtype) -> np.ndarray:
+        """An uninitialised NumPy array in page-locked host memory from cupy's pinned pool (np.empty's
+        signature: st.read_raw): a copy to or from the GPU from it is DMA, asynchronous."""
+        count = math.prod(shape)
+        mem = self.cp.cuda.alloc_pinned_memory(max(1, count * np.dtype(dtype).itemsize))
+        return np.frombuffer(mem, dtype, count).reshape(shape)
 
 
 def get_device(spec: str) -> Device:
