@@ -433,8 +433,10 @@ def _keep_everywhere(names: tuple[str, ...], groups: list[Group], kept: dict[str
                   and ck.tensors[n].dtype in FLOAT_DTYPES})
     if not hit:
         return
-    for g in [g for g in groups if any(last(m.name) in hit for m in g.members)]:
-        groups.remove(g)
+    dropped = [g for g in groups if any(last(m.name) in hit for m in g.members)]
+    ids = {id(g) for g in dropped}
+    groups[:] = [g for g in groups if id(g) not in ids]  # not list.remove: a Group compares field by field
+    for g in dropped:
         for m in g.members:
             kept[m.name] = Decision(KEEP, g.rule, reason=f"{', '.join(hit)} kept in some layer: engines of this flavor "
                                                          "exclude it in every layer")

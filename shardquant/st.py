@@ -138,8 +138,20 @@ def parse_header(path: Path, raw: bytes, n: int, size: int, where: str | None = 
     return infos
 
 
+class _Where:
+    """"FILE: tensor NAME", made when formatted."""
+
+    __slots__ = ("file", "name")
+
+    def __init__(self, file: str, name: str) -> None:
+        self.file, self.name = file, name
+
+    def __format__(self, spec: str) -> str:
+        return f"{self.file}: tensor {short_repr(self.name)}"
+
+
 def _entry(path: Path, file_where: str, name: str, entry: object, base: int, size: int) -> TensorInfo:
-    where = f"{file_where}: tensor {short_repr(name)}"
+    where = _Where(file_where, name)  # named only in a message: a header of 90,000 tensors is parsed at start-up
     if not isinstance(entry, dict):
         raise HeaderError(f"{where}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from shardquant import convert as conv
 from shardquant import formats
@@ -657,3 +659,24 @@ def test_a_cast_over_the_memory_budget_is_streamed_member_by_member(k3, tmp_path
     out = CliRunner().invoke(main, ["plan", str(src), "--format", "nvfp4", "--memory-budget", "1", "--verbose"])
     assert out.exit_code == 0, out.output
     assert "(cast member by member)" in out.output
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """The reference: `{base}` as any non-empty run of characters but a line break, the rest literal."""
+    return re.compile(re.escape(template).replace(re.escape("{base}"), "(?P<base>.+)"))
+
+
+_PIECES = hst.sampled_from(["a", ".", "\n", "_", "weight", "scale", "_inv", "_packed", "_blocks", "_scales", "0"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(hst.lists(_PIECES, max_size=8).map("".join))
+def test_pairing_templates_match_as_their_regex(name):
+    """shardquant/encoding.py reads a pairing's `{base}` by a suffix test: the same base as the
+    template's full-match regex gives, for names built from the templates' own pieces."""
+    from shardquant.encoding import PAIRINGS
+
+    for p in PAIRINGS:
+        for template, got in ((p.data, p.data_base(name)), (p.scale, p.scale_base(name))):
+            m = _template_regex(template).fullmatch(name)
+            assert got == (m["base"] if m else None), (template, name)
