@@ -52,18 +52,6 @@ MX_BLOCK = decode.MX_BLOCK  # 32 elements per E8M0 byte (OCP MX)
 DEFAULT_TILE = decode.FP8_TILE  # 128x128 when config.json gives no weight_block_size
 
 
-def _template_base(template: str, name: str) -> str | None:
-    """The `{base}` of `name` under a template that starts with it (`{base}.weight_scale_inv`): any
-    non-empty prefix without a line break, then the template's literal rest; else None. A suffix test,
-    not a regex: the plan asks it of every tensor for every pairing (90,000 tensors in DeepSeek-V3)."""
-    rest = template.removeprefix("{base}")
-    if len(name) > len(rest) and name.endswith(rest):
-        base = name[: len(name) - len(rest)]
-        if "\n" not in base:
-            return base
-    return None
-
-
 @dataclass(frozen=True)
 class Pairing:
     """A data tensor and the tensor that scales it, by name: `data`, `scale` and `logical` (the weight's
@@ -86,12 +74,6 @@ class Pairing:
                 self.data[6:] + self.scale[6:]):
             raise ValueError(f"pairing {self.name}: data and scale templates start with {{base}}, once")
 
-    def data_base(self, name: str) -> str | None:
-        return _template_base(self.data, name)
-
-    def scale_base(self, name: str) -> str | None:
-        return _template_base(self.scale, name)
-
 
 # ../shared/LAYOUTS.md and ../shared/FORMATS.md; the first row whose names and data dtype fit wins.
 PAIRINGS: tuple[Pairing, ...] = (
@@ -111,6 +93,33 @@ PAIRINGS: tuple[Pairing, ...] = (
     Pairing("gpt-oss-mxfp4", "{base}_blocks", "{base}_scales", "{base}",
             ("U8",), BYTE_SCALES, MXFP4_3D),
 )
+
+
+def _by_rest(side: str) -> tuple[tuple[str, tuple[Pairing, ...]], ...]:
+    """PAIRINGS by what their `side` template ("data" or "scale") has after `{base}`, in row order."""
+    rests: dict[str, list[Pairing]] = {}
+    for p in PAIRINGS:
+        rests.setdefault(getattr(p, side).removeprefix("{base}"), []).append(p)
+    return tuple((rest, tuple(ps)) for rest, ps in rests.items())
+
+
+_DATA_RESTS, _SCALE_RESTS = _by_rest("data"), _by_rest("scale")
+_ROW = {p.name: i for i, p in enumerate(PAIRINGS)}
+
+
+def _bases(name: str, rests) -> list[tuple[Pairing, str]]:
+    """(row, base) for every PAIRINGS row whose template (_DATA_RESTS or _SCALE_RESTS) `name` fits, in row
+    order: the base any non-empty prefix without a line break, the template's rest literal. A suffix
+    test per distinct rest, not a regex per row: the plan asks it of every tensor (90,000 in DeepSeek-V3)."""
+    out: list[tuple[Pairing, str]] = []
+    for rest, rows in rests:
+        if len(name) > len(rest) and name.endswith(rest):
+            base = name[: len(name) - len(rest)]
+            if "\n" not in base:
+                out += [(p, base) for p in rows]
+    if len(out) > 1:
+        out.sort(key=lambda pb: _ROW[pb[0].name])
+    return out
 
 
 @dataclass(frozen=True)
@@ -287,7 +296,7 @@ def _claim(enc: SourceEncoding, found: dict[str, SourceEncoding], owner: dict[st
 def _pair(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], tile: tuple[int, int],
           types: frozenset[str]) -> SourceEncoding | None:
     """The encoding of `name` as the data tensor of a PAIRINGS row whose scale exists, or None."""
-    rows = [(p, base) for p in PAIRINGS if (base := p.data_base(name)) and p.scale.format(base=base) in tensors]
+    rows = [(p, base) for p, base in _bases(name, _DATA_RESTS) if p.scale.format(base=base) in tensors]
     if not rows:
         return None
     for p, base in rows:
@@ -372,15 +381,14 @@ def _gate_up(f: Fused3D, logical: str, out: int, tensor: str) -> str | None:
 
 def _unpaired(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], types: frozenset[str]) -> SourceEncoding:
     """A tensor no pairing claimed: a plain tensor, a plain 3-D expert tensor, or an error."""
-    for p in PAIRINGS:  # a scale left without its data
-        base = p.scale_base(name)
-        if base and (p.strict or info.dtype not in FLOAT_DTYPES):
+    for p, base in _bases(name, _SCALE_RESTS):  # a scale left without its data
+        if p.strict or info.dtype not in FLOAT_DTYPES:
             target = p.data.format(base=base)
             if target in tensors:
                 raise SourceError(f"scale tensor {show(name)} ({info.dtype}) scales {show(target)}, which is "
                                   f"{tensors[target].dtype}, not quantized data (pairing {p.name})")
             raise SourceError(f"scale tensor {show(name)} ({info.dtype}) has no data tensor {show(target)} (pairing {p.name})")
-    if info.dtype in QUANTIZED_DTYPES or (info.dtype in PACKED_DTYPES and any(p.data_base(name) for p in PAIRINGS)):
+    if info.dtype in QUANTIZED_DTYPES or (info.dtype in PACKED_DTYPES and _bases(name, _DATA_RESTS)):
         raise SourceError(f"tensor {show(name)} is {info.dtype} but has no scale tensor{_looked_for(name, info, tensors)}")
     if info.dtype in FLOAT_DTYPES and len(info.shape) == 3:
         for f in FUSED_3D:
@@ -397,8 +405,7 @@ def _unpaired(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo], ty
 
 
 def _looked_for(name: str, info: TensorInfo, tensors: Mapping[str, TensorInfo]) -> str:
-    wanted = [p.scale.format(base=base) for p in PAIRINGS
-              if info.dtype in p.data_dtypes and (base := p.data_base(name))]
+    wanted = [p.scale.format(base=base) for p, base in _bases(name, _DATA_RESTS) if info.dtype in p.data_dtypes]
     said = f" (looked for {', '.join(show(w) for w in wanted)})" if wanted else " (no pairing rule covers its name)"
     stem = name.rsplit(".", 1)[0] if "." in name else name
     near = [n for n in tensors if n != name and n.startswith(stem) and "scale" in n[len(stem):]][:3]

@@ -672,11 +672,10 @@ _PIECES = hst.sampled_from(["a", ".", "\n", "_", "weight", "scale", "_inv", "_pa
 @settings(max_examples=300, deadline=None)
 @given(hst.lists(_PIECES, max_size=8).map("".join))
 def test_pairing_templates_match_as_their_regex(name):
-    """shardquant/encoding.py reads a pairing's `{base}` by a suffix test: the same base as the
-    template's full-match regex gives, for names built from the templates' own pieces."""
-    from shardquant.encoding import PAIRINGS
+    """shardquant/encoding.py reads a pairing's `{base}` by a suffix test (_bases): the rows, in order,
+    and the bases the templates' full-match regexes give, for names built from the templates' own pieces."""
+    from shardquant.encoding import _DATA_RESTS, _SCALE_RESTS, PAIRINGS, _bases
 
-    for p in PAIRINGS:
-        for template, got in ((p.data, p.data_base(name)), (p.scale, p.scale_base(name))):
-            m = _template_regex(template).fullmatch(name)
-            assert got == (m["base"] if m else None), (template, name)
+    for side, rests in (("data", _DATA_RESTS), ("scale", _SCALE_RESTS)):
+        want = [(p.name, m["base"]) for p in PAIRINGS if (m := _template_regex(getattr(p, side)).fullmatch(name))]
+        assert [(p.name, base) for p, base in _bases(name, rests)] == want, (side, name)

@@ -492,3 +492,45 @@ def test_missing_rules_file(tmp_path):
     with pytest.raises(RuleError, match="cannot read rules file") as e:
         load_rules(p)
     assert str(p) in str(e.value)
+
+
+def _fixture_names() -> set[str]:
+    """Every tensor name of the test models and the source fixtures (real layouts, scaled down)."""
+    from shardquant import testing
+    from shardquant.testing_sources import SOURCES
+
+    names = set()
+    for make in (testing.qwen3_moe, testing.llama, testing.mixtral, testing.deepseek_v3, testing.te_grouped):
+        names |= {n for n, _, _ in make().specs}
+    for make in SOURCES.values():
+        names |= {n for n, _, _ in make().model.specs}
+    return names
+
+
+def _first_row(name: str) -> int:
+    return next((i for i, r in enumerate(BUILTIN_RULES) if r.regex.fullmatch(name)), -1)
+
+
+def test_the_first_builtin_row_does_not_depend_on_a_dot_delimited_number():
+    """shardquant/rules.py finds the first matching built-in row once per name shape (dot-delimited
+    numbers made 0): every fixture name, its numbers changed to others, matches the same first row;
+    and a RuleSet decides each name as the row-by-row search does."""
+    import re
+
+    names = _fixture_names()
+    assert len(names) > 300
+    for name in sorted(names):
+        want = _first_row(name)
+        for k in ("0", "7", "12", "255", "1000"):
+            assert _first_row(re.sub(r"(?<=\.)[0-9]+(?=\.)", k, name)) == want, (name, k)
+    rs = RuleSet(expert_policy="per-expert")
+    for name in sorted(names):
+        d = rs.classify(name, "BF16", (256, 128))
+        i = _first_row(name)
+        if i >= 0 and BUILTIN_RULES[i].action == KEEP:
+            assert (d.action, d.rule) == (KEEP, BUILTIN_RULES[i].name), name
+        elif i >= 0:  # the groups are this name's own (its expert index), not the first name of its shape
+            groups = BUILTIN_RULES[i].regex.fullmatch(name).groupdict()
+            assert (d.rule, d.expert, d.proj) == (BUILTIN_RULES[i].name, groups.get("expert"), groups.get("proj")), name
+        else:
+            assert d.rule == "unclaimed", name
