@@ -313,12 +313,12 @@ def _judge_planned(plan: Plan, root: Path) -> tuple[card.Judging, dict[str, byte
     writer will write them (encode_header of the plan's shards: shardquant/pipeline.py _Shards),
     parsed as a reader parses them. Also each shard's header bytes, to check the written files against."""
     from .engines import load_json
-    from .journal import SHARD_METADATA
-    from .st import encode_header, parse_header
+    from .journal import shard_header
+    from .st import parse_header
 
     tensors, headers = {}, {}
     for fname, ts in plan.shards:
-        raw = headers[fname] = encode_header(ts, SHARD_METADATA)
+        raw = headers[fname] = shard_header(plan, fname)
         tensors.update(parse_header(root / fname, raw[8:], len(raw) - 8, len(raw) + sum(t.nbytes for t in ts)))
     configs = _configs(plan)
     for p in plan.checkpoint.extra_files:  # a source's own hf_quant_config.json is copied unless the flavor writes one

@@ -16,12 +16,12 @@ from typing import Iterator
 import numpy as np
 
 from . import decode, flavors, formats, trace
-from .journal import SHARD_METADATA, Journal
+from .journal import Journal, shard_header
 from .encoding import Encoded, f32_to_bf16
 from .errors import NumericError
 from .provenance import SourceHasher
 from .plan import CAST_THREADS, JOB_BYTES, PREFETCH_BYTES, READ_THREADS, WRITE_AHEAD_BYTES, Plan, Unit
-from .st import encode_header, read_raw
+from .st import read_raw
 from .startup import WARM_START_BYTES, hint
 from .writer import NewFile, OutputDir
 
@@ -281,7 +281,7 @@ class _Shards:
                 self.cur = self.od.reopen(fname, tmp, size, sha)
             else:
                 self.cur, self.pos = self.od.create(fname), 0
-                self.cur.write(encode_header(tensors, SHARD_METADATA))
+                self.cur.write(shard_header(self.plan, fname))
         t = self.expect[self.pos]
         if t.name != name or data.nbytes != t.nbytes:
             raise AssertionError(f"writer out of plan order: got {name!r}, expected {t.name!r}")

@@ -495,3 +495,21 @@ def test_pinned_host_memory_is_asked_by_zero_or_one(monkeypatch, value, pinned):
             pinned_host()
     else:
         assert pinned_host() is pinned
+
+
+def test_each_shard_header_is_encoded_once_per_conversion(tmp_path, monkeypatch):
+    """The recipe hashes the planned headers, the card judges them and the writer writes them
+    (shardquant/journal.py shard_header): one encoding per shard, the bytes the shard starts with."""
+    from shardquant import journal, pipeline, st
+
+    src = write_checkpoint(tmp_path / "src", qwen3_moe(), shard_bytes=16 * 1024)
+    encoded = []
+    real = st.encode_header
+    for module in (st, journal, pipeline, conv):  # wherever a header may be encoded from
+        if hasattr(module, "encode_header"):
+            monkeypatch.setattr(module, "encode_header", lambda ts, md=None: encoded.append(len(ts)) or real(ts, md))
+    r = conv.convert(str(src), tmp_path / "out", "nvfp4", device="cpu", max_shard_size=20_000)
+    assert len(r.plan.shards) > 1 and len(encoded) == len(r.plan.shards)
+    for fname, ts in r.plan.shards:
+        raw = real(ts, journal.SHARD_METADATA)
+        assert (tmp_path / "out" / fname).read_bytes()[: len(raw)] == raw
