@@ -710,9 +710,9 @@ def test_conversion_starts_before_the_download_ends(hub, tiny, tmp_path, monkeyp
     reads: list[tuple[float, str]] = []
     read_raw = pipeline.read_raw
 
-    def timed(info):
+    def timed(info, *how):
         reads.append((time.monotonic(), info.file.name))
-        return read_raw(info)
+        return read_raw(info, *how)
 
     monkeypatch.setattr(pipeline, "read_raw", timed)
     out = tmp_path / "out"
