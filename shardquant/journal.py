@@ -47,11 +47,10 @@ def shard_header(plan: Plan, fname: str) -> bytes:
     SHARD_METADATA), encoded once per plan and kept beside its fields: the recipe hashes them, the card
     judges them, the writer writes them (1.0-1.3 s each for 135,000 output tensors on the 2-core
     development machine: DeepSeek-V3 to NVFP4)."""
-    kept = vars(plan).setdefault("_headers", {})
-    raw = kept.get(fname)
-    if raw is None:
-        raw = kept[fname] = encode_header(dict(plan.shards)[fname], SHARD_METADATA)
-    return raw
+    kept = vars(plan)
+    if "_headers" not in kept:  # all at once: the recipe, which asks first, hashes every shard's
+        kept["_headers"] = {f: encode_header(ts, SHARD_METADATA) for f, ts in plan.shards}
+    return kept["_headers"][fname]
 
 
 def _recipe(plan: Plan) -> str:

@@ -256,7 +256,8 @@ class RuleSet:
                 self._user_seen[i] = True
                 if not won:
                     self._user_won[i] = won = True
-        for rule, m in self._first(name):
+        if (hit := self._first(name)) is not None:
+            rule, m = hit
             if rule.action == KEEP:
                 return Decision(KEEP, rule.name, reason=rule.reason)
             if self._beyond_last_layer(name):
@@ -284,23 +285,21 @@ class RuleSet:
             return Decision(KEEP, "unclaimed", reason=f"{len(shape)}-D weight: no rule quantizes it", warn=True)
         return Decision(KEEP, "not-a-weight", reason=f"{len(shape)}-D {dtype} tensor")
 
-    def _first(self, name: str):
+    def _first(self, name: str) -> tuple[Rule, re.Match] | None:
         """The first row (user rows, then BUILTIN_RULES) whose pattern matches the whole name, with its
-        match: a 0- or 1-item iterator. Which built-in row matches first is the same for names that
+        match, or None. Which built-in row matches first is the same for names that
         differ only in their dot-delimited numbers (`layers.7.`, `experts.12.`): no built-in pattern
         tells one number from another there (tests/test_rules.py checks it over every fixture's names),
         so it is found once per such name shape. A checkpoint's tensors are mostly one shape repeated
         per layer and expert: 46,000 tensors of DeepSeek-V3 are under 200 shapes."""
         for rule in self.user:
             if m := rule.regex.fullmatch(name):
-                yield rule, m
-                return
+                return rule, m
         shape = _NUMBERS.sub("0", name)
         i = _FIRST_BUILTIN.get(shape, -2)
         if i == -2:
             i = _FIRST_BUILTIN[shape] = next((j for j, r in enumerate(BUILTIN_RULES) if r.regex.fullmatch(name)), -1)
-        if i >= 0:
-            yield BUILTIN_RULES[i], BUILTIN_RULES[i].regex.fullmatch(name)
+        return (BUILTIN_RULES[i], BUILTIN_RULES[i].regex.fullmatch(name)) if i >= 0 else None
 
     def _beyond_last_layer(self, name: str) -> bool:
         if self.num_layers is None:
